@@ -1,0 +1,85 @@
+"""Tiny components built on disk, loaded by the code under test through its normal paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "examples"))
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220), "yellow": (230, 210, 30)}
+SHAPES = ["square", "circle"]
+TINY_UNET_CONFIG = {
+    "sample_size": 16,
+    "in_channels": 3,
+    "out_channels": 3,
+    "layers_per_block": 1,
+    "block_out_channels": [32, 64],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "cross_attention_dim": 64,
+    "attention_head_dim": 8,
+    "norm_num_groups": 16,
+}
+
+
+def draw_shape(colour: str, shape: str, size: int):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    box = (size // 4, size // 4, 3 * size // 4, 3 * size // 4)
+    draw = ImageDraw.Draw(image)
+    (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=COLOURS[colour])
+    return image
+
+
+def tiny_captions() -> list[str]:
+    return [f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES]
+
+
+def write_imagefolder(folder: Path, count: int = 16, size: int = 16, captions=None) -> Path:
+    """An imagefolder dataset: PNGs + metadata.jsonl with `file_name` and `text`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index in range(count):
+        colour = list(COLOURS)[index % len(COLOURS)]
+        shape = SHAPES[(index // len(COLOURS)) % len(SHAPES)]
+        name = f"{index:03d}.png"
+        draw_shape(colour, shape, size).save(folder / name)
+        text = captions[index] if captions is not None else f"a {colour} {shape}"
+        rows.append({"file_name": name, "text": text})
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_text_encoder_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 64-wide CLIPTextModel + CLIPTokenizer with a vocabulary from the test captions."""
+    from make_text_encoder import build_text_encoder
+
+    words = tiny_captions() + ["on a white background", "an empty caption"]
+    return build_text_encoder(words, tmp_path_factory.mktemp("text_encoder"), hidden_size=64, num_layers=2, num_heads=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_unet_config_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("unet") / "config.json"
+    path.write_text(json.dumps(TINY_UNET_CONFIG))
+    return path
+
+
+@pytest.fixture
+def tiny_imagefolder(tmp_path) -> Path:
+    return write_imagefolder(tmp_path / "data")
