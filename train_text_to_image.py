@@ -411,9 +411,14 @@ def load_raw_dataset(args: argparse.Namespace):
             raise UserError(
                 f"--train_data_dir {folder} has no metadata.jsonl or metadata.csv; add one with columns file_name and {args.caption_column}"
             )
-        return resolve_split(
-            datasets.load_dataset("imagefolder", data_dir=str(folder), cache_dir=args.cache_dir), str(folder)
-        )
+        try:
+            dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), cache_dir=args.cache_dir)
+        except (IndexError, ValueError, TypeError, datasets.exceptions.DatasetGenerationError) as error:
+            raise UserError(
+                f"--train_data_dir {folder}: the dataset could not be read ({type(error).__name__}: {error}); check that"
+                " metadata.jsonl/csv has rows and that every caption is a string, or every caption a list of strings"
+            ) from error
+        return resolve_split(dataset, str(folder))
     name = args.dataset_name
     local = Path(name)
     try:
@@ -705,8 +710,9 @@ def encode_captions_once(
     tokenizer, encoder, captions: list[str], max_length: int, cache_file: Path | None, device, batch_size: int = 256
 ) -> torch.Tensor:
     """Embeddings [num_captions, max_length, hidden] of every distinct caption, cached on disk."""
-    from pipeline_text_to_image import encode_text
     from tqdm.auto import tqdm
+
+    from pipeline_text_to_image import encode_text
 
     if exists(cache_file) and cache_file.exists():
         logger.info("caption embeddings loaded from %s", cache_file)
@@ -1068,6 +1074,7 @@ def sample_images(pipeline, prompts: list[str], num_images: int, steps: int, gui
 def write_grid(images, captions, samples_dir: Path, step: int, epoch: int) -> Path:
     """A captioned PNG grid, plus an animated GIF of every grid of the run so far."""
     from PIL import Image
+
     from pipeline_text_to_image import make_captioned_grid
 
     samples_dir.mkdir(parents=True, exist_ok=True)
@@ -1702,6 +1709,7 @@ def setup_logging() -> None:
         datefmt="%H:%M:%S",
         level=logging.INFO if is_main_process() else logging.WARNING,
     )
+    logger.setLevel(logging.INFO if is_main_process() else logging.WARNING)
     for noisy in ("httpx", "urllib3", "filelock", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -1,0 +1,458 @@
+"""The trainer end to end on tiny models: what it writes, how it resumes, what it refuses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_imagefolder
+from safetensors.torch import load_file
+
+import train_text_to_image as trainer
+
+
+def train_argv(data: Path, text_encoder: Path, unet_config: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "--train_data_dir", str(data),
+        "--text_encoder_name_or_path", str(text_encoder),
+        "--model_config_name_or_path", str(unet_config),
+        "--output_dir", str(output),
+        "--resolution", "16",
+        "--train_batch_size", "4",
+        "--eval_batch_size", "2",
+        "--max_train_steps", "4",
+        "--lr_warmup_steps", "1",
+        "--ddpm_num_steps", "100",
+        "--ddpm_num_inference_steps", "2",
+        "--checkpointing_steps", "2",
+        "--logger", "none",
+        "--seed", "0",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def argv(tiny_imagefolder, tiny_text_encoder_dir, tiny_unet_config_file, tmp_path):
+    def make(*extra: str, output: Path | None = None) -> list[str]:
+        return train_argv(
+            tiny_imagefolder, tiny_text_encoder_dir, tiny_unet_config_file, output or tmp_path / "out", *extra
+        )
+
+    return make
+
+
+def run_ok(argv: list[str]) -> None:
+    assert trainer.main(argv) == 0
+
+
+def run_error(argv: list[str], capsys) -> str:
+    assert trainer.main(argv) == 2
+    return capsys.readouterr().err
+
+
+def unet_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_file(checkpoint / "model.safetensors")
+
+
+def assert_same_tensors(first: dict, second: dict) -> None:
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole run
+
+
+def test_run_leaves_pipeline_checkpoints_grids_and_tensorboard_events(argv, tmp_path, capsys):
+    output = tmp_path / "out"
+    run_ok(argv("--logger", "tensorboard", "--use_ema", "--validation_prompts", "a red square", "a blue circle"))
+    for name in (
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "tokenizer/tokenizer_config.json",
+        "pipeline.py",
+        "README.md",
+    ):
+        assert (output / name).is_file(), name
+    assert [path.name for path in trainer.list_checkpoints(output)] == ["checkpoint-2", "checkpoint-4"]
+    grids = sorted((output / "samples").glob("*.png"))
+    assert grids and (output / "samples" / "progress.gif").is_file()
+    assert list((output / "logs").rglob("events.out.tfevents.*"))
+    assert "img/s" in capsys.readouterr().out
+    model_index = json.loads((output / "model_index.json").read_text())
+    assert model_index["text_max_length"] == 5  # <start> a red square <end>
+
+
+def test_seed_readme_command_parses_and_completes_with_local_data(
+    tiny_imagefolder, tiny_text_encoder_dir, tiny_unet_config_file, tmp_path
+):
+    seed_flags = [
+        "--train_data_dir", str(tiny_imagefolder), "--resolution=16", "--output_dir", str(tmp_path / "out"),
+        "--train_batch_size=3", "--dataloader_num_workers=0", "--eval_batch_size=1", "--num_epochs=20000000",
+        "--use_ema", "--gradient_accumulation_steps=4", "--learning_rate=1e-4", "--lr_warmup_steps=1000",
+        "--mixed_precision=no", "--save_images_epoch=7", "--ddpm_beta_schedule=squaredcos_cap_v2",
+        "--checkpointing_steps=2000", "--resume_from_checkpoint=latest", "--prediction_type=sample",
+        "--logger=wandb", "--image_column=image", "--caption_column=text",
+        "--text_encoder_name_or_path", str(tiny_text_encoder_dir), "--model_config_name_or_path", str(tiny_unet_config_file),
+        "--max_train_steps", "4", "--ddpm_num_inference_steps", "2",
+    ]  # fmt: skip
+    run_ok(seed_flags)
+    assert [path.name for path in trainer.list_checkpoints(tmp_path / "out")] == ["checkpoint-4"]
+    assert (tmp_path / "out" / "model_index.json").is_file()
+
+
+def test_saved_pipeline_holds_the_ema_weights(argv, tmp_path):
+    from pipeline_text_to_image import TextToImagePipeline
+
+    output = tmp_path / "out"
+    run_ok(argv("--use_ema"))
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+
+    state = torch.load(output / "checkpoint-4" / "custom_checkpoint_1.pkl", weights_only=False)
+    raw = checkpoint_weights(output / "checkpoint-4")
+    unet = UNet2DConditionModel.from_pretrained(output / "unet")
+    ema = EMAModel(unet.parameters())
+    ema.load_state_dict(state)
+    saved = TextToImagePipeline.from_pretrained(output).unet
+    for ema_param, (name, saved_param) in zip(ema.shadow_params, saved.named_parameters(), strict=True):
+        assert torch.equal(ema_param, saved_param), name
+    assert not all(torch.equal(raw[name], param) for name, param in saved.named_parameters())
+
+
+def test_saved_pipeline_without_ema_holds_the_trained_weights(argv, tmp_path):
+    output = tmp_path / "out"
+    run_ok(argv())
+    assert_same_tensors(unet_weights(output), checkpoint_weights(output / "checkpoint-4"))
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+@pytest.mark.parametrize("beta_schedule", ["linear", "scaled_linear", "squaredcos_cap_v2"])
+def test_loss_is_finite_and_bounded_for_every_prediction_type_and_schedule(
+    prediction_type, beta_schedule, tiny_unet_config_file
+):
+    args = trainer.parse_args(
+        ["--train_data_dir", ".", "--prediction_type", prediction_type, "--ddpm_beta_schedule", beta_schedule]
+    )
+    scheduler = trainer.build_noise_scheduler(args)
+    unet = trainer.build_unet(str(tiny_unet_config_file), 16, 64)
+    torch.manual_seed(0)
+    clean = torch.rand(8, 3, 16, 16) * 2 - 1
+    loss = trainer.diffusion_loss(unet, scheduler, clean, torch.randn(8, 5, 64), snr_gamma=5.0, noise_offset=0.0)
+    assert torch.isfinite(loss) and 0 < loss.item() < 20
+
+
+def test_min_snr_weights_stay_bounded_at_tiny_and_zero_snr():
+    snr = torch.tensor([0.0, 1e-6, 1.0, 5.0, 1e6])
+    assert torch.equal(trainer.min_snr_weights(snr, 5.0, "epsilon"), torch.tensor([1.0, 1.0, 1.0, 1.0, 5e-6]))
+    assert torch.allclose(trainer.min_snr_weights(snr, 5.0, "sample"), torch.tensor([0.0, 1e-6, 1.0, 5.0, 5.0]))
+    assert torch.allclose(
+        trainer.min_snr_weights(snr, 5.0, "v_prediction"), torch.tensor([0.0, 1e-6, 0.5, 5 / 6, 5 / (1e6 + 1)])
+    )
+    assert torch.equal(trainer.min_snr_weights(snr, 0.0, "sample"), torch.ones(5))
+
+
+@pytest.mark.parametrize("prediction_type", ["sample", "v_prediction"])
+def test_other_prediction_types_and_cosine_betas_train_and_save(argv, tmp_path, prediction_type):
+    run_ok(
+        argv(
+            "--prediction_type", prediction_type, "--ddpm_beta_schedule", "squaredcos_cap_v2", "--max_train_steps", "2"
+        )
+    )
+    config = json.loads((tmp_path / "out" / "scheduler" / "scheduler_config.json").read_text())
+    assert config["prediction_type"] == prediction_type and config["beta_schedule"] == "squaredcos_cap_v2"
+
+
+def test_list_captions_and_empty_captions_are_all_used(tmp_path, tiny_text_encoder_dir, tiny_unet_config_file):
+    captions = [["a red square", "a red circle"], None, [], ["a blue circle"]] * 4
+    data = write_imagefolder(tmp_path / "data", count=16, captions=captions)
+    args = trainer.parse_args(["--train_data_dir", str(data)])
+    loaded = trainer.load_captioned_images(args)
+    assert loaded.captions == ["", "a red square", "a red circle", "a blue circle"]
+    assert loaded.caption_ids[:4] == [[1, 2], [0], [0], [3]]
+    table = torch.tensor([(ids * 2)[:2] for ids in loaded.caption_ids])
+    conditioning = trainer.Conditioning(
+        table, torch.tensor([len(ids) for ids in loaded.caption_ids]), None, None, None, 0.0
+    )
+    torch.manual_seed(0)
+    picked = conditioning.caption_ids_for(torch.zeros(400, dtype=torch.long))
+    assert set(picked.tolist()) == {1, 2}
+    run_ok(train_argv(data, tiny_text_encoder_dir, tiny_unet_config_file, tmp_path / "out", "--max_train_steps", "2"))
+
+
+def test_conditioning_dropout_replaces_captions_by_the_empty_one_at_the_given_rate():
+    table, counts = torch.tensor([[1], [2]]), torch.tensor([1, 1])
+    torch.manual_seed(0)
+    rows = torch.arange(2).repeat(5000)
+    assert (trainer.Conditioning(table, counts, None, None, None, 0.0).caption_ids_for(rows) == 0).sum() == 0
+    dropped = (trainer.Conditioning(table, counts, None, None, None, 0.1).caption_ids_for(rows) == 0).float().mean()
+    assert 0.08 < dropped < 0.12
+
+
+def test_gradient_accumulation_takes_one_optimizer_step_per_n_micro_batches(argv, tmp_path):
+    run_ok(argv("--gradient_accumulation_steps", "3", "--max_train_steps", "2", "--checkpointing_steps", "1"))
+    scheduler_state = torch.load(tmp_path / "out" / "checkpoint-2" / "custom_checkpoint_0.pkl", weights_only=False)
+    assert scheduler_state["last_epoch"] == 2
+    assert json.loads((tmp_path / "out" / "checkpoint-2" / "train_state.json").read_text())["step"] == 2
+
+
+def test_trained_text_encoder_is_saved_with_its_new_weights(argv, tmp_path, tiny_text_encoder_dir):
+    run_ok(argv("--train_text_encoder", "--learning_rate", "1e-2"))
+    before = load_file(tiny_text_encoder_dir / "model.safetensors")
+    after = load_file(tmp_path / "out" / "text_encoder" / "model.safetensors")
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments, schedule, images
+
+
+def test_config_file_gives_values_and_command_line_wins(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("resolution: 32\nlearning_rate: 0.001\nvalidation_prompts: [a cat, a dog]\n")
+    args = trainer.parse_args(["--config", str(config), "--learning_rate", "0.5"])
+    assert (args.resolution, args.learning_rate, args.validation_prompts) == (32, 0.5, ["a cat", "a dog"])
+
+
+def test_seed_num_epochs_gives_a_sane_learning_rate_schedule():
+    from diffusers.optimization import get_scheduler
+
+    args = trainer.parse_args(
+        [
+            "--train_data_dir",
+            ".",
+            "--num_epochs=20000000",
+            "--train_batch_size=3",
+            "--gradient_accumulation_steps=4",
+            "--lr_warmup_steps=1000",
+        ]
+    )
+    schedule = trainer.plan_schedule(833, args, num_processes=1)
+    assert schedule.max_steps == 1_385_000_000
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=1000, num_training_steps=schedule.max_steps
+    )
+    for _ in range(5000):
+        optimizer.step()
+        lr_scheduler.step()
+    assert lr_scheduler.get_last_lr()[0] == pytest.approx(1e-4, rel=1e-3)
+
+
+def test_epoch_events_fire_once_per_n_epochs_with_accumulation():
+    schedule = trainer.Schedule(batches_per_epoch=5, accumulation=2, max_steps=20)
+    fired = [step for step in range(1, 21) if schedule.crosses(step, 2)]
+    assert fired == [5, 10, 15, 20]
+    assert list(schedule.micro_batches(18))[:3] == [(7, 1), (7, 2), (7, 3)]
+
+
+def test_save_images_epoch_spelling_of_the_seed_is_accepted():
+    assert trainer.parse_args(["--save_images_epoch", "7"]).save_images_epochs == 7
+
+
+@pytest.mark.parametrize(("resolution", "levels"), [(16, 3), (32, 4), (64, 5), (128, 6), (256, 6)])
+def test_default_unet_fits_the_resolution(resolution, levels):
+    config = trainer.default_unet_config(resolution)
+    assert len(config["block_out_channels"]) == levels
+    assert resolution // 2 ** (levels - 1) >= 4
+
+
+def test_every_pil_mode_becomes_rgb_with_transparency_on_white():
+    from PIL import Image
+
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    assert trainer.to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
+    assert trainer.to_rgb(Image.new("L", (4, 4), 100)).getpixel((0, 0)) == (100, 100, 100)
+    assert trainer.to_rgb(Image.new("CMYK", (4, 4), (0, 0, 0, 0))).getpixel((0, 0)) == (255, 255, 255)
+    sixteen = Image.new("I;16", (4, 4))
+    sixteen.putdata([65535] * 16)
+    assert trainer.to_rgb(sixteen).getpixel((0, 0)) == (255, 255, 255)
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([0, 0, 0] * 256)
+    palette.info["transparency"] = 0
+    assert trainer.to_rgb(palette).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_images_are_resized_on_the_short_side_and_cropped_to_the_resolution():
+    from PIL import Image
+
+    wide = {"path": None, "bytes": None}
+    image = Image.new("RGB", (64, 32), (10, 20, 30))
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    wide["bytes"] = buffer.getvalue()
+    decoded = trainer.decode_image(wide, 16, center_crop=False)
+    assert decoded.shape == (3, 16, 32) and decoded.dtype == torch.uint8
+    batch = trainer.random_crop_and_flip([decoded, decoded], 16, flip=True, center=False)
+    assert batch.shape == (2, 3, 16, 16)
+    assert batch.min() >= -1 and batch.max() <= 1
+    assert torch.allclose(batch[0, 0, 0, 0], torch.tensor(10 / 127.5 - 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume, interruptions, divergence
+
+
+def test_resume_mid_epoch_with_ema_and_accumulation_gives_bit_identical_weights(argv, tmp_path):
+    flags = (
+        "--use_ema",
+        "--gradient_accumulation_steps",
+        "2",
+        "--max_train_steps",
+        "6",
+        "--checkpointing_steps",
+        "3",
+        "--random_flip",
+    )
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_ok(argv(*flags, output=straight))
+    run_ok(argv(*flags, output=resumed))
+    import shutil
+
+    shutil.rmtree(resumed / "checkpoint-6")
+    (resumed / "model_index.json").unlink()
+    run_ok(argv(*flags, "--resume_from_checkpoint", "latest", output=resumed))
+    assert_same_tensors(checkpoint_weights(straight / "checkpoint-6"), checkpoint_weights(resumed / "checkpoint-6"))
+    assert_same_tensors(unet_weights(straight), unet_weights(resumed))  # EMA weights
+    first = torch.load(straight / "checkpoint-6" / "custom_checkpoint_1.pkl", weights_only=False)
+    second = torch.load(resumed / "checkpoint-6" / "custom_checkpoint_1.pkl", weights_only=False)
+    assert first["optimization_step"] == second["optimization_step"] == 6
+    assert all(torch.equal(a, b) for a, b in zip(first["shadow_params"], second["shadow_params"], strict=True))
+
+
+def test_latest_skips_an_incomplete_checkpoint_with_a_warning(argv, tmp_path, caplog):
+    output = tmp_path / "out"
+    run_ok(argv("--max_train_steps", "2"))
+    (output / "checkpoint-999999").mkdir()
+    assert trainer.find_latest_checkpoint(output) == output / "checkpoint-2"
+    assert "ignoring incomplete checkpoint" in caplog.text and "checkpoint-999999" in caplog.text
+    run_ok(argv("--max_train_steps", "3", "--resume_from_checkpoint", "latest"))
+    assert (output / "checkpoint-3").is_dir()
+
+
+def test_latest_without_checkpoints_starts_fresh_and_says_so(argv, caplog):
+    run_ok(argv("--max_train_steps", "1", "--resume_from_checkpoint", "latest"))
+    assert "no checkpoint" in caplog.text and "starting a fresh run" in caplog.text
+
+
+def test_checkpoints_total_limit_keeps_the_newest(argv, tmp_path):
+    run_ok(argv("--max_train_steps", "4", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2"))
+    assert [path.name for path in trainer.list_checkpoints(tmp_path / "out")] == ["checkpoint-3", "checkpoint-4"]
+
+
+def test_divergence_stops_with_a_clear_error_and_keeps_the_good_pipeline(argv, tmp_path, capsys):
+    output = tmp_path / "out"
+    run_ok(argv("--max_train_steps", "2"))
+    good = (output / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    capsys.readouterr()
+    diverging = (
+        "--max_train_steps",
+        "8",
+        "--learning_rate",
+        "1e30",
+        "--lr_scheduler",
+        "constant",
+        "--max_grad_norm",
+        "0",
+    )
+    error = run_error(argv(*diverging, "--overwrite_output_dir"), capsys)
+    assert "loss became NaN/inf" in error and "--learning_rate" in error
+    assert (output / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == good
+    assert trainer.list_checkpoints(output) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one clear line, before any long work
+
+
+def test_missing_caption_column_lists_the_columns(argv, capsys):
+    error = run_error(argv("--caption_column", "caption"), capsys)
+    assert "--caption_column 'caption' not in dataset columns ['image', 'text']" in error
+
+
+def test_missing_data_folder_is_named(argv, tmp_path, capsys):
+    error = run_error(argv("--train_data_dir", str(tmp_path / "nowhere")), capsys)
+    assert f"--train_data_dir {tmp_path / 'nowhere'} is not a folder" in error
+
+
+def test_empty_dataset_is_refused(argv, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metadata.jsonl").write_text("")
+    error = run_error(argv("--train_data_dir", str(empty)), capsys)
+    assert "error:" in error and str(empty) in error
+
+
+def test_resolution_the_unet_cannot_halve_is_refused(argv, capsys):
+    error = run_error(argv("--resolution", "17"), capsys)
+    assert "--resolution 17 cannot be halved" in error and "multiple of 2" in error
+
+
+def test_missing_checkpoint_path_is_refused(argv, tmp_path, capsys):
+    error = run_error(argv("--resume_from_checkpoint", str(tmp_path / "checkpoint-5")), capsys)
+    assert "--resume_from_checkpoint" in error and "does not exist" in error
+
+
+def test_text_encoder_that_needs_a_download_says_so_offline(argv, capsys):
+    error = run_error(argv("--text_encoder_name_or_path", "openai/clip-vit-large-patch14"), capsys)
+    assert "openai/clip-vit-large-patch14 is not a local folder" in error and "download" in error
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="fp16 is allowed on a GPU")
+def test_fp16_on_cpu_is_refused(argv, capsys):
+    error = run_error(argv("--mixed_precision", "fp16"), capsys)
+    assert "fp16 needs a CUDA GPU" in error and "bf16" in error
+
+
+def test_missing_xformers_is_refused(argv, capsys):
+    pytest.importorskip("pytest")
+    import importlib.util
+
+    if importlib.util.find_spec("xformers"):
+        pytest.skip("xformers is installed")
+    error = run_error(argv("--enable_xformers_memory_efficient_attention"), capsys)
+    assert "xformers is not installed" in error
+
+
+def test_unknown_key_in_config_file_is_refused(tmp_path, capsys):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"learning_rat": 1e-4}))
+    error = run_error(["--config", str(config)], capsys)
+    assert "unknown flags ['learning_rat']" in error
+
+
+def test_fresh_run_into_an_earlier_runs_output_dir_is_refused(argv, capsys):
+    run_ok(argv("--max_train_steps", "1"))
+    error = run_error(argv("--max_train_steps", "1"), capsys)
+    assert "already holds checkpoints" in error and "--resume_from_checkpoint latest" in error
+
+
+def test_corrupt_images_are_skipped_named_and_counted(
+    tmp_path, tiny_text_encoder_dir, tiny_unet_config_file, capsys, caplog
+):
+    data = write_imagefolder(tmp_path / "data", count=16)
+    (data / "003.png").write_bytes(b"")
+    (data / "007.png").write_bytes((data / "008.png").read_bytes()[:40])
+    run_ok(train_argv(data, tiny_text_encoder_dir, tiny_unet_config_file, tmp_path / "out", "--max_train_steps", "2"))
+    assert "003.png" in caplog.text and "007.png" in caplog.text
+    assert "skipped 2 unreadable images" in capsys.readouterr().out
+
+
+def test_mostly_corrupt_dataset_stops_with_an_error(tmp_path, tiny_text_encoder_dir, tiny_unet_config_file, capsys):
+    data = write_imagefolder(tmp_path / "data", count=8)
+    for index in range(6):
+        (data / f"{index:03d}.png").write_bytes(b"not a png")
+    error = run_error(train_argv(data, tiny_text_encoder_dir, tiny_unet_config_file, tmp_path / "out"), capsys)
+    assert "6 of 8 images could not be read" in error
