@@ -456,3 +456,44 @@ def test_mostly_corrupt_dataset_stops_with_an_error(tmp_path, tiny_text_encoder_
         (data / f"{index:03d}.png").write_bytes(b"not a png")
     error = run_error(train_argv(data, tiny_text_encoder_dir, tiny_unet_config_file, tmp_path / "out"), capsys)
     assert "6 of 8 images could not be read" in error
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals (a real process)
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_resume_continues(argv, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    output = tmp_path / "out"
+    flags = argv(
+        "--max_train_steps",
+        "100000",
+        "--checkpointing_steps",
+        "100000",
+        "--save_images_epochs",
+        "100000",
+        "--save_model_epochs",
+        "100000",
+    )
+    script = Path(trainer.__file__)
+    process = subprocess.Popen(
+        [sys.executable, str(script), *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 60
+    while not (output / "caption_cache").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(3)  # a few training steps
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr
+    assert "SIGTERM received" in stderr and "--resume_from_checkpoint latest" in stderr
+    (checkpoint,) = trainer.list_checkpoints(output)
+    stopped_at = trainer.read_train_state(checkpoint).step
+    assert trainer.is_complete_checkpoint(checkpoint) and 0 < stopped_at < 100000
+    assert f"stopped at step {stopped_at}/100000" in stdout
+    run_ok(argv("--max_train_steps", str(stopped_at + 2), "--resume_from_checkpoint", "latest"))
+    assert trainer.read_train_state(output / f"checkpoint-{stopped_at + 2}").step == stopped_at + 2
