@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="Worker processes that decode images.")
     data.add_argument(
+        "--no_caption_cache",
+        dest="caption_cache",
+        action="store_false",
+        help="Run the frozen text encoder in every step instead of encoding each caption once (for benchmarks).",
+    )
+    data.add_argument(
         "--image_cache_max_gb",
         type=float,
         default=4.0,
@@ -757,7 +763,7 @@ def build_conditioning(
     widest = max(len(ids) for ids in data.caption_ids)
     table = torch.tensor([(ids * widest)[:widest] for ids in data.caption_ids])
     counts = torch.tensor([len(ids) for ids in data.caption_ids])
-    if args.train_text_encoder:
+    if args.train_text_encoder or not args.caption_cache:
         tokens = tokenizer(
             data.captions, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
         )
@@ -1406,7 +1412,7 @@ def setup_run(args: argparse.Namespace) -> Run:
     text_encoder.to(accelerator.device)
     cache_file = (
         None
-        if args.train_text_encoder
+        if args.train_text_encoder or not args.caption_cache
         else caption_cache_path(
             args.output_dir, args.text_encoder_name_or_path, text_encoder, data.captions, text_max_length
         )
