@@ -576,9 +576,16 @@ class ImageStore:
         return bool(self.images)
 
     def fetch(self, indices: list[int]) -> list[torch.Tensor]:
+        """Images for the rows; an image that turns out unreadable is stood in for by one that is not."""
         if self.cached:
             return [self.images[i] for i in indices]
-        return [image for _, image in map(self.decoder.__getitem__, indices) if isinstance(image, torch.Tensor)]
+        images = [image for _, image in map(self.decoder.__getitem__, indices)]
+        readable = [image for image in images if isinstance(image, torch.Tensor)]
+        for failure in (image for image in images if not isinstance(image, torch.Tensor)):
+            logger.warning("skipping unreadable image %s", failure)
+        if not readable:
+            raise UserError(f"no image of a whole batch could be read (e.g. {images[0]}); check the dataset files")
+        return [image if isinstance(image, torch.Tensor) else readable[0] for image in images]
 
 
 def report_bad_images(failures: list[str], total: int) -> None:
@@ -625,21 +632,38 @@ def build_image_store(data: CaptionedImages, args: argparse.Namespace, show_prog
     return ImageStore(images=images, decoder=decoder, num_workers=args.dataloader_num_workers, bad=bad)
 
 
-def random_crop_and_flip(images: list[torch.Tensor], resolution: int, flip: bool, center: bool) -> torch.Tensor:
-    """A float batch in [-1, 1]; crop offsets and flips come from the global torch RNG (checkpointed)."""
+@dataclass(frozen=True)
+class Shard:
+    """This process's slice of the global batch.
+
+    Every process draws the random numbers of the whole global batch (same seed everywhere) and
+    keeps its slice, so a run does not depend on how the global batch is split across processes.
+    """
+
+    index: int = 0
+    count: int = 1
+    size: int = 1
+
+    @property
+    def total(self) -> int:
+        return self.size * self.count
+
+    def of(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor[self.index * self.size : (self.index + 1) * self.size]
+
+
+def crop_and_flip(
+    images: list[torch.Tensor], resolution: int, crop_at: torch.Tensor, flip: torch.Tensor | None
+) -> torch.Tensor:
+    """A float batch in [-1, 1]; crop_at holds (top, left) as fractions of the spare pixels."""
     crops = []
-    for image in images:
+    for image, (top_share, left_share) in zip(images, crop_at.tolist(), strict=True):
         spare_h, spare_w = image.shape[1] - resolution, image.shape[2] - resolution
-        if center:
-            top, left = spare_h // 2, spare_w // 2
-        else:
-            top = int(torch.randint(spare_h + 1, ())) if spare_h else 0
-            left = int(torch.randint(spare_w + 1, ())) if spare_w else 0
+        top, left = int(top_share * (spare_h + 1 - 1e-6)), int(left_share * (spare_w + 1 - 1e-6))
         crops.append(image[:, top : top + resolution, left : left + resolution])
     batch = torch.stack(crops)
-    if flip:
-        flipped = torch.rand(len(crops)) < 0.5
-        batch = torch.where(flipped[:, None, None, None], batch.flip(-1), batch)
+    if exists(flip):
+        batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
     return batch.float().div_(127.5).sub_(1.0)
 
 
@@ -722,7 +746,7 @@ def encode_captions_once(
 
     if exists(cache_file) and cache_file.exists():
         logger.info("caption embeddings loaded from %s", cache_file)
-        return torch.load(cache_file, map_location=device)
+        return torch.load(cache_file, map_location="cpu", weights_only=True).to(device)
     encoder.eval()
     chunks = []
     starts = range(0, len(captions), batch_size)
@@ -873,13 +897,22 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> to
 
 
 def diffusion_loss(
-    unet, noise_scheduler, clean: torch.Tensor, text_embeddings: torch.Tensor, snr_gamma: float, noise_offset: float
+    unet,
+    noise_scheduler,
+    clean: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    snr_gamma: float,
+    noise_offset: float,
+    shard: Shard | None = None,
 ) -> torch.Tensor:
     """Noise, random timesteps, target per prediction type, min-SNR weighted MSE."""
-    noise = torch.randn_like(clean)
+    shard = shard or Shard(size=len(clean))
+    batch = (shard.total, clean.shape[1])
+    noise = shard.of(torch.randn(*batch, *clean.shape[2:], device=clean.device, dtype=clean.dtype))
     if noise_offset:
-        noise += noise_offset * torch.randn(clean.shape[0], clean.shape[1], 1, 1, device=clean.device)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device)
+        noise += noise_offset * shard.of(torch.randn(*batch, 1, 1, device=clean.device, dtype=clean.dtype))
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    timesteps = shard.of(torch.randint(0, num_timesteps, (shard.total,), device=clean.device))
     noisy = noise_scheduler.add_noise(clean, noise, timesteps)
     prediction_type = noise_scheduler.config.prediction_type
     if prediction_type == "epsilon":
@@ -1274,12 +1307,10 @@ def epoch_order(usable_rows: torch.Tensor, seed: int, epoch: int) -> torch.Tenso
     return usable_rows[torch.randperm(len(usable_rows), generator=generator)]
 
 
-def batch_rows(
-    usable_rows: torch.Tensor, seed: int, epoch: int, position: int, batch_size: int, process: int, num_processes: int
+def global_batch_rows(
+    usable_rows: torch.Tensor, seed: int, epoch: int, position: int, global_batch: int
 ) -> torch.Tensor:
-    order = epoch_order(usable_rows, seed, epoch)
-    start = (position * num_processes + process) * batch_size
-    return order[start : start + batch_size]
+    return epoch_order(usable_rows, seed, epoch)[position * global_batch : (position + 1) * global_batch]
 
 
 @dataclass
@@ -1417,9 +1448,10 @@ def setup_run(args: argparse.Namespace) -> Run:
             args.output_dir, args.text_encoder_name_or_path, text_encoder, data.captions, text_max_length
         )
     )
-    conditioning = build_conditioning(
-        data, tokenizer, text_encoder, text_max_length, args, accelerator.device, cache_file
-    )
+    with accelerator.main_process_first():  # the others then read the main process's cache file
+        conditioning = build_conditioning(
+            data, tokenizer, text_encoder, text_max_length, args, accelerator.device, cache_file
+        )
 
     trained = list(unet.parameters()) + (list(text_encoder.parameters()) if args.train_text_encoder else [])
     optimizer = build_optimizer(trained, args)
@@ -1463,38 +1495,32 @@ def setup_run(args: argparse.Namespace) -> Run:
     )
 
 
-def micro_batch(run: Run, epoch: int, position: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pixels [-1, 1] and caption ids for this process's share of one micro-batch."""
-    accelerator = run.accelerator
-    rows = batch_rows(
-        run.usable_rows,
-        run.state.seed,
-        epoch,
-        position,
-        run.args.train_batch_size,
-        accelerator.process_index,
-        accelerator.num_processes,
-    )
-    pixels = random_crop_and_flip(
-        run.images.fetch(rows.tolist()), run.args.resolution, run.args.random_flip, run.args.center_crop
-    )
-    caption_ids = run.conditioning.caption_ids_for(rows)
+def micro_batch(run: Run, epoch: int, position: int) -> tuple[torch.Tensor, torch.Tensor, Shard]:
+    """Pixels [-1, 1] and caption ids for this process's share of one global micro-batch."""
+    accelerator, args = run.accelerator, run.args
+    shard = Shard(accelerator.process_index, accelerator.num_processes, args.train_batch_size)
+    rows = global_batch_rows(run.usable_rows, run.state.seed, epoch, position, shard.total)
+    caption_ids = shard.of(run.conditioning.caption_ids_for(rows))
+    crop_at = shard.of(torch.full((shard.total, 2), 0.5) if args.center_crop else torch.rand(shard.total, 2))
+    flip = shard.of(torch.rand(shard.total) < 0.5) if args.random_flip else None
+    pixels = crop_and_flip(run.images.fetch(shard.of(rows).tolist()), args.resolution, crop_at, flip)
     pixels = pixels.to(accelerator.device, non_blocking=True)
-    if run.args.channels_last:
+    if args.channels_last:
         pixels = pixels.contiguous(memory_format=torch.channels_last)
-    return pixels, caption_ids
+    return pixels, caption_ids, shard
 
 
 def training_micro_step(
-    run: Run, pixels: torch.Tensor, caption_ids: torch.Tensor
+    run: Run, pixels: torch.Tensor, caption_ids: torch.Tensor, shard: Shard
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Forward, backward and (on the last micro-step) clip + optimizer step. Returns (loss, grad norm)."""
     accelerator, grad_norm = run.accelerator, None
-    with accelerator.accumulate(run.unet):
+    trained = (run.unet, run.text_encoder) if run.args.train_text_encoder else (run.unet,)
+    with accelerator.accumulate(*trained):
         with accelerator.autocast():
             text = condition_batch(run.conditioning, caption_ids, run.text_encoder)
             loss = diffusion_loss(
-                run.unet, run.noise_scheduler, pixels, text, run.args.snr_gamma, run.args.noise_offset
+                run.unet, run.noise_scheduler, pixels, text, run.args.snr_gamma, run.args.noise_offset, shard
             )
         accelerator.backward(loss)
         if accelerator.sync_gradients and run.args.max_grad_norm > 0:
@@ -1613,8 +1639,8 @@ def train(run: Run, stop: StopRequest) -> str:
     run.unet.train()
     run.text_encoder.train(args.train_text_encoder)
     for epoch, position in schedule.micro_batches(state.step):
-        pixels, caption_ids = micro_batch(run, epoch, position)
-        loss, norm = training_micro_step(run, pixels, caption_ids)
+        pixels, caption_ids, shard = micro_batch(run, epoch, position)
+        loss, norm = training_micro_step(run, pixels, caption_ids, shard)
         meter.add(loss, len(pixels) * accelerator.num_processes)
         if not accelerator.sync_gradients:
             continue

@@ -295,7 +295,9 @@ def test_images_are_resized_on_the_short_side_and_cropped_to_the_resolution():
     wide["bytes"] = buffer.getvalue()
     decoded = trainer.decode_image(wide, 16, center_crop=False)
     assert decoded.shape == (3, 16, 32) and decoded.dtype == torch.uint8
-    batch = trainer.random_crop_and_flip([decoded, decoded], 16, flip=True, center=False)
+    batch = trainer.crop_and_flip(
+        [decoded, decoded], 16, torch.tensor([[0.0, 0.0], [0.0, 0.99]]), torch.tensor([False, True])
+    )
     assert batch.shape == (2, 3, 16, 16)
     assert batch.min() >= -1 and batch.max() <= 1
     assert torch.allclose(batch[0, 0, 0, 0], torch.tensor(10 / 127.5 - 1))
