@@ -106,7 +106,9 @@ def read_captions(path: Path, column: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--captions", type=Path, required=True, help="metadata.jsonl or a .txt file with one caption a line.")
+    parser.add_argument(
+        "--captions", type=Path, required=True, help="metadata.jsonl or a .txt file with one caption a line."
+    )
     parser.add_argument("--caption_column", default="text", help="Caption key in metadata.jsonl.")
     parser.add_argument("--output_dir", type=Path, required=True)
     parser.add_argument("--hidden_size", type=int, default=128)
