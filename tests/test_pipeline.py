@@ -1,0 +1,337 @@
+"""TextToImagePipeline: shapes, guidance, seeds, every sampler x beta schedule x prediction type, loading, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DConditionModel
+from PIL import Image
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from pipeline_text_to_image import (
+    SCHEDULER_NAMES,
+    ProgressionRecorder,
+    TextToImagePipeline,
+    copy_pipeline_code,
+    encode_text,
+    main,
+    make_captioned_grid,
+    make_sampling_scheduler,
+    progression_steps,
+)
+
+BETA_SCHEDULES = ["linear", "scaled_linear", "squaredcos_cap_v2"]
+PREDICTION_TYPES = ["epsilon", "sample", "v_prediction"]
+TEXT_MAX_LENGTH = 8
+PROMPTS = ["a red square", "a blue circle"]
+FIT_STEPS = 30
+
+
+@pytest.fixture(scope="session")
+def text_parts(tiny_text_encoder_dir):
+    return CLIPTokenizer.from_pretrained(tiny_text_encoder_dir), CLIPTextModel.from_pretrained(tiny_text_encoder_dir)
+
+
+@pytest.fixture(scope="session")
+def random_unet(tiny_unet_config_file) -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    return UNet2DConditionModel.from_config(json.loads(tiny_unet_config_file.read_text())).eval()
+
+
+def coloured_squares(count: int = 8, size: int = 16) -> torch.Tensor:
+    """Images in [-1, 1]: a coloured square on a mid-grey background, far from the clipping range."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.zeros(count, 3, size, size)
+    for index in range(count):
+        images[index, :, size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = torch.rand(
+            3, 1, 1, generator=generator
+        )
+    return images * 1.2 - 0.6
+
+
+def fit_unet(config: dict, prediction_type: str, steps: int = FIT_STEPS) -> UNet2DConditionModel:
+    """A UNet fitted for a few steps: unlike random weights, its predictions agree with x_t, as a trained model's do."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(config)
+    scheduler = DDPMScheduler(prediction_type=prediction_type)
+    optimizer = torch.optim.Adam(unet.parameters(), lr=3e-3)
+    images = coloured_squares()
+    context = torch.zeros(len(images), TEXT_MAX_LENGTH, config["cross_attention_dim"])
+    for _ in range(steps):
+        noise, timesteps = torch.randn_like(images), torch.randint(0, 1000, (len(images),))
+        noisy = scheduler.add_noise(images, noise, timesteps)
+        targets = {"epsilon": noise, "sample": images, "v_prediction": scheduler.get_velocity(images, noise, timesteps)}
+        loss = torch.nn.functional.mse_loss(unet(noisy, timesteps, context).sample, targets[prediction_type])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return unet.eval()
+
+
+@pytest.fixture(scope="session")
+def fitted_unets(tiny_unet_config_file) -> dict[str, UNet2DConditionModel]:
+    config = json.loads(tiny_unet_config_file.read_text())
+    return {prediction_type: fit_unet(config, prediction_type) for prediction_type in PREDICTION_TYPES}
+
+
+def build_pipeline(unet, text_parts, scheduler_name="dpm", beta_schedule="linear", prediction_type="epsilon"):
+    tokenizer, text_encoder = text_parts
+    training_scheduler = DDPMScheduler(beta_schedule=beta_schedule, prediction_type=prediction_type)
+    scheduler = make_sampling_scheduler(scheduler_name, training_scheduler.config)
+    pipe = TextToImagePipeline(unet, scheduler, text_encoder, tokenizer, text_max_length=TEXT_MAX_LENGTH)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def pipe(random_unet, text_parts) -> TextToImagePipeline:
+    return build_pipeline(random_unet, text_parts)
+
+
+def generate(pipe, prompts=PROMPTS, seed=0, **kwargs) -> np.ndarray:
+    kwargs = {"num_inference_steps": 3, "output_type": "np", **kwargs}
+    return pipe(prompts, generator=torch.Generator().manual_seed(seed), **kwargs).images
+
+
+def saturated_share(images: np.ndarray) -> float:
+    return float(((images == 0) | (images == 1)).mean())
+
+
+@pytest.fixture(scope="session")
+def saved_pipeline(tmp_path_factory, random_unet, text_parts) -> Path:
+    output_dir = tmp_path_factory.mktemp("trained") / "output"
+    build_pipeline(random_unet, text_parts).save_pretrained(output_dir)
+    copy_pipeline_code(output_dir)
+    return output_dir
+
+
+# ---- shapes and output types
+
+
+def test_batched_prompts_times_images_per_prompt_give_one_image_each(pipe):
+    images = generate(pipe, num_images_per_prompt=3)
+    assert images.shape == (6, 16, 16, 3)
+    assert images.dtype == np.float32
+    assert images.min() >= 0 and images.max() <= 1
+
+
+def test_pt_output_is_nchw_in_unit_range_and_pil_output_is_rgb_images(pipe):
+    tensors = generate(pipe, output_type="pt", num_images_per_prompt=2)
+    assert tuple(tensors.shape) == (4, 3, 16, 16)
+    assert tensors.min() >= 0 and tensors.max() <= 1
+    pils = generate(pipe, output_type="pil")
+    assert [(image.mode, image.size) for image in pils] == [("RGB", (16, 16))] * 2
+
+
+def test_a_list_of_prompts_runs_the_unet_once_per_step_as_one_batch(pipe):
+    batch_sizes = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
+    try:
+        generate(pipe, num_images_per_prompt=2, guidance_scale=3.0)
+    finally:
+        hook.remove()
+    assert batch_sizes == [8, 8, 8]  # 2 prompts x 2 images x (conditional + unconditional), 3 steps
+
+
+def test_guidance_scale_of_one_skips_the_unconditional_branch(pipe):
+    batch_sizes = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
+    try:
+        generate(pipe, guidance_scale=1.0)
+    finally:
+        hook.remove()
+    assert batch_sizes == [2, 2, 2]
+
+
+def test_prompts_are_encoded_once_per_call(pipe):
+    calls = []
+    hook = pipe.text_encoder.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[0]))
+    try:
+        generate(pipe, negative_prompt="a yellow square", num_inference_steps=4)
+    finally:
+        hook.remove()
+    assert calls == [4]  # 2 prompts + 2 negative prompts in one text-encoder call
+
+
+# ---- guidance and seeds
+
+
+def test_guidance_on_and_off_give_different_images(pipe):
+    assert not np.array_equal(generate(pipe, guidance_scale=1.0), generate(pipe, guidance_scale=4.0))
+
+
+def test_negative_prompt_replaces_the_empty_unconditional_prompt(pipe):
+    plain = generate(pipe, guidance_scale=4.0)
+    negative = generate(pipe, guidance_scale=4.0, negative_prompt="a yellow square")
+    assert not np.array_equal(plain, negative)
+
+
+def test_precomputed_prompt_embeds_give_the_same_images_as_prompts(pipe, text_parts):
+    tokenizer, text_encoder = text_parts
+    with torch.no_grad():
+        embeds = encode_text(tokenizer, text_encoder, PROMPTS, TEXT_MAX_LENGTH)
+        negative = encode_text(tokenizer, text_encoder, ["", ""], TEXT_MAX_LENGTH)
+    from_embeds = pipe(
+        prompt_embeds=embeds,
+        negative_prompt_embeds=negative,
+        num_inference_steps=3,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    assert np.array_equal(from_embeds, generate(pipe))
+
+
+def test_same_seed_gives_bit_identical_images_with_a_stochastic_sampler(random_unet, text_parts):
+    pipe = build_pipeline(random_unet, text_parts, scheduler_name="ddpm")
+    first, second = generate(pipe, seed=7), generate(pipe, seed=7)
+    assert torch.equal(torch.from_numpy(first), torch.from_numpy(second))
+    assert not np.array_equal(first, generate(pipe, seed=8))
+
+
+def test_a_list_of_generators_gives_one_image_per_generator(random_unet, text_parts):
+    pipe = build_pipeline(random_unet, text_parts, scheduler_name="ddpm")
+    generators = [torch.Generator().manual_seed(seed) for seed in (11, 12)]
+    batch = pipe(
+        ["a red square"], num_images_per_prompt=2, generator=generators, num_inference_steps=3, output_type="pt"
+    )
+    alone = pipe(["a red square"], generator=torch.Generator().manual_seed(12), num_inference_steps=3, output_type="pt")
+    torch.testing.assert_close(batch.images[1:], alone.images, atol=1e-5, rtol=0)
+    assert not torch.allclose(batch.images[0], batch.images[1])
+
+
+def test_a_generator_list_of_the_wrong_length_is_refused(pipe):
+    with pytest.raises(ValueError, match="generators"):
+        pipe(PROMPTS, generator=[torch.Generator().manual_seed(0)], num_inference_steps=2)
+
+
+# ---- every sampler, beta schedule and prediction type
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("beta_schedule", BETA_SCHEDULES)
+@pytest.mark.parametrize("scheduler_name", SCHEDULER_NAMES)
+def test_every_sampler_gives_finite_unsaturated_images(
+    fitted_unets, text_parts, scheduler_name, beta_schedule, prediction_type
+):
+    pipe = build_pipeline(fitted_unets[prediction_type], text_parts, scheduler_name, beta_schedule, prediction_type)
+    images = generate(pipe, num_inference_steps=4)
+    assert images.shape == (2, 16, 16, 3)
+    assert np.isfinite(images).all()
+    assert images.min() >= 0 and images.max() <= 1
+    assert saturated_share(images) < 0.5
+
+
+def test_without_x0_clipping_euler_saturates_with_cosine_betas(fitted_unets, text_parts):
+    """Why clip_denoised exists: alpha_bar(T) ~ 0 makes Euler's x0 = (x - s eps) / a explode."""
+    pipe = build_pipeline(fitted_unets["epsilon"], text_parts, "euler", "squaredcos_cap_v2", "epsilon")
+    assert saturated_share(generate(pipe, num_inference_steps=4, clip_denoised=False)) > 0.9
+    assert saturated_share(generate(pipe, num_inference_steps=4)) < 0.5
+
+
+def test_sampling_scheduler_keeps_the_training_betas_and_prediction_type():
+    config = DDPMScheduler(
+        num_train_timesteps=500, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction"
+    ).config
+    for name in SCHEDULER_NAMES:
+        scheduler = make_sampling_scheduler(name, config)
+        assert (scheduler.config.num_train_timesteps, scheduler.config.beta_schedule) == (500, "squaredcos_cap_v2")
+        assert scheduler.config.prediction_type == "v_prediction"
+    dpm = make_sampling_scheduler("dpm", config)
+    assert (dpm.config.algorithm_type, dpm.config.thresholding, dpm.config.lambda_min_clipped) == (
+        "dpmsolver++",
+        True,
+        -5.1,
+    )
+
+
+def test_pixels_map_from_minus_one_one_to_unit_range_without_a_vae_factor():
+    latents = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0]).reshape(1, 1, 1, 5).expand(1, 3, 1, 5)
+    images = TextToImagePipeline.postprocess(latents, "np")
+    assert images[0, 0, :, 0].tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+# ---- text conditioning
+
+
+def test_encode_text_pads_every_prompt_to_max_length(text_parts):
+    tokenizer, text_encoder = text_parts
+    with torch.no_grad():
+        embeddings = encode_text(tokenizer, text_encoder, ["", "a red square on a white background"], 6)
+    assert tuple(embeddings.shape) == (2, 6, 64)
+
+
+def test_text_max_length_round_trips_through_save_pretrained(saved_pipeline):
+    assert json.loads((saved_pipeline / "model_index.json").read_text())["text_max_length"] == TEXT_MAX_LENGTH
+    loaded = TextToImagePipeline.from_pretrained(saved_pipeline)
+    assert loaded.config.text_max_length == TEXT_MAX_LENGTH
+    assert loaded.text_max_length == TEXT_MAX_LENGTH
+    assert type(loaded.scheduler).__name__ == "DPMSolverMultistepScheduler"
+
+
+# ---- grids and the denoising strip
+
+
+def test_captioned_grid_upscales_small_images_and_leaves_room_for_captions():
+    images = [Image.new("RGB", (16, 16), colour) for colour in ("red", "green", "blue")]
+    grid = make_captioned_grid(images, ["a red square", "a green circle", "a blue square"], columns=2)
+    assert grid.width == 2 * 128
+    assert grid.height > 2 * 128
+    assert grid.getpixel((5, 5)) == (255, 0, 0)
+    assert grid.getpixel((128 + 5, 5)) == (0, 128, 0)
+
+
+def test_progression_strip_has_a_row_per_image_and_a_column_per_chosen_step(pipe):
+    steps = progression_steps(6, count=3)
+    recorder = ProgressionRecorder(steps)
+    images = pipe(PROMPTS, num_inference_steps=6, callback_on_step_end=recorder, output_type="pt").images
+    assert steps == [0, 2, 5]
+    assert recorder.recorded_steps == steps
+    assert torch.equal(recorder.frames[-1], images)  # the last column is the final image itself
+    strip = recorder.strip(PROMPTS)
+    assert strip.width == 3 * 128
+    assert strip.height > 2 * 128
+
+
+# ---- loading and the CLI
+
+
+def test_custom_pipeline_loads_in_a_fresh_process_outside_the_repo(saved_pipeline, tmp_path):
+    script = (
+        "import sys, torch\n"
+        "from diffusers import DiffusionPipeline\n"
+        "out = sys.argv[1]\n"
+        "pipe = DiffusionPipeline.from_pretrained(out, custom_pipeline=out, trust_remote_code=True)\n"
+        "images = pipe('a red square', num_inference_steps=2, output_type='np', generator=torch.manual_seed(0)).images\n"
+        "print(type(pipe).__name__, type(pipe).__module__, images.shape, pipe.text_max_length)\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(saved_pipeline)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    name, module, *rest = result.stdout.split()
+    assert name == "TextToImagePipeline"
+    assert module != "pipeline_text_to_image"  # the copy in the output folder, not this repo's file
+    assert " ".join(rest) == f"(1, 16, 16, 3) {TEXT_MAX_LENGTH}"
+
+
+def test_cli_writes_a_captioned_grid_and_a_progression_strip(saved_pipeline, tmp_path, capsys):
+    grid, strip = tmp_path / "grid.png", tmp_path / "strip.png"
+    argv = ["--model", str(saved_pipeline), "--prompt", "a red square", "--prompt", "a blue circle"]
+    argv += ["--num_images_per_prompt", "2", "--num_inference_steps", "3", "--scheduler", "euler", "--seed", "1"]
+    main(argv + ["--device", "cpu", "--output", str(grid), "--progression", str(strip)])
+    assert Image.open(grid).size[0] == 2 * 128
+    assert Image.open(strip).size[0] == 3 * 128
+    assert f"wrote 4 images to {grid}" in capsys.readouterr().out
+
+
+def test_cli_names_a_model_folder_without_model_index_json(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path), "--prompt", "a red square"])
+    assert f"--model {tmp_path} has no model_index.json" in capsys.readouterr().err
