@@ -189,10 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="Learning-rate schedule after warm-up.",
     )
     optim.add_argument("--lr_warmup_steps", type=int, default=500, help="Warm-up in optimizer steps.")
-    optim.add_argument("--adam_beta1", type=float, default=0.95)
-    optim.add_argument("--adam_beta2", type=float, default=0.999)
-    optim.add_argument("--adam_weight_decay", type=float, default=1e-6)
-    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
+    optim.add_argument("--adam_beta1", type=float, default=0.95, help="AdamW beta1 (the seed's 0.95).")
+    optim.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    optim.add_argument("--adam_weight_decay", type=float, default=1e-6, help="AdamW weight decay.")
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
     optim.add_argument(
         "--max_grad_norm", type=float, default=1.0, help="Clip gradients to this norm; 0 turns clipping off."
     )
