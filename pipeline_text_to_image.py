@@ -485,14 +485,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_pipeline(model: Path, scheduler: str | None, device: str, dtype: torch.dtype | None) -> TextToImagePipeline:
-    pipe = (
-        TextToImagePipeline.from_pretrained(model, torch_dtype=dtype)
-        if dtype
-        else TextToImagePipeline.from_pretrained(model)
-    )
+    """The saved pipeline on `device`, optionally cast and with another sampler swapped in."""
+    pipe = TextToImagePipeline.from_pretrained(model)
     if scheduler is not None:
         pipe.scheduler = make_sampling_scheduler(scheduler, pipe.scheduler.config)
-    return pipe.to(device)
+    # Casting after loading works on every diffusers version (0.42 renamed from_pretrained's torch_dtype to dtype).
+    return pipe.to(device, dtype) if dtype is not None else pipe.to(device)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,7 +29,7 @@ BETA_SCHEDULES = ["linear", "scaled_linear", "squaredcos_cap_v2"]
 PREDICTION_TYPES = ["epsilon", "sample", "v_prediction"]
 TEXT_MAX_LENGTH = 8
 PROMPTS = ["a red square", "a blue circle"]
-FIT_STEPS = 30
+FIT_STEPS = 20
 
 
 @pytest.fixture(scope="session")
