@@ -1184,7 +1184,7 @@ A pixel-space text-to-image diffusion model ({args.resolution} px) trained from 
 
 ```python
 from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained("{args.hub_model_id or output_dir}", custom_pipeline="{args.hub_model_id or output_dir}")
+pipe = DiffusionPipeline.from_pretrained("{args.hub_model_id or output_dir}", custom_pipeline="{args.hub_model_id or output_dir}", trust_remote_code=True)
 image = pipe("{args.validation_prompts[0] if args.validation_prompts else "a prompt"}", guidance_scale={args.guidance_scale}).images[0]
 ```
 
