@@ -1196,7 +1196,7 @@ image = pipe("{args.validation_prompts[0] if args.validation_prompts else "a pro
 """
 
 
-def push_to_hub(output_dir: Path, args: argparse.Namespace) -> str:
+def push_to_hub(output_dir: Path, args: argparse.Namespace, step: int) -> str:
     from huggingface_hub import create_repo, upload_folder
 
     repo_id = args.hub_model_id or output_dir.name
@@ -1205,7 +1205,7 @@ def push_to_hub(output_dir: Path, args: argparse.Namespace) -> str:
         repo_id=repo_id,
         folder_path=str(output_dir),
         token=args.hub_token,
-        commit_message=f"train_text_to_image.py: step {args.max_train_steps}",
+        commit_message=f"train_text_to_image.py: step {step}",
         ignore_patterns=["checkpoint-*", ".checkpoint-*", "caption_cache/*", f"{args.logging_dir}/*"],
     )
     return repo_id
@@ -1731,7 +1731,7 @@ def run_training(args: argparse.Namespace) -> int:
             )
         return 0
     if args.push_to_hub and run.accelerator.is_main_process:
-        print(f"uploaded to https://huggingface.co/{push_to_hub(args.output_dir, args)}")
+        print(f"uploaded to https://huggingface.co/{push_to_hub(args.output_dir, args, run.state.step)}")
     return 0
 
 

@@ -499,3 +499,39 @@ def test_sigterm_finishes_the_step_checkpoints_and_resume_continues(argv, tmp_pa
     assert f"stopped at step {stopped_at}/100000" in stdout
     run_ok(argv("--max_train_steps", str(stopped_at + 2), "--resume_from_checkpoint", "latest"))
     assert trainer.read_train_state(output / f"checkpoint-{stopped_at + 2}").step == stopped_at + 2
+
+
+def test_push_to_hub_uploads_the_pipeline_folder_without_checkpoints(argv, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = {}
+
+    class Repo:
+        repo_id = "me/shapes"
+
+    def create_repo(repo_id, private, token, exist_ok):
+        calls["create"] = (repo_id, private, token)
+        return Repo()
+
+    def upload_folder(repo_id, folder_path, token, commit_message, ignore_patterns):
+        calls["upload"] = (repo_id, folder_path, ignore_patterns)
+        assert (Path(folder_path) / "pipeline.py").is_file() and (Path(folder_path) / "model_index.json").is_file()
+
+    # the network is the one thing a test may fake: there is none here
+    monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    run_ok(
+        argv(
+            "--push_to_hub",
+            "--hub_model_id",
+            "shapes",
+            "--hub_private_repo",
+            "--hub_token",
+            "t0k",
+            "--max_train_steps",
+            "1",
+        )
+    )
+    assert calls["create"] == ("shapes", True, "t0k")
+    repo_id, folder, ignored = calls["upload"]
+    assert repo_id == "me/shapes" and folder == str(tmp_path / "out") and "checkpoint-*" in ignored
