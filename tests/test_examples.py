@@ -1,0 +1,67 @@
+"""The quickstart's pieces: the shapes dataset, the evaluator's pixel rules, and the script end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+from collections import Counter
+
+import evaluate_shapes
+import make_shapes_dataset
+import numpy as np
+from conftest import REPO
+from PIL import Image
+
+
+def test_shapes_dataset_draws_every_prompt_equally_often(tmp_path):
+    folder = make_shapes_dataset.make_shapes_dataset(tmp_path / "shapes", count=72, resolution=32)
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 72 and len(list(folder.glob("*.png"))) == 72
+    assert set(Counter(row["text"] for row in rows).values()) == {2}
+    assert rows[0]["text"] == "a small red circle"
+    assert Image.open(folder / rows[0]["file_name"]).size == (32, 32)
+
+
+def test_the_pixel_rules_read_every_training_image_correctly(tmp_path, capsys):
+    folder = make_shapes_dataset.make_shapes_dataset(tmp_path / "shapes", count=144, resolution=32, seed=3)
+    shares = evaluate_shapes.main(["--dataset", str(folder)])
+    assert shares == {"colour": 1.0, "shape": 1.0, "size": 1.0, "all": 1.0}
+    assert "colour 100% (chance 17%), shape 100% (chance 33%), size 100% (chance 50%), all 100% (chance 3%)" in (
+        capsys.readouterr().out
+    )
+
+
+def test_a_blank_or_wrong_image_does_not_match():
+    blank = np.full((16, 16, 3), 255, np.uint8)
+    assert evaluate_shapes.read_image(blank) == evaluate_shapes.Reading(None, None, None)
+    blue_square = np.asarray(make_shapes_dataset.draw_shape("square", "blue", "large", 32, random.Random(0)))
+    reading = evaluate_shapes.read_image(blue_square)
+    assert reading == evaluate_shapes.Reading("blue", "square", "large")
+    assert evaluate_shapes.score([(reading, ("red", "square", "small"))]) == {
+        "colour": 0.0,
+        "shape": 1.0,
+        "size": 0.0,
+        "all": 0.0,
+    }
+
+
+def test_quickstart_script_trains_saves_and_scores(tmp_path):
+    environment = dict(os.environ, DATA_DIR=str(tmp_path / "data"), OUTPUT_DIR=str(tmp_path / "out"))
+    quick = ["--max_train_steps", "2", "--eval_batch_size", "2"]
+    quick += ["--ddpm_num_inference_steps", "2", "--logger", "none"]
+    result = subprocess.run(
+        ["bash", str(REPO / "examples" / "quickstart.sh"), *quick],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    output = tmp_path / "out"
+    assert (output / "model_index.json").is_file() and (output / "text_encoder" / "config.json").is_file()
+    assert len(list((output / "samples").glob("epoch-*.png"))) == 1
+    assert "144 generated images" in result.stdout and "all " in result.stdout
+    # 18 prompt rows (colour x shape) of 2 sizes x 4 images, 16 px each
+    assert Image.open(output / "evaluation.png").size == (8 * 16, 18 * 16)
