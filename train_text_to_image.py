@@ -1742,7 +1742,8 @@ def setup_logging() -> None:
         level=logging.INFO if is_main_process() else logging.WARNING,
     )
     logger.setLevel(logging.INFO if is_main_process() else logging.WARNING)
-    for noisy in ("httpx", "urllib3", "filelock", "PIL"):
+    # accelerate logs every file of every checkpoint at INFO; our own line says where it went
+    for noisy in ("httpx", "urllib3", "filelock", "PIL", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
