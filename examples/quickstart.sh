@@ -6,7 +6,8 @@
 #   bash examples/quickstart.sh                          # everything, with examples/quickstart.yaml
 #   bash examples/quickstart.sh --max_train_time 30m     # extra flags go to train_text_to_image.py
 #
-# DATA_DIR (default data) and OUTPUT_DIR (default out/shapes) say where things are written.
+# DATA_DIR (default data) and OUTPUT_DIR (default out/shapes) say where things are written;
+# EVALUATE_ARGS adds flags to evaluate_shapes.py (e.g. "--images_per_prompt 8").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data_dir="${DATA_DIR:-data}"
@@ -18,6 +19,7 @@ python examples/make_text_encoder.py --captions "$data_dir/shapes/metadata.jsonl
 python train_text_to_image.py --config examples/quickstart.yaml \
   --train_data_dir "$data_dir/shapes" --text_encoder_name_or_path "$data_dir/shapes-text-encoder" \
   --output_dir "$output_dir" "$@"
-python examples/evaluate_shapes.py --model "$output_dir" --grid "$output_dir/evaluation.png"
+# shellcheck disable=SC2086  # EVALUATE_ARGS is a list of flags
+python examples/evaluate_shapes.py --model "$output_dir" --grid "$output_dir/evaluation.png" ${EVALUATE_ARGS:-}
 echo "sample grids: $output_dir/samples/ (progress.gif shows them over the run); model: $output_dir"
 echo "generate: python pipeline_text_to_image.py --model $output_dir --prompt 'a large blue triangle' --output grid.png"

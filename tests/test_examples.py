@@ -48,7 +48,12 @@ def test_a_blank_or_wrong_image_does_not_match():
 
 
 def test_quickstart_script_trains_saves_and_scores(tmp_path):
-    environment = dict(os.environ, DATA_DIR=str(tmp_path / "data"), OUTPUT_DIR=str(tmp_path / "out"))
+    environment = dict(
+        os.environ,
+        DATA_DIR=str(tmp_path / "data"),
+        OUTPUT_DIR=str(tmp_path / "out"),
+        EVALUATE_ARGS="--num_inference_steps 2",
+    )
     quick = ["--max_train_steps", "2", "--eval_batch_size", "2"]
     quick += ["--ddpm_num_inference_steps", "2", "--logger", "none"]
     result = subprocess.run(
