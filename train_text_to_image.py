@@ -1543,6 +1543,17 @@ def update_ema(run: Run) -> None:
         run.ema.to("cpu", non_blocking=True)
 
 
+def take_micro_step(run: Run, epoch: int, position: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One micro-batch through the model; after the last of an accumulation, the LR, EMA and step advance."""
+    pixels, caption_ids, shard = micro_batch(run, epoch, position)
+    loss, grad_norm = training_micro_step(run, pixels, caption_ids, shard)
+    if run.accelerator.sync_gradients:
+        run.lr_scheduler.step()
+        update_ema(run)
+        run.state.step += 1
+    return loss, grad_norm
+
+
 def make_grid(run: Run, epoch: int) -> Path | None:
     """Sample the fixed prompts with EMA weights (main process only) and log the grid."""
     accelerator, grid = run.accelerator, None
@@ -1639,15 +1650,11 @@ def train(run: Run, stop: StopRequest) -> str:
     run.unet.train()
     run.text_encoder.train(args.train_text_encoder)
     for epoch, position in schedule.micro_batches(state.step):
-        pixels, caption_ids, shard = micro_batch(run, epoch, position)
-        loss, norm = training_micro_step(run, pixels, caption_ids, shard)
-        meter.add(loss, len(pixels) * accelerator.num_processes)
+        loss, norm = take_micro_step(run, epoch, position)
+        meter.add(loss, args.train_batch_size * accelerator.num_processes)
         if not accelerator.sync_gradients:
             continue
         grad_norm = norm if exists(norm) else grad_norm
-        run.lr_scheduler.step()
-        update_ema(run)
-        state.step += 1
         progress.update(1)
         if state.step % args.logging_steps == 0:
             log_step(run, meter, grad_norm, progress)
