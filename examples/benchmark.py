@@ -1,0 +1,315 @@
+"""Measure what the trainer's caching and batched sampling buy: a Markdown table of img/s and peak memory.
+
+Training rows run the trainer's own setup and step (`setup_run`, `take_micro_step`), each
+configuration in its own process so its peak memory is its own:
+  (a) the seed README configuration: the original UNet (`seed_unet.json`, 32 px), batch 3 x
+      accumulation 4, a CLIP-L-shaped text encoder (768 wide, 12 layers, random weights, no
+      download) -- without caching (encoder in every step, images decoded every step, as the seed
+      script did), with the caching, and with the caching plus bf16 autocast;
+  (b) a small configuration (the quickstart's UNet at 32 px, a 2-layer encoder, batch 32) without
+      and with caching.
+Sampling rows compare a 16-image grid (one batch, DPM-Solver++ 25 steps, guidance in the same
+UNet call) with the seed's way (1000 DDPM steps, one prompt at a time, extrapolated from a few).
+
+    python examples/benchmark.py --data_dir ../shared/datasets/emoji-noto-32 --output docs/benchmark.md
+    python examples/benchmark.py --quick     # seconds: tiny models, checks that it all runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parent
+REPO = EXAMPLES.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(EXAMPLES))
+
+UNCACHED = ["--no_caption_cache", "--image_cache_max_gb", "0"]
+GRID_IMAGES = 16
+SEED_SAMPLING_STEPS = 1000
+
+
+def training_configs(quick: bool) -> list[dict]:
+    """Name, encoder, UNet config, batch, accumulation and extra flags of each training row."""
+    seed_unet = EXAMPLES / ("shapes_unet.json" if quick else "seed_unet.json")
+    small_unet = EXAMPLES / "shapes_unet.json"
+    seed = {"encoder": "clip-l", "unet": seed_unet, "batch": 3, "accumulation": 4}
+    small = {"encoder": "small", "unet": small_unet, "batch": 8 if quick else 32, "accumulation": 1}
+    return [
+        {**seed, "name": "(a) seed config, no caching (the seed's way)", "flags": UNCACHED, "baseline": True},
+        {**seed, "name": "(a) seed config, cached", "flags": []},
+        {**seed, "name": "(a) seed config, cached + bf16", "flags": ["--mixed_precision", "bf16"]},
+        {**small, "name": "(b) small config, no caching", "flags": UNCACHED, "baseline": True},
+        {**small, "name": "(b) small config, cached", "flags": []},
+    ]
+
+
+# ---- inputs: data and text encoders, made here so nothing downloads ----
+
+
+def prepare_data(data_dir: Path | None, work: Path, quick: bool) -> Path:
+    if data_dir:
+        if not (data_dir / "metadata.jsonl").is_file() and not (data_dir / "metadata.csv").is_file():
+            sys.exit(f"error: --data_dir {data_dir} has no metadata.jsonl or metadata.csv (an imagefolder is needed)")
+        return data_dir
+    from make_shapes_dataset import make_shapes_dataset
+
+    return make_shapes_dataset(work / "shapes", count=48 if quick else 720, resolution=32)
+
+
+def dataset_captions(data_dir: Path) -> list[str]:
+    from make_text_encoder import read_captions
+
+    metadata = data_dir / "metadata.jsonl"
+    if metadata.is_file():
+        return read_captions(metadata, "text")
+    import csv
+
+    with open(data_dir / "metadata.csv") as file:
+        return [row.get("text") or "" for row in csv.DictReader(file)]
+
+
+def prepare_encoders(captions: list[str], work: Path, quick: bool) -> dict[str, Path]:
+    """A CLIP-L-shaped encoder (random weights) and a small one, both with the captions' vocabulary."""
+    from make_text_encoder import build_text_encoder
+
+    clip_l = (64, 2, 2) if quick else (768, 12, 12)
+    return {
+        "clip-l": build_text_encoder(captions, work / "clip-l", *clip_l, max_length=77),
+        "small": build_text_encoder(captions, work / "small", 64 if quick else 128, 2, 4, max_length=77),
+    }
+
+
+# ---- workers: each measurement in its own process ----
+
+
+def trainer_argv(config: dict, data_dir: Path, encoder: Path, output_dir: Path, steps: int, quick: bool) -> list[str]:
+    return [
+        "--train_data_dir", str(data_dir),
+        "--text_encoder_name_or_path", str(encoder),
+        "--model_config_name_or_path", str(config["unet"]),
+        "--resolution", "16" if quick else "32",
+        "--train_batch_size", str(config["batch"]),
+        "--gradient_accumulation_steps", str(config["accumulation"]),
+        "--max_train_steps", str(steps),
+        "--output_dir", str(output_dir),
+        "--random_flip",
+        "--logger", "none",
+        "--seed", "0",
+        *config["flags"],
+    ]  # fmt: skip
+
+
+def peak_rss_mib() -> float:
+    # ru_maxrss is in KiB on Linux and bytes on macOS
+    scale = 1 / 1024 if platform.system() != "Darwin" else 1 / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def wait_for_device() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def measure_training(argv: list[str], timed_steps: int) -> dict:
+    """Setup time, then img/s over `timed_steps` optimizer steps after one warm-up step."""
+    import train_text_to_image as trainer
+
+    args = trainer.parse_args(argv)
+    trainer.validate_args(args)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    run = trainer.setup_run(args)
+    setup_seconds = time.perf_counter() - started
+    accumulation = args.gradient_accumulation_steps
+    micro_steps = iter(run.schedule.micro_batches(0))
+    for _ in range(accumulation):  # warm-up: allocator, kernels, first optimizer state
+        trainer.take_micro_step(run, *next(micro_steps))
+    wait_for_device()
+    started = time.perf_counter()
+    for _ in range(timed_steps * accumulation):
+        trainer.take_micro_step(run, *next(micro_steps))
+    wait_for_device()
+    seconds = time.perf_counter() - started
+    images = timed_steps * accumulation * args.train_batch_size
+    return {"setup_s": setup_seconds, "img_per_s": images / seconds, "peak_rss_mib": peak_rss_mib()}
+
+
+def build_sampling_pipeline(unet_config: Path, encoder: Path, resolution: int):
+    import torch
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    from pipeline_text_to_image import TextToImagePipeline
+
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel.from_pretrained(encoder)
+    config = json.loads(unet_config.read_text())
+    config.update(sample_size=resolution, cross_attention_dim=text_encoder.config.hidden_size)
+    unet = UNet2DConditionModel.from_config(config)
+    pipeline = TextToImagePipeline(
+        unet, DDPMScheduler(num_train_timesteps=1000), text_encoder, AutoTokenizer.from_pretrained(encoder)
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def measure_sampling(unet_config: str, encoder: str, resolution: int, prompts: list[str], seed_steps: int) -> dict:
+    """Seconds for a batched 16-image grid vs 16 sequential 1000-step DDPM samples (extrapolated)."""
+    import torch
+
+    from pipeline_text_to_image import make_sampling_scheduler
+
+    pipeline = build_sampling_pipeline(Path(unet_config), Path(encoder), resolution)
+    ddpm_config = pipeline.scheduler.config
+    generator = torch.Generator().manual_seed(0)
+    pipeline(prompts[:1], num_inference_steps=2, generator=generator)  # warm-up
+    pipeline.scheduler = make_sampling_scheduler("dpm", ddpm_config)
+    started = time.perf_counter()
+    pipeline(prompts, num_inference_steps=25, guidance_scale=3.0, generator=generator)
+    grid_seconds = time.perf_counter() - started
+    pipeline.scheduler = make_sampling_scheduler("ddpm", ddpm_config)
+    started = time.perf_counter()
+    pipeline(prompts[:1], num_inference_steps=seed_steps, guidance_scale=1.0, generator=generator)
+    per_step = (time.perf_counter() - started) / seed_steps
+    return {
+        "grid_s": grid_seconds,
+        "sequential_s": per_step * SEED_SAMPLING_STEPS * len(prompts),
+        "peak_rss_mib": peak_rss_mib(),
+    }
+
+
+def run_worker(task: dict) -> dict:
+    """Run one measurement in a fresh Python process; its result comes back as JSON on the last line."""
+    environment = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(task)], capture_output=True, text=True, env=environment
+    )
+    if result.returncode != 0:
+        sys.exit(f"error: benchmark worker {task['kind']} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def worker_main(task: dict) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    if task["kind"] == "train":
+        result = measure_training(task["argv"], task["timed_steps"])
+    else:
+        result = measure_sampling(
+            task["unet"], task["encoder"], task["resolution"], task["prompts"], task["seed_steps"]
+        )
+    print(json.dumps(result), flush=True)
+
+
+# ---- the table ----
+
+
+def training_rows(configs: list[dict], data_dir: Path, encoders: dict, work: Path, args) -> list[str]:
+    rows, baseline = [], None
+    for index, config in enumerate(configs):
+        output_dir = work / f"run-{index}"
+        steps = args.steps + 1
+        argv = trainer_argv(config, data_dir, encoders[config["encoder"]], output_dir, steps, args.quick)
+        result = run_worker({"kind": "train", "argv": argv, "timed_steps": args.steps})
+        baseline = result["img_per_s"] if config.get("baseline") else baseline
+        speedup = result["img_per_s"] / baseline
+        rows.append(
+            f"| {config['name']} | {result['img_per_s']:.2f} | {speedup:.2f}x | {result['setup_s']:.1f} | {result['peak_rss_mib']:.0f} |"
+        )
+        print(rows[-1], file=sys.stderr, flush=True)
+    return rows
+
+
+def seed_sampling_steps(quick: bool) -> int:
+    return 3 if quick else 20
+
+
+def sampling_rows(configs: list[dict], encoders: dict, captions: list[str], args) -> list[str]:
+    seed = configs[0]
+    prompts = (sorted({caption for caption in captions if caption}) * GRID_IMAGES)[:GRID_IMAGES]
+    task = {
+        "kind": "sample",
+        "unet": str(seed["unet"]),
+        "encoder": str(encoders[seed["encoder"]]),
+        "resolution": 16 if args.quick else 32,
+        "prompts": prompts,
+        "seed_steps": seed_sampling_steps(args.quick),
+    }
+    result = run_worker(task)
+    grid, sequential = result["grid_s"], result["sequential_s"]
+    return [
+        f"| 16 prompts, 1000 DDPM steps each, one at a time (the seed's way)* | {GRID_IMAGES / sequential:.3f} | 1.00x | {sequential:.0f} s | {result['peak_rss_mib']:.0f} |",
+        f"| 16-image grid, one batch, DPM-Solver++ 25 steps, guidance 3 | {GRID_IMAGES / grid:.3f} | {sequential / grid:.0f}x | {grid:.1f} s | {result['peak_rss_mib']:.0f} |",
+    ]
+
+
+def format_table(train: list[str], sample: list[str], args, seconds: float) -> str:
+    import torch
+
+    threads = torch.get_num_threads()
+    return "\n".join(
+        [
+            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores ({threads} torch threads), "
+            f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; torch {torch.__version__}"
+            f"{'; QUICK MODE (tiny models, numbers mean nothing)' if args.quick else ''}",
+            "",
+            f"| training ({args.steps} timed optimizer steps after 1 warm-up) | img/s | vs no caching | setup s | peak RSS MiB |",
+            "|---|---|---|---|---|",
+            *train,
+            "",
+            "| sampling (seed UNet, CLIP-L-shaped encoder) | img/s | speedup | time | peak RSS MiB |",
+            "|---|---|---|---|---|",
+            *sample,
+            "",
+            f"\\* extrapolated linearly from {seed_sampling_steps(args.quick)} DDPM steps of one prompt"
+            " (each step is one UNet call of batch 1).",
+            f"Whole benchmark: {seconds:.0f} s.",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data_dir", type=Path, help="An imagefolder to train on (default: draw 720 shapes).")
+    parser.add_argument("--steps", type=int, default=6, help="Timed optimizer steps per training row.")
+    parser.add_argument("--quick", action="store_true", help="Tiny models and data: a smoke test in seconds.")
+    parser.add_argument("--output", type=Path, help="Also write the table to this Markdown file.")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker_main(json.loads(args.worker))
+        return ""
+    if args.quick:
+        args.steps = min(args.steps, 2)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="benchmark-") as work:
+        work = Path(work)
+        data_dir = prepare_data(args.data_dir, work, args.quick)
+        captions = dataset_captions(data_dir)
+        encoders = prepare_encoders(captions, work, args.quick)
+        configs = training_configs(args.quick)
+        train = training_rows(configs, data_dir, encoders, work, args)
+        sample = sampling_rows(configs, encoders, captions, args)
+    table = format_table(train, sample, args, time.perf_counter() - started)
+    print(table)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(table + "\n")
+    return table
+
+
+if __name__ == "__main__":
+    main()
