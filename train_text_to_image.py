@@ -1379,13 +1379,16 @@ def make_accelerator(args: argparse.Namespace):
     )
     # non-main processes wait at a barrier while the main one samples grids and saves: allow it time
     timeout = InitProcessGroupKwargs(timeout=timedelta(hours=2))
-    return Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.logger == "none" else args.logger,
-        project_config=project,
-        kwargs_handlers=[timeout],
-    )
+    try:
+        return Accelerator(
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            mixed_precision=args.mixed_precision,
+            log_with=None if args.logger == "none" else args.logger,
+            project_config=project,
+            kwargs_handlers=[timeout],
+        )
+    except ImportError as error:  # e.g. a DeepSpeed config without deepspeed installed
+        raise UserError(f"the accelerate launch config needs a package that is missing: {error}") from error
 
 
 def check_launch(accelerator) -> None:
@@ -1394,6 +1397,28 @@ def check_launch(accelerator) -> None:
     if world > 1 and accelerator.num_processes != world:
         raise UserError(
             f"launched as {world} processes but they are not connected ({accelerator.num_processes} in the group); on CPU set ACCELERATE_USE_CPU=1 with --multi_gpu"
+        )
+
+
+def check_distributed_type(accelerator, args: argparse.Namespace) -> None:
+    """Refuse the accelerate setups the trainer cannot run correctly, and tell DeepSpeed the batch size."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # EMA, the sample grids and the saved pipeline all read whole weights, which FSDP shards
+        raise UserError(
+            "FSDP is not supported: the trainer's EMA, grids and saved pipeline need whole weights; use DDP "
+            "(examples/accelerate/multi_gpu.yaml) or DeepSpeed ZeRO-2 (examples/accelerate/deepspeed_zero2.yaml)"
+        )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        if args.train_text_encoder:
+            raise UserError("--train_text_encoder with DeepSpeed is not supported (one engine per model); use DDP")
+        # no DataLoader goes through accelerator.prepare(), so DeepSpeed cannot read the batch size from one;
+        # the flags win over the config file, so the step arithmetic and clipping are the ones asked for
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=args.train_batch_size,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            gradient_clipping=args.max_grad_norm,
         )
 
 
@@ -1416,6 +1441,7 @@ def setup_run(args: argparse.Namespace) -> Run:
 
     accelerator = make_accelerator(args)
     check_launch(accelerator)
+    check_distributed_type(accelerator, args)
     resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     state = (
         read_train_state(resume)

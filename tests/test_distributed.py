@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -77,3 +78,60 @@ def test_multi_gpu_launch_without_gpus_or_cpu_flag_is_refused(flags, tmp_path):
     result = launch(flags(tmp_path / "out", 2), num_processes=2, use_cpu=False)
     assert result.returncode != 0
     assert "not connected" in result.stderr and "ACCELERATE_USE_CPU=1" in result.stderr
+
+
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
+
+
+@pytest.mark.parametrize("name", ["single_gpu", "multi_gpu", "multi_node", "fsdp", "deepspeed_zero2"])
+def test_accelerate_configs_are_valid_for_accelerate(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ACCELERATE_CONFIGS / f"{name}.yaml"))
+    expected = {"single_gpu": "NO", "multi_gpu": "MULTI_GPU", "multi_node": "MULTI_GPU", "fsdp": "FSDP"}
+    assert config.distributed_type.value == expected.get(name, "DEEPSPEED")
+    assert config.num_processes >= 1 and config.num_machines == (2 if name == "multi_node" else 1)
+
+
+def fake_accelerator(distributed_type: str, deepspeed_config: dict | None = None):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    plugin = SimpleNamespace(deepspeed_config=deepspeed_config)
+    return SimpleNamespace(
+        distributed_type=DistributedType(distributed_type), state=SimpleNamespace(deepspeed_plugin=plugin)
+    )
+
+
+def test_fsdp_is_refused_with_what_to_use_instead():
+    args = trainer.parse_args(["--train_data_dir", "d"])
+    with pytest.raises(trainer.UserError, match="FSDP is not supported.*multi_gpu.yaml.*deepspeed_zero2.yaml"):
+        trainer.check_distributed_type(fake_accelerator("FSDP"), args)
+
+
+def test_deepspeed_gets_the_flags_batch_size_accumulation_and_clipping():
+    config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1, "gradient_clipping": 1.0}
+    argv = ["--train_data_dir", "d", "--train_batch_size", "6", "--gradient_accumulation_steps", "4"]
+    trainer.check_distributed_type(
+        fake_accelerator("DEEPSPEED", config), trainer.parse_args([*argv, "--max_grad_norm", "0.5"])
+    )
+    assert config == {"train_micro_batch_size_per_gpu": 6, "gradient_accumulation_steps": 4, "gradient_clipping": 0.5}
+    with pytest.raises(trainer.UserError, match="--train_text_encoder with DeepSpeed is not supported"):
+        trainer.check_distributed_type(
+            fake_accelerator("DEEPSPEED", {}), trainer.parse_args([*argv, "--train_text_encoder"])
+        )
+
+
+def test_deepspeed_launch_without_deepspeed_installed_says_so(flags, tmp_path):
+    if importlib.util.find_spec("deepspeed"):
+        pytest.skip("deepspeed is installed here")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "ACCELERATE_USE_DEEPSPEED": "true"}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *flags(tmp_path / "out", 2)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 2
+    assert (
+        "error: the accelerate launch config needs a package that is missing: DeepSpeed is not installed"
+        in result.stderr
+    )
