@@ -42,6 +42,7 @@ ATTENTION_MAX_RESOLUTION = 16  # cross-attention only where the feature map is a
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 CHECKPOINT_MARKER = "train_state.json"
 MAX_BAD_IMAGE_SHARE = 0.5
+STREAM_CAPTION_SAMPLE = 256  # streamed examples whose captions stand in for the dataset's (validation prompts)
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError)  # what PIL raises for corrupt/truncated files
 
 
@@ -96,6 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="Flip images horizontally at random (not for captions that say left/right).",
     )
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="Worker processes that decode images.")
+    data.add_argument(
+        "--streaming",
+        action="store_true",
+        help="Read the dataset as a stream (datasets IterableDataset) for data larger than memory or disk: each process"
+        " reads its own shards, images are decoded and captions encoded per batch. Needs --max_train_steps; an 'epoch'"
+        " for --save_images_epochs/--save_model_epochs is then --checkpointing_steps steps.",
+    )
+    data.add_argument(
+        "--shuffle_buffer_size", type=int, default=1000, help="With --streaming: examples shuffled together."
+    )
     data.add_argument(
         "--no_caption_cache",
         dest="caption_cache",
@@ -349,6 +360,10 @@ def validate_args(args: argparse.Namespace) -> None:
     ):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.streaming and not exists(args.max_train_steps):
+        raise UserError("--streaming needs --max_train_steps: a stream has no length to count epochs from")
+    if args.streaming and args.shuffle_buffer_size < 1:
+        raise UserError(f"--shuffle_buffer_size must be at least 1, got {args.shuffle_buffer_size}")
     if exists(args.max_train_steps) and args.max_train_steps < 1:
         raise UserError(f"--max_train_steps must be at least 1, got {args.max_train_steps}")
     if not 0 <= args.conditioning_dropout_prob < 1:
@@ -396,9 +411,9 @@ class CaptionedImages:
 
 
 def resolve_split(dataset, name: str):
-    from datasets import DatasetDict
+    from datasets import DatasetDict, IterableDatasetDict
 
-    if not isinstance(dataset, DatasetDict):
+    if not isinstance(dataset, (DatasetDict, IterableDatasetDict)):
         return dataset
     if "train" in dataset:
         return dataset["train"]
@@ -418,7 +433,9 @@ def load_raw_dataset(args: argparse.Namespace):
                 f"--train_data_dir {folder} has no metadata.jsonl or metadata.csv; add one with columns file_name and {args.caption_column}"
             )
         try:
-            dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), cache_dir=args.cache_dir)
+            dataset = datasets.load_dataset(
+                "imagefolder", data_dir=str(folder), cache_dir=args.cache_dir, streaming=args.streaming
+            )
         except (IndexError, ValueError, TypeError, datasets.exceptions.DatasetGenerationError) as error:
             raise UserError(
                 f"--train_data_dir {folder}: the dataset could not be read ({type(error).__name__}: {error}); check that"
@@ -429,10 +446,14 @@ def load_raw_dataset(args: argparse.Namespace):
     local = Path(name)
     try:
         if local.is_dir() and ((local / "state.json").exists() or (local / "dataset_dict.json").exists()):
-            return resolve_split(datasets.load_from_disk(str(local)), name)
+            dataset = resolve_split(datasets.load_from_disk(str(local)), name)
+            return dataset.to_iterable_dataset() if args.streaming else dataset
         if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
             raise UserError(f"--dataset_name {name} does not exist on disk")
-        return resolve_split(datasets.load_dataset(name, args.dataset_config_name, cache_dir=args.cache_dir), name)
+        dataset = datasets.load_dataset(
+            name, args.dataset_config_name, cache_dir=args.cache_dir, streaming=args.streaming
+        )
+        return resolve_split(dataset, name)
     except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
         hint = "the Hub is unreachable (offline)" if offline else f"it could not be loaded ({error})"
@@ -454,19 +475,24 @@ def caption_cell_to_list(cell, row: int, column: str) -> list[str]:
     )
 
 
-def load_captioned_images(args: argparse.Namespace) -> CaptionedImages:
-    """Image sources and caption ids, without decoding any image."""
+def undecoded_images(dataset, args: argparse.Namespace):
+    """Check the image and caption columns exist; keep images as files/bytes so each is decoded once, by us."""
     from datasets import Image as ImageFeature
 
-    dataset = load_raw_dataset(args)
-    columns = list(dataset.column_names)
+    columns = list(dataset.column_names or next(iter(dataset)).keys())
     for flag, column in (("--image_column", args.image_column), ("--caption_column", args.caption_column)):
         if column not in columns:
             raise UserError(f"{flag} {column!r} not in dataset columns {columns}; pass {flag} with one of them")
+    if dataset.features and isinstance(dataset.features[args.image_column], ImageFeature):
+        dataset = dataset.cast_column(args.image_column, ImageFeature(decode=False))
+    return dataset
+
+
+def load_captioned_images(args: argparse.Namespace) -> CaptionedImages:
+    """Image sources and caption ids, without decoding any image."""
+    dataset = undecoded_images(load_raw_dataset(args), args)
     if len(dataset) == 0:
         raise UserError(f"the dataset {args.train_data_dir or args.dataset_name} has no rows")
-    if isinstance(dataset.features[args.image_column], ImageFeature):
-        dataset = dataset.cast_column(args.image_column, ImageFeature(decode=False))
     table = dataset.select_columns([args.image_column, args.caption_column]).to_dict()
     captions = {"": 0}
     caption_ids = []
@@ -632,6 +658,70 @@ def build_image_store(data: CaptionedImages, args: argparse.Namespace, show_prog
     return ImageStore(images=images, decoder=decoder, num_workers=args.dataloader_num_workers, bad=bad)
 
 
+class ImageStream:
+    """--streaming: this process's examples of an IterableDataset, reshuffled every pass over it.
+
+    Its position is not saved: every micro-batch takes exactly train_batch_size examples (an
+    unreadable image is stood in for by another of its batch), so after N micro-batches the stream
+    is at N x batch, and a resume replays that many examples without decoding them. The shuffle is
+    a function of (seed, pass), so the replay lands exactly where the interrupted run was.
+    """
+
+    def __init__(self, dataset, args: argparse.Namespace):
+        self.dataset, self.args, self.passes = dataset, args, 0
+        self.base = Path(args.train_data_dir or args.dataset_name)
+        self.examples = self.new_pass()
+
+    def new_pass(self) -> Iterator[dict]:
+        self.dataset.set_epoch(self.passes)
+        self.taken_this_pass = 0
+        return iter(self.dataset)
+
+    def take(self, count: int) -> list[dict]:
+        taken = []
+        while len(taken) < count:
+            example = next(self.examples, None)
+            if example is not None:
+                taken.append(example)
+                self.taken_this_pass += 1
+                continue
+            if self.taken_this_pass == 0:
+                raise UserError(f"the dataset {self.base} streams no rows for this process; check the data or shards")
+            self.passes += 1
+            self.examples = self.new_pass()
+        return taken
+
+    def skip(self, count: int) -> None:
+        for start in range(0, count, 4096):
+            self.take(min(4096, count - start))
+
+    def images(self, examples: list[dict]) -> list[torch.Tensor]:
+        sources = [resolve_image_source(example[self.args.image_column], self.base) for example in examples]
+        store = ImageStore(
+            images=[], decoder=DecodedImages(sources, self.args.resolution, self.args.center_crop), num_workers=0
+        )
+        return store.fetch(list(range(len(sources))))
+
+    def caption_options(self, examples: list[dict]) -> list[list[str]]:
+        column = self.args.caption_column
+        return [caption_cell_to_list(example[column], index, column) for index, example in enumerate(examples)]
+
+
+def open_image_stream(args: argparse.Namespace, process_index: int, num_processes: int, seed: int) -> ImageStream:
+    from datasets.distributed import split_dataset_by_node
+
+    dataset = undecoded_images(load_raw_dataset(args), args)
+    if num_processes > 1:
+        dataset = split_dataset_by_node(dataset, rank=process_index, world_size=num_processes)
+    return ImageStream(dataset.shuffle(seed=seed, buffer_size=args.shuffle_buffer_size), args)
+
+
+def streamed_captions(stream: ImageStream, count: int) -> list[str]:
+    """Captions of the first examples of a fresh pass: the stream's stand-in for the dataset's caption list."""
+    probe = ImageStream(stream.dataset, stream.args)
+    return [""] + sorted({text for options in probe.caption_options(probe.take(count)) for text in options if text})
+
+
 @dataclass(frozen=True)
 class Shard:
     """This process's slice of the global batch.
@@ -719,9 +809,14 @@ def text_hidden_size(encoder) -> int:
     return getattr(config, "hidden_size", None) or config.d_model
 
 
+def token_limit(tokenizer) -> int:
+    """The tokenizer's maximum length (some tokenizers report a huge placeholder: cap it)."""
+    return tokenizer.model_max_length if tokenizer.model_max_length < 100_000 else 512
+
+
 def longest_token_length(tokenizer, captions: list[str]) -> int:
     """The longest tokenized caption (with special tokens), capped at the tokenizer's maximum."""
-    limit = tokenizer.model_max_length if tokenizer.model_max_length < 100_000 else 512
+    limit = token_limit(tokenizer)
     lengths = [len(ids) for ids in tokenizer(captions, truncation=True, max_length=limit)["input_ids"]]
     return max(lengths)
 
@@ -737,7 +832,7 @@ def caption_cache_path(output_dir: Path, encoder_name: str, encoder, captions: l
 
 @torch.no_grad()
 def encode_captions_once(
-    tokenizer, encoder, captions: list[str], max_length: int, cache_file: Path | None, device, batch_size: int = 256
+    tokenizer, encoder, captions: list[str], max_length: int, cache_file: Path | None, device, batch_size: int = 64
 ) -> torch.Tensor:
     """Embeddings [num_captions, max_length, hidden] of every distinct caption, cached on disk."""
     from tqdm.auto import tqdm
@@ -750,8 +845,10 @@ def encode_captions_once(
     encoder.eval()
     chunks = []
     starts = range(0, len(captions), batch_size)
-    for start in tqdm(starts, desc="encoding captions", disable=not is_main_process() or len(starts) < 2):
-        chunks.append(encode_text(tokenizer, encoder, captions[start : start + batch_size], max_length).float())
+    # small batches without autograd: the encoder's activations, not the table, would set the peak memory
+    with torch.no_grad():
+        for start in tqdm(starts, desc="encoding captions", disable=not is_main_process() or len(starts) < 2):
+            chunks.append(encode_text(tokenizer, encoder, captions[start : start + batch_size], max_length).float())
     embeddings = torch.cat(chunks).to(device)
     if exists(cache_file) and is_main_process():
         cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -781,6 +878,22 @@ class Conditioning:
         return torch.where(dropped, torch.zeros_like(ids), ids)
 
 
+def tokenized_conditioning(
+    tokenizer, captions: list[str], max_length: int, device, table=None, counts=None, args=None
+) -> Conditioning:
+    """Token ids for `captions`, run through the encoder per batch (trained, uncached or streamed captions)."""
+    tokens = tokenizer(captions, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    mask = tokens.get("attention_mask")
+    return Conditioning(
+        table,
+        counts,
+        None,
+        tokens.input_ids.to(device),
+        mask.to(device) if exists(mask) else None,
+        args.conditioning_dropout_prob if exists(args) else 0.0,
+    )
+
+
 def build_conditioning(
     data: CaptionedImages, tokenizer, encoder, max_length: int, args, device, cache_file
 ) -> Conditioning:
@@ -788,18 +901,7 @@ def build_conditioning(
     table = torch.tensor([(ids * widest)[:widest] for ids in data.caption_ids])
     counts = torch.tensor([len(ids) for ids in data.caption_ids])
     if args.train_text_encoder or not args.caption_cache:
-        tokens = tokenizer(
-            data.captions, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
-        )
-        mask = tokens.get("attention_mask")
-        return Conditioning(
-            table,
-            counts,
-            None,
-            tokens.input_ids.to(device),
-            mask.to(device) if exists(mask) else None,
-            args.conditioning_dropout_prob,
-        )
+        return tokenized_conditioning(tokenizer, data.captions, max_length, device, table, counts, args)
     embeddings = encode_captions_once(tokenizer, encoder, data.captions, max_length, cache_file, device)
     return Conditioning(table, counts, embeddings, None, None, args.conditioning_dropout_prob)
 
@@ -1334,6 +1436,7 @@ class Run:
     state: TrainState
     validation_prompts: list[str]
     captions: list[str] = field(default_factory=list)
+    stream: ImageStream | None = None
 
 
 def build_optimizer(parameters, args):
@@ -1434,6 +1537,49 @@ def configure_unet(unet, args) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+@dataclass
+class TrainingData:
+    """What the loop draws batches from: decoded images + cached conditioning, or a stream."""
+
+    images: ImageStore | None
+    usable_rows: torch.Tensor | None
+    conditioning: Conditioning | None
+    text_max_length: int
+    schedule: Schedule
+    captions: list[str]
+    stream: ImageStream | None = None
+
+
+def prepare_in_memory_data(args, accelerator, state: TrainState, tokenizer, text_encoder) -> TrainingData:
+    data = load_captioned_images(args)
+    text_max_length = longest_token_length(tokenizer, data.captions)
+    images = build_image_store(data, args, accelerator.is_local_main_process)
+    usable_rows = torch.tensor([row for row in range(len(data.sources)) if row not in images.bad])
+    state.skipped_images = len(images.bad)
+    schedule = plan_schedule(len(usable_rows), args, accelerator.num_processes)
+    cache_file = (
+        None
+        if args.train_text_encoder or not args.caption_cache
+        else caption_cache_path(
+            args.output_dir, args.text_encoder_name_or_path, text_encoder, data.captions, text_max_length
+        )
+    )
+    with accelerator.main_process_first():  # the others then read the main process's cache file
+        conditioning = build_conditioning(
+            data, tokenizer, text_encoder, text_max_length, args, accelerator.device, cache_file
+        )
+    return TrainingData(images, usable_rows, conditioning, text_max_length, schedule, data.captions)
+
+
+def prepare_streamed_data(args, accelerator, state: TrainState, tokenizer, text_encoder) -> TrainingData:
+    """A stream has no length: --max_train_steps sets the run, and an 'epoch' is --checkpointing_steps steps."""
+    stream = open_image_stream(args, accelerator.process_index, accelerator.num_processes, state.seed)
+    accumulation = args.gradient_accumulation_steps
+    schedule = Schedule(args.checkpointing_steps * accumulation, accumulation, args.max_train_steps)
+    captions = streamed_captions(stream, STREAM_CAPTION_SAMPLE)
+    return TrainingData(None, None, None, token_limit(tokenizer), schedule, captions, stream)
+
+
 def setup_run(args: argparse.Namespace) -> Run:
     """Data, models, optimizer, EMA and accelerate, restored from a checkpoint when resuming."""
     from accelerate.utils import set_seed
@@ -1455,34 +1601,18 @@ def setup_run(args: argparse.Namespace) -> Run:
     state.num_processes = accelerator.num_processes
     set_seed(state.seed)
 
-    data = load_captioned_images(args)
     tokenizer, text_encoder = build_text_encoder(args.text_encoder_name_or_path, args.cache_dir)
-    text_max_length = longest_token_length(tokenizer, data.captions)
-    unet = build_unet(args.model_config_name_or_path, args.resolution, text_hidden_size(text_encoder))
-    configure_unet(unet, args)
-    images = build_image_store(data, args, accelerator.is_local_main_process)
-    usable_rows = torch.tensor([row for row in range(len(data.sources)) if row not in images.bad])
-    state.skipped_images = len(images.bad)
-    schedule = plan_schedule(len(usable_rows), args, accelerator.num_processes)
-
     text_encoder.requires_grad_(args.train_text_encoder)
     text_encoder.to(accelerator.device)
-    cache_file = (
-        None
-        if args.train_text_encoder or not args.caption_cache
-        else caption_cache_path(
-            args.output_dir, args.text_encoder_name_or_path, text_encoder, data.captions, text_max_length
-        )
-    )
-    with accelerator.main_process_first():  # the others then read the main process's cache file
-        conditioning = build_conditioning(
-            data, tokenizer, text_encoder, text_max_length, args, accelerator.device, cache_file
-        )
+    prepare = prepare_streamed_data if args.streaming else prepare_in_memory_data
+    data = prepare(args, accelerator, state, tokenizer, text_encoder)
+    unet = build_unet(args.model_config_name_or_path, args.resolution, text_hidden_size(text_encoder))
+    configure_unet(unet, args)
 
     trained = list(unet.parameters()) + (list(text_encoder.parameters()) if args.train_text_encoder else [])
     optimizer = build_optimizer(trained, args)
     lr_scheduler = get_scheduler(
-        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=schedule.max_steps
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=data.schedule.max_steps
     )
     ema = build_ema(unet, args)
     if args.torch_compile:
@@ -1498,6 +1628,8 @@ def setup_run(args: argparse.Namespace) -> Run:
         accelerator.register_for_checkpointing(ema)
     if exists(resume):
         accelerator.load_state(str(resume))
+        if exists(data.stream):
+            data.stream.skip(state.step * args.gradient_accumulation_steps * args.train_batch_size)
         logger.info("resumed from %s at step %d", resume, state.step)
     prompts = choose_validation_prompts(args.validation_prompts, data.captions, args.eval_batch_size, state.seed)
     return Run(
@@ -1510,41 +1642,62 @@ def setup_run(args: argparse.Namespace) -> Run:
         optimizer,
         lr_scheduler,
         ema,
-        images,
-        usable_rows,
-        conditioning,
-        text_max_length,
-        schedule,
+        data.images,
+        data.usable_rows,
+        data.conditioning,
+        data.text_max_length,
+        data.schedule,
         state,
         prompts,
         data.captions,
+        data.stream,
     )
 
 
-def micro_batch(run: Run, epoch: int, position: int) -> tuple[torch.Tensor, torch.Tensor, Shard]:
-    """Pixels [-1, 1] and caption ids for this process's share of one global micro-batch."""
+def micro_batch(run: Run, epoch: int, position: int) -> tuple[torch.Tensor, Conditioning, torch.Tensor, Shard]:
+    """Pixels [-1, 1], their conditioning and caption ids for this process's share of one global micro-batch."""
     accelerator, args = run.accelerator, run.args
     shard = Shard(accelerator.process_index, accelerator.num_processes, args.train_batch_size)
-    rows = global_batch_rows(run.usable_rows, run.state.seed, epoch, position, shard.total)
-    caption_ids = shard.of(run.conditioning.caption_ids_for(rows))
+    if exists(run.stream):
+        images, conditioning, caption_ids = streamed_batch(run, shard)
+    else:
+        rows = global_batch_rows(run.usable_rows, run.state.seed, epoch, position, shard.total)
+        conditioning, caption_ids = run.conditioning, shard.of(run.conditioning.caption_ids_for(rows))
+        images = run.images.fetch(shard.of(rows).tolist())
     crop_at = shard.of(torch.full((shard.total, 2), 0.5) if args.center_crop else torch.rand(shard.total, 2))
     flip = shard.of(torch.rand(shard.total) < 0.5) if args.random_flip else None
-    pixels = crop_and_flip(run.images.fetch(shard.of(rows).tolist()), args.resolution, crop_at, flip)
-    pixels = pixels.to(accelerator.device, non_blocking=True)
+    pixels = crop_and_flip(images, args.resolution, crop_at, flip).to(accelerator.device, non_blocking=True)
     if args.channels_last:
         pixels = pixels.contiguous(memory_format=torch.channels_last)
-    return pixels, caption_ids, shard
+    return pixels, conditioning, caption_ids, shard
+
+
+def streamed_batch(run: Run, shard: Shard) -> tuple[list[torch.Tensor], Conditioning, torch.Tensor]:
+    """The stream's next examples, one caption each (random among a list, empty with the dropout rate)."""
+    examples = run.stream.take(shard.size)
+    choice, dropped = (
+        shard.of(torch.rand(shard.total)),
+        shard.of(torch.rand(shard.total)) < run.args.conditioning_dropout_prob,
+    )
+    texts = [
+        "" if drop else options[min(int(pick * len(options)), len(options) - 1)]
+        for options, pick, drop in zip(
+            run.stream.caption_options(examples), choice.tolist(), dropped.tolist(), strict=True
+        )
+    ]
+    conditioning = tokenized_conditioning(run.tokenizer, texts, run.text_max_length, run.accelerator.device)
+    return run.stream.images(examples), conditioning, torch.arange(len(texts))
 
 
 def training_micro_step(
-    run: Run, pixels: torch.Tensor, caption_ids: torch.Tensor, shard: Shard
+    run: Run, pixels: torch.Tensor, conditioning: Conditioning, caption_ids: torch.Tensor, shard: Shard
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Forward, backward and (on the last micro-step) clip + optimizer step. Returns (loss, grad norm)."""
     accelerator, grad_norm = run.accelerator, None
     trained = (run.unet, run.text_encoder) if run.args.train_text_encoder else (run.unet,)
     with accelerator.accumulate(*trained):
         with accelerator.autocast():
-            text = condition_batch(run.conditioning, caption_ids, run.text_encoder)
+            text = condition_batch(conditioning, caption_ids, run.text_encoder)
             loss = diffusion_loss(
                 run.unet, run.noise_scheduler, pixels, text, run.args.snr_gamma, run.args.noise_offset, shard
             )
@@ -1571,8 +1724,7 @@ def update_ema(run: Run) -> None:
 
 def take_micro_step(run: Run, epoch: int, position: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One micro-batch through the model; after the last of an accumulation, the LR, EMA and step advance."""
-    pixels, caption_ids, shard = micro_batch(run, epoch, position)
-    loss, grad_norm = training_micro_step(run, pixels, caption_ids, shard)
+    loss, grad_norm = training_micro_step(run, *micro_batch(run, epoch, position))
     if run.accelerator.sync_gradients:
         run.lr_scheduler.step()
         update_ema(run)
@@ -1712,18 +1864,21 @@ def log_run_plan(run: Run) -> None:
     args, accelerator = run.args, run.accelerator
     effective = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     unet_params = sum(parameter.numel() for parameter in run.unet.parameters()) / 1e6
+    if exists(run.stream):
+        data = f"streaming {run.stream.base} (shuffle buffer {args.shuffle_buffer_size}), captions padded to {run.text_max_length} tokens"
+        length = ""
+    else:
+        data = f"{len(run.usable_rows)} images ({run.state.skipped_images} skipped), {len(run.captions)} captions padded to {run.text_max_length} tokens"
+        length = f" ({run.schedule.max_steps * args.gradient_accumulation_steps / run.schedule.batches_per_epoch:.1f} epochs)"
     logger.info(
-        "%d images (%d skipped), %d captions padded to %d tokens; batch %d x %d processes x %d accumulation = %d per step; %d steps (%.1f epochs); UNet %.1fM parameters",
-        len(run.usable_rows),
-        run.state.skipped_images,
-        len(run.captions),
-        run.text_max_length,
+        "%s; batch %d x %d processes x %d accumulation = %d per step; %d steps%s; UNet %.1fM parameters",
+        data,
         args.train_batch_size,
         accelerator.num_processes,
         args.gradient_accumulation_steps,
         effective,
         run.schedule.max_steps,
-        run.schedule.max_steps * args.gradient_accumulation_steps / run.schedule.batches_per_epoch,
+        length,
         unet_params,
     )
 
