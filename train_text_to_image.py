@@ -96,7 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Flip images horizontally at random (not for captions that say left/right).",
     )
-    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Worker processes that decode images.")
+    data.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=0,
+        help="Worker processes that decode images (with --streaming: each batch, ahead of the step).",
+    )
     data.add_argument(
         "--streaming",
         action="store_true",
@@ -362,6 +367,8 @@ def validate_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.streaming and not exists(args.max_train_steps):
         raise UserError("--streaming needs --max_train_steps: a stream has no length to count epochs from")
+    if args.dataloader_num_workers < 0:
+        raise UserError(f"--dataloader_num_workers must be 0 or more, got {args.dataloader_num_workers}")
     if args.streaming and args.shuffle_buffer_size < 1:
         raise UserError(f"--shuffle_buffer_size must be at least 1, got {args.shuffle_buffer_size}")
     if exists(args.max_train_steps) and args.max_train_steps < 1:
@@ -479,7 +486,9 @@ def undecoded_images(dataset, args: argparse.Namespace):
     """Check the image and caption columns exist; keep images as files/bytes so each is decoded once, by us."""
     from datasets import Image as ImageFeature
 
-    columns = list(dataset.column_names or next(iter(dataset)).keys())
+    columns = dataset.column_names or list(next(iter(dataset), {}))  # a stream may know its columns only from a row
+    if not columns:
+        raise UserError(f"the dataset {args.train_data_dir or args.dataset_name} has no rows")
     for flag, column in (("--image_column", args.image_column), ("--caption_column", args.caption_column)):
         if column not in columns:
             raise UserError(f"{flag} {column!r} not in dataset columns {columns}; pass {flag} with one of them")
@@ -568,6 +577,14 @@ def decode_image(source, resolution: int, center_crop: bool) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
+def decode_or_describe(source, resolution: int, center_crop: bool) -> torch.Tensor | str:
+    """The decoded image, or 'source: error' when it cannot be read (the caller decides what to skip)."""
+    try:
+        return decode_image(source, resolution, center_crop)
+    except IMAGE_ERRORS as error:
+        return f"{describe_source(source)}: {error}"
+
+
 class DecodedImages(torch.utils.data.Dataset):
     """Row index -> (index, uint8 image or None when unreadable); runs in DataLoader workers."""
 
@@ -578,10 +595,7 @@ class DecodedImages(torch.utils.data.Dataset):
         return len(self.sources)
 
     def __getitem__(self, index: int):
-        try:
-            return index, decode_image(self.sources[index], self.resolution, self.center_crop)
-        except IMAGE_ERRORS as error:
-            return index, f"{describe_source(self.sources[index])}: {error}"
+        return index, decode_or_describe(self.sources[index], self.resolution, self.center_crop)
 
 
 def collate_decoded(items):
@@ -605,13 +619,17 @@ class ImageStore:
         """Images for the rows; an image that turns out unreadable is stood in for by one that is not."""
         if self.cached:
             return [self.images[i] for i in indices]
-        images = [image for _, image in map(self.decoder.__getitem__, indices)]
-        readable = [image for image in images if isinstance(image, torch.Tensor)]
-        for failure in (image for image in images if not isinstance(image, torch.Tensor)):
-            logger.warning("skipping unreadable image %s", failure)
-        if not readable:
-            raise UserError(f"no image of a whole batch could be read (e.g. {images[0]}); check the dataset files")
-        return [image if isinstance(image, torch.Tensor) else readable[0] for image in images]
+        return stand_in_for_unreadable([image for _, image in map(self.decoder.__getitem__, indices)])
+
+
+def stand_in_for_unreadable(images: list[torch.Tensor | str]) -> list[torch.Tensor]:
+    """Each unreadable image (its error text) replaced by a readable one of its batch: the batch keeps its size."""
+    readable = [image for image in images if isinstance(image, torch.Tensor)]
+    for failure in (image for image in images if not isinstance(image, torch.Tensor)):
+        logger.warning("skipping unreadable image %s", failure)
+    if not readable:
+        raise UserError(f"no image of a whole batch could be read (e.g. {images[0]}); check the dataset files")
+    return [image if isinstance(image, torch.Tensor) else readable[0] for image in images]
 
 
 def report_bad_images(failures: list[str], total: int) -> None:
@@ -658,19 +676,34 @@ def build_image_store(data: CaptionedImages, args: argparse.Namespace, show_prog
     return ImageStore(images=images, decoder=decoder, num_workers=args.dataloader_num_workers, bad=bad)
 
 
-class ImageStream:
-    """--streaming: this process's examples of an IterableDataset, reshuffled every pass over it.
+class DecodedExamples(torch.utils.data.Dataset):
+    """A streamed example -> (uint8 image or error text, caption cell); runs in DataLoader workers."""
 
-    Its position is not saved: every micro-batch takes exactly train_batch_size examples (an
-    unreadable image is stood in for by another of its batch), so after N micro-batches the stream
-    is at N x batch, and a resume replays that many examples without decoding them. The shuffle is
-    a function of (seed, pass), so the replay lands exactly where the interrupted run was.
+    def __init__(self, image_column: str, caption_column: str, base: Path, resolution: int, center_crop: bool):
+        self.image_column, self.caption_column, self.base = image_column, caption_column, base
+        self.resolution, self.center_crop = resolution, center_crop
+
+    def __getitem__(self, example: dict):
+        source = resolve_image_source(example[self.image_column], self.base)
+        return decode_or_describe(source, self.resolution, self.center_crop), example[self.caption_column]
+
+
+class ImageStream:
+    """--streaming: this process's share of an IterableDataset, reshuffled every pass, decoded per batch.
+
+    The position is derived from the step, not saved: every micro-batch takes exactly
+    train_batch_size examples (an unreadable image is stood in for by another of its batch), so
+    after N micro-batches the stream is N x batch examples in, and a resume skips that many without
+    decoding them. The shuffle is a function of (seed, pass), so the skip lands exactly where the
+    interrupted run was. IterableDataset.state_dict() would not: datasets drops the shuffle buffer's
+    contents on resume and refills it from further on, so a resumed run would see other examples.
     """
 
     def __init__(self, dataset, args: argparse.Namespace):
         self.dataset, self.args, self.passes = dataset, args, 0
         self.base = Path(args.train_data_dir or args.dataset_name)
         self.examples = self.new_pass()
+        self.decoded = None  # the DataLoader's iterator, opened by the first batch (after a resume's skip)
 
     def new_pass(self) -> Iterator[dict]:
         self.dataset.set_epoch(self.passes)
@@ -695,12 +728,31 @@ class ImageStream:
         for start in range(0, count, 4096):
             self.take(min(4096, count - start))
 
-    def images(self, examples: list[dict]) -> list[torch.Tensor]:
-        sources = [resolve_image_source(example[self.args.image_column], self.base) for example in examples]
-        store = ImageStore(
-            images=[], decoder=DecodedImages(sources, self.args.resolution, self.args.center_crop), num_workers=0
+    def raw_batches(self) -> Iterator[list[dict]]:
+        """train_batch_size undecoded examples at a time, forever (the DataLoader's batch sampler)."""
+        while True:
+            yield self.take(self.args.train_batch_size)
+
+    def next_batch(self) -> tuple[list[torch.Tensor], list[list[str]]]:
+        """Decoded images and caption options of the stream's next train_batch_size examples."""
+        if not exists(self.decoded):
+            self.decoded = iter(self.decoding_loader())
+        images, cells = zip(*next(self.decoded), strict=True)
+        column = self.args.caption_column
+        options = [caption_cell_to_list(cell, index, column) for index, cell in enumerate(cells)]
+        return stand_in_for_unreadable(list(images)), options
+
+    def decoding_loader(self) -> torch.utils.data.DataLoader:
+        # the batch sampler runs in this process, so the stream is read once and in order; workers only
+        # decode, ahead of the step, and batches come back in order whatever --dataloader_num_workers is
+        args = self.args
+        decoder = DecodedExamples(args.image_column, args.caption_column, self.base, args.resolution, args.center_crop)
+        return torch.utils.data.DataLoader(
+            decoder,
+            batch_sampler=self.raw_batches(),
+            num_workers=args.dataloader_num_workers,
+            collate_fn=collate_decoded,
         )
-        return store.fetch(list(range(len(sources))))
 
     def caption_options(self, examples: list[dict]) -> list[list[str]]:
         column = self.args.caption_column
@@ -710,7 +762,7 @@ class ImageStream:
 def open_image_stream(args: argparse.Namespace, process_index: int, num_processes: int, seed: int) -> ImageStream:
     from datasets.distributed import split_dataset_by_node
 
-    dataset = undecoded_images(load_raw_dataset(args), args)
+    dataset = undecoded_images(load_raw_dataset(args), args).select_columns([args.image_column, args.caption_column])
     if num_processes > 1:
         dataset = split_dataset_by_node(dataset, rank=process_index, world_size=num_processes)
     return ImageStream(dataset.shuffle(seed=seed, buffer_size=args.shuffle_buffer_size), args)
@@ -1023,7 +1075,9 @@ def diffusion_loss(
         target = clean
     else:
         target = noise_scheduler.get_velocity(clean, noise, timesteps)
-    prediction = unet(noisy, timesteps, encoder_hidden_states=text_embeddings.to(noisy.dtype)).sample
+    # DeepSpeed holds the UNet itself in bf16/fp16 and accelerate does not autocast then: feed it its own dtype
+    dtype = next(unet.parameters()).dtype
+    prediction = unet(noisy.to(dtype), timesteps, encoder_hidden_states=text_embeddings.to(dtype)).sample
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(clean.device)[timesteps]
     weights = min_snr_weights(alphas_cumprod / (1 - alphas_cumprod), snr_gamma, prediction_type)
     per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
@@ -1197,12 +1251,21 @@ def choose_validation_prompts(requested: list[str] | None, captions: list[str], 
     return random.Random(seed).sample(pool, min(count, len(pool)))
 
 
-def sample_images(pipeline, prompts: list[str], num_images: int, steps: int, guidance: float, seed: int):
-    """PIL images, prompts repeated to fill num_images; a fixed seed so grids compare across epochs."""
+def sample_images(
+    pipeline, prompts: list[str], num_images: int, steps: int, guidance: float, seed: int, embeddings=None
+):
+    """PIL images, prompts repeated to fill num_images; a fixed seed so grids compare across epochs.
+
+    `embeddings` (prompts', empty caption's) stand in for a text encoder that was freed after caching.
+    """
     per_prompt = max(1, math.ceil(num_images / len(prompts)))
     generator = torch.Generator("cpu").manual_seed(seed)
+    text = {"prompt": prompts}
+    if exists(embeddings):
+        prompt_embeds, empty = embeddings
+        text = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": empty.expand(len(prompts), -1, -1)}
     images = pipeline(
-        prompt=prompts,
+        **text,
         num_images_per_prompt=per_prompt,
         num_inference_steps=steps,
         guidance_scale=guidance,
@@ -1437,6 +1500,7 @@ class Run:
     validation_prompts: list[str]
     captions: list[str] = field(default_factory=list)
     stream: ImageStream | None = None
+    validation_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # (prompts, "") when the encoder is freed
 
 
 def build_optimizer(parameters, args):
@@ -1580,6 +1644,15 @@ def prepare_streamed_data(args, accelerator, state: TrainState, tokenizer, text_
     return TrainingData(None, None, None, token_limit(tokenizer), schedule, captions, stream)
 
 
+def encode_validation_prompts(tokenizer, text_encoder, prompts: list[str], data: TrainingData):
+    """The grids' fixed prompts and the empty caption, encoded now so the frozen encoder can be freed."""
+    from pipeline_text_to_image import encode_text
+
+    with torch.no_grad():
+        prompt_embeddings = encode_text(tokenizer, text_encoder, prompts, data.text_max_length).float()
+    return prompt_embeddings, data.conditioning.embeddings[:1]
+
+
 def setup_run(args: argparse.Namespace) -> Run:
     """Data, models, optimizer, EMA and accelerate, restored from a checkpoint when resuming."""
     from accelerate.utils import set_seed
@@ -1632,6 +1705,11 @@ def setup_run(args: argparse.Namespace) -> Run:
             data.stream.skip(state.step * args.gradient_accumulation_steps * args.train_batch_size)
         logger.info("resumed from %s at step %d", resume, state.step)
     prompts = choose_validation_prompts(args.validation_prompts, data.captions, args.eval_batch_size, state.seed)
+    validation_embeddings = None
+    if exists(data.conditioning) and exists(data.conditioning.embeddings):
+        validation_embeddings = encode_validation_prompts(tokenizer, text_encoder, prompts, data)
+        # training reads the cached table only: free the frozen encoder (~0.5 GB for CLIP-L), reloaded to save
+        text_encoder = None
     return Run(
         args,
         accelerator,
@@ -1651,6 +1729,7 @@ def setup_run(args: argparse.Namespace) -> Run:
         prompts,
         data.captions,
         data.stream,
+        validation_embeddings,
     )
 
 
@@ -1674,19 +1753,32 @@ def micro_batch(run: Run, epoch: int, position: int) -> tuple[torch.Tensor, Cond
 
 def streamed_batch(run: Run, shard: Shard) -> tuple[list[torch.Tensor], Conditioning, torch.Tensor]:
     """The stream's next examples, one caption each (random among a list, empty with the dropout rate)."""
-    examples = run.stream.take(shard.size)
+    images, caption_options = run.stream.next_batch()
     choice, dropped = (
         shard.of(torch.rand(shard.total)),
         shard.of(torch.rand(shard.total)) < run.args.conditioning_dropout_prob,
     )
     texts = [
         "" if drop else options[min(int(pick * len(options)), len(options) - 1)]
-        for options, pick, drop in zip(
-            run.stream.caption_options(examples), choice.tolist(), dropped.tolist(), strict=True
-        )
+        for options, pick, drop in zip(caption_options, choice.tolist(), dropped.tolist(), strict=True)
     ]
-    conditioning = tokenized_conditioning(run.tokenizer, texts, run.text_max_length, run.accelerator.device)
-    return run.stream.images(examples), conditioning, torch.arange(len(texts))
+    return images, *streamed_conditioning(run, texts)
+
+
+def streamed_conditioning(run: Run, texts: list[str]) -> tuple[Conditioning, torch.Tensor]:
+    """The batch's captions: token ids for a trained encoder, else embeddings from the frozen one, without autograd."""
+    device = run.accelerator.device
+    if run.args.train_text_encoder:
+        return tokenized_conditioning(run.tokenizer, texts, run.text_max_length, device), torch.arange(len(texts))
+    # No cache across batches: on data big enough to stream, captions rarely repeat, and an embedding
+    # would then depend on the batch that first encoded it, so a resumed run could differ in the last bits.
+    distinct = list(dict.fromkeys(texts))
+    encoder = unwrap(run.accelerator, run.text_encoder)
+    embeddings = encode_captions_once(
+        run.tokenizer, encoder, distinct, run.text_max_length, None, device, batch_size=len(distinct)
+    )
+    caption_ids = torch.tensor([distinct.index(text) for text in texts])
+    return Conditioning(None, None, embeddings, None, None, 0.0), caption_ids
 
 
 def training_micro_step(
@@ -1740,9 +1832,8 @@ def make_grid(run: Run, epoch: int) -> Path | None:
         unet = unwrap(accelerator, run.unet)
         with ema_weights(run.ema, unet), accelerator.autocast():
             unet.eval()
-            pipeline = build_pipeline(
-                unet, unwrap(accelerator, run.text_encoder), run.tokenizer, run.noise_scheduler, run.text_max_length
-            )
+            text_encoder = unwrap(accelerator, run.text_encoder) if exists(run.text_encoder) else None
+            pipeline = build_pipeline(unet, text_encoder, run.tokenizer, run.noise_scheduler, run.text_max_length)
             images, captions = sample_images(
                 pipeline,
                 run.validation_prompts,
@@ -1750,6 +1841,7 @@ def make_grid(run: Run, epoch: int) -> Path | None:
                 run.args.ddpm_num_inference_steps,
                 run.args.guidance_scale,
                 run.state.seed,
+                run.validation_embeddings,
             )
             unet.train()
         grid = write_grid(images, captions, run.args.output_dir / "samples", run.state.step, epoch)
@@ -1763,10 +1855,12 @@ def export_pipeline(run: Run, grid: Path | None) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unet = unwrap(accelerator, run.unet)
+        if exists(run.text_encoder):
+            text_encoder = unwrap(accelerator, run.text_encoder)
+        else:  # frozen and freed after caching: its weights are still the ones on disk
+            text_encoder = build_text_encoder(run.args.text_encoder_name_or_path, run.args.cache_dir)[1]
         with ema_weights(run.ema, unet):
-            pipeline = build_pipeline(
-                unet, unwrap(accelerator, run.text_encoder), run.tokenizer, run.noise_scheduler, run.text_max_length
-            )
+            pipeline = build_pipeline(unet, text_encoder, run.tokenizer, run.noise_scheduler, run.text_max_length)
             save_pipeline(pipeline, run.args.output_dir, run.args, run.state, grid)
         logger.info("saved the pipeline to %s", run.args.output_dir)
     accelerator.wait_for_everyone()
@@ -1826,7 +1920,8 @@ def train(run: Run, stop: StopRequest) -> str:
         disable=not accelerator.is_local_main_process,
     )
     run.unet.train()
-    run.text_encoder.train(args.train_text_encoder)
+    if exists(run.text_encoder):
+        run.text_encoder.train(args.train_text_encoder)
     for epoch, position in schedule.micro_batches(state.step):
         loss, norm = take_micro_step(run, epoch, position)
         meter.add(loss, args.train_batch_size * accelerator.num_processes)

@@ -535,3 +535,22 @@ def test_push_to_hub_uploads_the_pipeline_folder_without_checkpoints(argv, tmp_p
     assert calls["create"] == ("shapes", True, "t0k")
     repo_id, folder, ignored = calls["upload"]
     assert repo_id == "me/shapes" and folder == str(tmp_path / "out") and "checkpoint-*" in ignored
+
+
+def test_frozen_encoder_is_freed_after_caching_and_grids_match_the_encoder(argv, tiny_text_encoder_dir):
+    import numpy as np
+
+    args = trainer.parse_args(argv("--validation_prompts", "a red square", "a blue circle"))
+    args.output_dir.mkdir(parents=True)
+    run = trainer.setup_run(args)
+    assert run.text_encoder is None  # only the cached table is needed to train
+    tokenizer, encoder = trainer.build_text_encoder(str(tiny_text_encoder_dir), None)
+    unet = run.accelerator.unwrap_model(run.unet)
+    with_encoder = trainer.build_pipeline(unet, encoder, tokenizer, run.noise_scheduler, run.text_max_length)
+    without = trainer.build_pipeline(unet, None, tokenizer, run.noise_scheduler, run.text_max_length)
+    sample = (run.validation_prompts, 4, 2, 3.0, 0)
+    expected, _ = trainer.sample_images(with_encoder, *sample)
+    images, captions = trainer.sample_images(without, *sample, run.validation_embeddings)
+    assert captions == ["a red square", "a red square", "a blue circle", "a blue circle"]
+    for image, reference in zip(images, expected, strict=True):
+        assert np.abs(np.asarray(image, np.int16) - np.asarray(reference, np.int16)).max() <= 1
