@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -461,6 +462,8 @@ def load_raw_dataset(args: argparse.Namespace):
             name, args.dataset_config_name, cache_dir=args.cache_dir, streaming=args.streaming
         )
         return resolve_split(dataset, name)
+    except StopIteration as error:  # the json/csv builders find no first row to infer columns from
+        raise UserError(f"the dataset {name} has no rows") from error
     except (ConnectionError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
         hint = "the Hub is unreachable (offline)" if offline else f"it could not be loaded ({error})"
@@ -752,6 +755,7 @@ class ImageStream:
             batch_sampler=self.raw_batches(),
             num_workers=args.dataloader_num_workers,
             collate_fn=collate_decoded,
+            generator=torch.Generator(),  # its workers' seed is not drawn from the global RNG the noise comes from
         )
 
     def caption_options(self, examples: list[dict]) -> list[list[str]]:
@@ -769,9 +773,9 @@ def open_image_stream(args: argparse.Namespace, process_index: int, num_processe
 
 
 def streamed_captions(stream: ImageStream, count: int) -> list[str]:
-    """Captions of the first examples of a fresh pass: the stream's stand-in for the dataset's caption list."""
-    probe = ImageStream(stream.dataset, stream.args)
-    return [""] + sorted({text for options in probe.caption_options(probe.take(count)) for text in options if text})
+    """Captions of the first examples of one pass (fewer when the data is smaller): a stand-in for the dataset's."""
+    examples = list(itertools.islice(iter(stream.dataset), count))
+    return [""] + sorted({text for options in stream.caption_options(examples) for text in options if text})
 
 
 @dataclass(frozen=True)
