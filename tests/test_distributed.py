@@ -93,6 +93,59 @@ def test_accelerate_configs_are_valid_for_accelerate(name):
     assert config.num_processes >= 1 and config.num_machines == (2 if name == "multi_node" else 1)
 
 
+def launcher_environment(config_file: Path) -> tuple:
+    """What `accelerate launch --config_file` would run with: its own validation and environment, no process started.
+
+    Uses accelerate's private _validate_launch_command (the step between parsing and launching), so a
+    change there in a later accelerate shows up here rather than on someone's cluster.
+    """
+    from accelerate.commands import launch
+    from accelerate.utils import launch as launch_utils
+
+    args = launch.launch_command_parser().parse_args(["--config_file", str(config_file), "train_text_to_image.py"])
+    args, defaults, _ = launch._validate_launch_command(args)
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = list(defaults.deepspeed_config)
+        return args, launch_utils.prepare_deepspeed_cmd_env(args)[1]
+    if args.multi_gpu or args.use_fsdp:
+        return args, launch_utils.prepare_multi_gpu_env(args)
+    return args, launch_utils.prepare_simple_launcher_cmd_env(args)[1]
+
+
+@pytest.mark.parametrize("name", ["fsdp", "deepspeed_zero2"])
+def test_nested_config_keys_are_options_accelerate_launch_knows(name):
+    """accelerate copies unknown fsdp_config/deepspeed_config keys onto its arguments silently: catch typos here."""
+    import yaml
+    from accelerate.commands.launch import launch_command_parser
+
+    known = vars(launch_command_parser().parse_args(["train_text_to_image.py"]))
+    section = yaml.safe_load((ACCELERATE_CONFIGS / f"{name}.yaml").read_text())[f"{name.split('_')[0]}_config"]
+    assert [key for key in section if key not in known] == []
+
+
+def test_launcher_reads_the_configs_as_intended():
+    args, environment = launcher_environment(ACCELERATE_CONFIGS / "multi_node.yaml")
+    assert (args.num_machines, args.num_processes, args.main_process_port) == (2, 16, 29500)
+    args, environment = launcher_environment(ACCELERATE_CONFIGS / "fsdp.yaml")
+    assert environment["ACCELERATE_USE_FSDP"] == "true" and environment["FSDP_SHARDING_STRATEGY"] == "FULL_SHARD"
+    assert environment["FSDP_AUTO_WRAP_POLICY"] == "SIZE_BASED_WRAP"
+    assert environment["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"
+    args, environment = launcher_environment(ACCELERATE_CONFIGS / "deepspeed_zero2.yaml")
+    assert environment["ACCELERATE_USE_DEEPSPEED"] == "true" and environment["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "2"
+    args, environment = launcher_environment(ACCELERATE_CONFIGS / "single_gpu.yaml")
+    assert environment["ACCELERATE_MIXED_PRECISION"] == "bf16" and args.num_processes == 1
+
+
+def test_loss_runs_on_a_unet_held_in_bf16_as_deepspeed_holds_it(tiny_unet_config_file):
+    """DeepSpeed casts the model to bf16 and accelerate does not autocast then: the loss feeds it bf16 inputs."""
+    unet = trainer.build_unet(str(tiny_unet_config_file), 16, 64).to(torch.bfloat16)
+    scheduler = trainer.build_noise_scheduler(trainer.parse_args(["--train_data_dir", "d", "--ddpm_num_steps", "100"]))
+    loss = trainer.diffusion_loss(unet, scheduler, torch.rand(2, 3, 16, 16) * 2 - 1, torch.randn(2, 8, 64), 5.0, 0.0)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert unet.conv_in.weight.grad.dtype == torch.bfloat16
+
+
 def fake_accelerator(distributed_type: str, deepspeed_config: dict | None = None):
     from types import SimpleNamespace
 
