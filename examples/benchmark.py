@@ -176,15 +176,18 @@ def measure_sampling(unet_config: str, encoder: str, resolution: int, prompts: l
     generator = torch.Generator().manual_seed(0)
     pipeline(prompts[:1], num_inference_steps=2, generator=generator)  # warm-up
     pipeline.scheduler = make_sampling_scheduler("dpm", ddpm_config)
-    started = time.perf_counter()
-    pipeline(prompts, num_inference_steps=25, guidance_scale=3.0, generator=generator)
-    grid_seconds = time.perf_counter() - started
+    grid_seconds = {}
+    for guidance in (3.0, 1.0):  # 1.0: no unconditional branch, as the seed sampled
+        started = time.perf_counter()
+        pipeline(prompts, num_inference_steps=25, guidance_scale=guidance, generator=generator)
+        grid_seconds[guidance] = time.perf_counter() - started
     pipeline.scheduler = make_sampling_scheduler("ddpm", ddpm_config)
     started = time.perf_counter()
     pipeline(prompts[:1], num_inference_steps=seed_steps, guidance_scale=1.0, generator=generator)
     per_step = (time.perf_counter() - started) / seed_steps
     return {
-        "grid_s": grid_seconds,
+        "grid_s": grid_seconds[3.0],
+        "grid_unguided_s": grid_seconds[1.0],
         "sequential_s": per_step * SEED_SAMPLING_STEPS * len(prompts),
         "peak_rss_mib": peak_rss_mib(),
     }
@@ -249,10 +252,11 @@ def sampling_rows(configs: list[dict], encoders: dict, captions: list[str], args
         "seed_steps": seed_sampling_steps(args.quick),
     }
     result = run_worker(task)
-    grid, sequential = result["grid_s"], result["sequential_s"]
+    grid, unguided, sequential = result["grid_s"], result["grid_unguided_s"], result["sequential_s"]
     return [
         f"| 16 prompts, 1000 DDPM steps each, one at a time (the seed's way)* | {GRID_IMAGES / sequential:.3f} | 1.00x | {sequential:.0f} s | {result['peak_rss_mib']:.0f} |",
         f"| 16-image grid, one batch, DPM-Solver++ 25 steps, guidance 3 | {GRID_IMAGES / grid:.3f} | {sequential / grid:.0f}x | {grid:.1f} s | {result['peak_rss_mib']:.0f} |",
+        f"| 16-image grid, one batch, DPM-Solver++ 25 steps, no guidance | {GRID_IMAGES / unguided:.3f} | {sequential / unguided:.0f}x | {unguided:.1f} s | {result['peak_rss_mib']:.0f} |",
     ]
 
 
