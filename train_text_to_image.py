@@ -111,7 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
         " for --save_images_epochs/--save_model_epochs is then --checkpointing_steps steps.",
     )
     data.add_argument(
-        "--shuffle_buffer_size", type=int, default=1000, help="With --streaming: examples shuffled together."
+        "--shuffle_buffer_size",
+        type=int,
+        default=1000,
+        help="With --streaming: examples held and drawn from at random (more mixes better and costs memory); the"
+        " shard order and the draws change every pass.",
     )
     data.add_argument(
         "--no_caption_cache",
