@@ -58,13 +58,11 @@ def test_streamed_parquet_shards_train_with_decoding_workers_and_save_a_pipeline
     stream_argv, tiny_imagefolder, tmp_path, capsys
 ):
     shards = write_parquet_shards(tmp_path / "parquet", tiny_imagefolder)
-    run_ok(as_dataset_name(stream_argv("--dataloader_num_workers", "2", data=shards)))
+    run_ok(as_dataset_name(stream_argv("--dataloader_num_workers", "2", "--max_train_steps", "2", data=shards)))
     output = tmp_path / "out"
-    assert (output / "model_index.json").is_file() and (
-        output / "unet" / "diffusion_pytorch_model.safetensors"
-    ).is_file()
-    assert trainer.read_train_state(output / "checkpoint-4").step == 4
-    assert "finished at step 4/4" in capsys.readouterr().out
+    assert (output / "model_index.json").is_file() and (output / "unet" / "config.json").is_file()
+    assert trainer.read_train_state(output / "checkpoint-2").step == 2
+    assert "finished at step 2/2" in capsys.readouterr().out
 
 
 def test_streamed_resume_continues_where_the_stream_was(stream_argv, tmp_path):
