@@ -13,6 +13,9 @@ UNet call) with the seed's way (1000 DDPM steps, one prompt at a time, extrapola
 
     python examples/benchmark.py --data_dir ../shared/datasets/emoji-noto-32 --output docs/benchmark.md
     python examples/benchmark.py --quick     # seconds: tiny models, checks that it all runs
+
+--quick runs two worker processes at a time, one torch thread each, so the smoke test is short;
+the full run measures one configuration at a time with all the threads.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 EXAMPLES = Path(__file__).resolve().parent
@@ -177,30 +181,36 @@ def measure_sampling(unet_config: str, encoder: str, resolution: int, prompts: l
     pipeline(prompts[:1], num_inference_steps=2, generator=generator)  # warm-up
     pipeline.scheduler = make_sampling_scheduler("dpm", ddpm_config)
     grid_seconds = {}
-    for guidance in (3.0, 1.0):  # 1.0: no unconditional branch, as the seed sampled
+    # 1.0: no unconditional branch, as the seed sampled; bf16: the autocast the trainer's grids run
+    # under with --mixed_precision bf16
+    for name, guidance, bf16 in (("guided", 3.0, False), ("unguided", 1.0, False), ("guided_bf16", 3.0, True)):
         started = time.perf_counter()
-        pipeline(prompts, num_inference_steps=25, guidance_scale=guidance, generator=generator)
-        grid_seconds[guidance] = time.perf_counter() - started
+        with torch.autocast(pipeline.device.type, dtype=torch.bfloat16, enabled=bf16):
+            pipeline(prompts, num_inference_steps=25, guidance_scale=guidance, generator=generator)
+        grid_seconds[name] = time.perf_counter() - started
     pipeline.scheduler = make_sampling_scheduler("ddpm", ddpm_config)
     started = time.perf_counter()
     pipeline(prompts[:1], num_inference_steps=seed_steps, guidance_scale=1.0, generator=generator)
     per_step = (time.perf_counter() - started) / seed_steps
     return {
-        "grid_s": grid_seconds[3.0],
-        "grid_unguided_s": grid_seconds[1.0],
+        **{f"grid_{name}_s": seconds for name, seconds in grid_seconds.items()},
         "sequential_s": per_step * SEED_SAMPLING_STEPS * len(prompts),
         "peak_rss_mib": peak_rss_mib(),
     }
 
 
-def run_worker(task: dict) -> dict:
+def run_worker(task: dict, threads: int | None = None) -> dict:
     """Run one measurement in a fresh Python process; its result comes back as JSON on the last line."""
     environment = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    if threads:
+        environment["OMP_NUM_THREADS"] = str(threads)
+    started = time.perf_counter()
     result = subprocess.run(
         [sys.executable, __file__, "--worker", json.dumps(task)], capture_output=True, text=True, env=environment
     )
     if result.returncode != 0:
-        sys.exit(f"error: benchmark worker {task['kind']} failed:\n{result.stderr[-3000:]}")
+        sys.exit(f"error: benchmark worker '{task['name']}' failed:\n{result.stderr[-3000:]}")
+    print(f"{task['name']}: measured in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -217,22 +227,34 @@ def worker_main(task: dict) -> None:
     print(json.dumps(result), flush=True)
 
 
+def run_workers(tasks: list[dict], quick: bool) -> list[dict]:
+    """Each task in its own process: one at a time, or (--quick) two at a time with one thread each."""
+    if not quick:
+        return [run_worker(task) for task in tasks]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(lambda task: run_worker(task, threads=1), tasks))
+
+
 # ---- the table ----
 
 
-def training_rows(configs: list[dict], data_dir: Path, encoders: dict, work: Path, args) -> list[str]:
-    rows, baseline = [], None
+def training_tasks(configs: list[dict], data_dir: Path, encoders: dict, work: Path, args) -> list[dict]:
+    tasks = []
     for index, config in enumerate(configs):
         output_dir = work / f"run-{index}"
-        steps = args.steps + 1
-        argv = trainer_argv(config, data_dir, encoders[config["encoder"]], output_dir, steps, args.quick)
-        result = run_worker({"kind": "train", "argv": argv, "timed_steps": args.steps})
+        argv = trainer_argv(config, data_dir, encoders[config["encoder"]], output_dir, args.steps + 1, args.quick)
+        tasks.append({"kind": "train", "name": config["name"], "argv": argv, "timed_steps": args.steps})
+    return tasks
+
+
+def training_rows(configs: list[dict], results: list[dict]) -> list[str]:
+    rows, baseline = [], None
+    for config, result in zip(configs, results, strict=True):
         baseline = result["img_per_s"] if config.get("baseline") else baseline
         speedup = result["img_per_s"] / baseline
         rows.append(
             f"| {config['name']} | {result['img_per_s']:.2f} | {speedup:.2f}x | {result['setup_s']:.1f} | {result['peak_rss_mib']:.0f} |"
         )
-        print(rows[-1], file=sys.stderr, flush=True)
     return rows
 
 
@@ -240,35 +262,47 @@ def seed_sampling_steps(quick: bool) -> int:
     return 3 if quick else 20
 
 
-def sampling_rows(configs: list[dict], encoders: dict, captions: list[str], args) -> list[str]:
+def sampling_task(configs: list[dict], encoders: dict, captions: list[str], args) -> dict:
     seed = configs[0]
     prompts = (sorted({caption for caption in captions if caption}) * GRID_IMAGES)[:GRID_IMAGES]
-    task = {
+    return {
         "kind": "sample",
+        "name": "sampling",
         "unet": str(seed["unet"]),
         "encoder": str(encoders[seed["encoder"]]),
         "resolution": 16 if args.quick else 32,
         "prompts": prompts,
         "seed_steps": seed_sampling_steps(args.quick),
     }
-    result = run_worker(task)
-    grid, unguided, sequential = result["grid_s"], result["grid_unguided_s"], result["sequential_s"]
+
+
+def sampling_rows(result: dict) -> list[str]:
+    sequential, rss = result["sequential_s"], result["peak_rss_mib"]
+    grids = [
+        ("guided", "guidance 3"),
+        ("unguided", "no guidance (as the seed)"),
+        ("guided_bf16", "guidance 3, bf16 autocast"),
+    ]
     return [
-        f"| 16 prompts, 1000 DDPM steps each, one at a time (the seed's way)* | {GRID_IMAGES / sequential:.3f} | 1.00x | {sequential:.0f} s | {result['peak_rss_mib']:.0f} |",
-        f"| 16-image grid, one batch, DPM-Solver++ 25 steps, guidance 3 | {GRID_IMAGES / grid:.3f} | {sequential / grid:.0f}x | {grid:.1f} s | {result['peak_rss_mib']:.0f} |",
-        f"| 16-image grid, one batch, DPM-Solver++ 25 steps, no guidance | {GRID_IMAGES / unguided:.3f} | {sequential / unguided:.0f}x | {unguided:.1f} s | {result['peak_rss_mib']:.0f} |",
+        f"| 16 prompts, 1000 DDPM steps each, one at a time (the seed's way)* | {GRID_IMAGES / sequential:.3f} | 1.00x | {sequential:.0f} s | {rss:.0f} |",
+        *(
+            f"| 16-image grid, one batch, DPM-Solver++ 25 steps, {label} | {GRID_IMAGES / seconds:.3f} | {sequential / seconds:.0f}x | {seconds:.1f} s | {rss:.0f} |"
+            for name, label in grids
+            for seconds in [result[f"grid_{name}_s"]]
+        ),
     ]
 
 
-def format_table(train: list[str], sample: list[str], args, seconds: float) -> str:
+def format_table(train: list[str], sample: list[str], args, seconds: float, load: float) -> str:
     import torch
 
-    threads = torch.get_num_threads()
+    threads = 1 if args.quick else torch.get_num_threads()
     return "\n".join(
         [
             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores ({threads} torch threads), "
-            f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; torch {torch.__version__}"
-            f"{'; QUICK MODE (tiny models, numbers mean nothing)' if args.quick else ''}",
+            f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; torch {torch.__version__}; "
+            f"load average {load:.2f} before the run"
+            f"{'; QUICK MODE (tiny models, two workers at a time, numbers mean nothing)' if args.quick else ''}",
             "",
             f"| training ({args.steps} timed optimizer steps after 1 warm-up) | img/s | vs no caching | setup s | peak RSS MiB |",
             "|---|---|---|---|---|",
@@ -298,16 +332,18 @@ def main(argv: list[str] | None = None) -> str:
         return ""
     if args.quick:
         args.steps = min(args.steps, 2)
-    started = time.perf_counter()
+    started, load = time.perf_counter(), os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="benchmark-") as work:
         work = Path(work)
         data_dir = prepare_data(args.data_dir, work, args.quick)
         captions = dataset_captions(data_dir)
         encoders = prepare_encoders(captions, work, args.quick)
         configs = training_configs(args.quick)
-        train = training_rows(configs, data_dir, encoders, work, args)
-        sample = sampling_rows(configs, encoders, captions, args)
-    table = format_table(train, sample, args, time.perf_counter() - started)
+        tasks = training_tasks(configs, data_dir, encoders, work, args)
+        # sampling first: with --quick it is the longest task and runs beside the training rows
+        sampled, *results = run_workers([sampling_task(configs, encoders, captions, args), *tasks], args.quick)
+    train, sample = training_rows(configs, results), sampling_rows(sampled)
+    table = format_table(train, sample, args, time.perf_counter() - started, load)
     print(table)
     if args.output:
         args.output.parent.mkdir(parents=True, exist_ok=True)
