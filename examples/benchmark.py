@@ -11,7 +11,7 @@ configuration in its own process so its peak memory is its own:
 Sampling rows compare a 16-image grid (one batch, DPM-Solver++ 25 steps, guidance in the same
 UNet call) with the seed's way (1000 DDPM steps, one prompt at a time, extrapolated from a few).
 
-    python examples/benchmark.py --data_dir ../shared/datasets/emoji-noto-32 --output docs/benchmark.md
+    python examples/benchmark.py --data_dir ../shared/datasets/emoji-noto-32 --output benchmark-table.md
     python examples/benchmark.py --quick     # seconds: tiny models, checks that it all runs
 
 --quick runs two worker processes at a time, one torch thread each, so the smoke test is short;
