@@ -350,6 +350,14 @@ def parse_duration(text: str) -> float:
     return hours * 3600 + minutes * 60 + seconds
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN has bf16 instructions on this CPU; without them bf16 is emulated and slow."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private probe: when it is gone, assume the best
+        return True
+
+
 def validate_args(args: argparse.Namespace) -> None:
     """Cheap checks before any heavy work."""
     if not exists(args.dataset_name) and not exists(args.train_data_dir):
@@ -383,6 +391,10 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError(
             "--mixed_precision fp16 needs a CUDA GPU and none is visible; use --mixed_precision bf16 or no on CPU"
+        )
+    if args.mixed_precision == "bf16" and not torch.cuda.is_available() and not cpu_has_native_bf16():
+        logger.warning(
+            "--mixed_precision bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 is slower than fp32 here; --mixed_precision no is faster"
         )
     if args.enable_xformers_memory_efficient_attention:
         import importlib.util
@@ -903,13 +915,12 @@ def encode_captions_once(
         logger.info("caption embeddings loaded from %s", cache_file)
         return torch.load(cache_file, map_location="cpu", weights_only=True).to(device)
     encoder.eval()
-    chunks = []
+    # filled in place, batch by batch: concatenating chunks would hold the table twice at the peak
+    embeddings = torch.empty(len(captions), max_length, text_hidden_size(encoder), device=device)
     starts = range(0, len(captions), batch_size)
-    # small batches without autograd: the encoder's activations, not the table, would set the peak memory
-    with torch.no_grad():
-        for start in tqdm(starts, desc="encoding captions", disable=not is_main_process() or len(starts) < 2):
-            chunks.append(encode_text(tokenizer, encoder, captions[start : start + batch_size], max_length).float())
-    embeddings = torch.cat(chunks).to(device)
+    for start in tqdm(starts, desc="encoding captions", disable=not is_main_process() or len(starts) < 2):
+        batch = captions[start : start + batch_size]
+        embeddings[start : start + len(batch)] = encode_text(tokenizer, encoder, batch, max_length)
     if exists(cache_file) and is_main_process():
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         temporary = cache_file.with_suffix(".tmp")

@@ -14,8 +14,9 @@ UNet call) with the seed's way (1000 DDPM steps, one prompt at a time, extrapola
     python examples/benchmark.py --data_dir ../shared/datasets/emoji-noto-32 --output benchmark-table.md
     python examples/benchmark.py --quick     # seconds: tiny models, checks that it all runs
 
---quick runs two worker processes at a time, one torch thread each, so the smoke test is short;
-the full run measures one configuration at a time with all the threads.
+--quick runs two worker processes at a time, one torch thread each, and 2-step grids, so the smoke
+test is short; the full run measures one configuration at a time with all the threads. bf16 rows
+are left out of a full run on a CPU without native bf16 (AVX512-BF16 or AMX), which emulates it.
 """
 
 from __future__ import annotations
@@ -42,19 +43,29 @@ GRID_IMAGES = 16
 SEED_SAMPLING_STEPS = 1000
 
 
-def training_configs(quick: bool) -> list[dict]:
+def training_configs(quick: bool, bf16: bool) -> list[dict]:
     """Name, encoder, UNet config, batch, accumulation and extra flags of each training row."""
     seed_unet = EXAMPLES / ("shapes_unet.json" if quick else "seed_unet.json")
     small_unet = EXAMPLES / "shapes_unet.json"
     seed = {"encoder": "clip-l", "unet": seed_unet, "batch": 3, "accumulation": 4}
     small = {"encoder": "small", "unet": small_unet, "batch": 8 if quick else 32, "accumulation": 1}
+    with_bf16 = [{**seed, "name": "(a) seed config, cached + bf16", "flags": ["--mixed_precision", "bf16"]}]
     return [
         {**seed, "name": "(a) seed config, no caching (the seed's way)", "flags": UNCACHED, "baseline": True},
         {**seed, "name": "(a) seed config, cached", "flags": []},
-        {**seed, "name": "(a) seed config, cached + bf16", "flags": ["--mixed_precision", "bf16"]},
+        *(with_bf16 if bf16 else []),
         {**small, "name": "(b) small config, no caching", "flags": UNCACHED, "baseline": True},
         {**small, "name": "(b) small config, cached", "flags": []},
     ]
+
+
+def measure_bf16(quick: bool) -> bool:
+    """bf16 rows only where bf16 is native: on a CPU without AVX512-BF16/AMX it is emulated, 5-10x slower."""
+    import torch
+
+    from train_text_to_image import cpu_has_native_bf16
+
+    return quick or (torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_has_native_bf16())
 
 
 # ---- inputs: data and text encoders, made here so nothing downloads ----
@@ -169,13 +180,14 @@ def build_sampling_pipeline(unet_config: Path, encoder: Path, resolution: int):
     return pipeline
 
 
-def measure_sampling(unet_config: str, encoder: str, resolution: int, prompts: list[str], seed_steps: int) -> dict:
+def measure_sampling(task: dict) -> dict:
     """Seconds for a batched 16-image grid vs 16 sequential 1000-step DDPM samples (extrapolated)."""
     import torch
 
     from pipeline_text_to_image import make_sampling_scheduler
 
-    pipeline = build_sampling_pipeline(Path(unet_config), Path(encoder), resolution)
+    prompts = task["prompts"]
+    pipeline = build_sampling_pipeline(Path(task["unet"]), Path(task["encoder"]), task["resolution"])
     ddpm_config = pipeline.scheduler.config
     generator = torch.Generator().manual_seed(0)
     pipeline(prompts[:1], num_inference_steps=2, generator=generator)  # warm-up
@@ -183,15 +195,15 @@ def measure_sampling(unet_config: str, encoder: str, resolution: int, prompts: l
     grid_seconds = {}
     # 1.0: no unconditional branch, as the seed sampled; bf16: the autocast the trainer's grids run
     # under with --mixed_precision bf16
-    for name, guidance, bf16 in (("guided", 3.0, False), ("unguided", 1.0, False), ("guided_bf16", 3.0, True)):
+    for name, guidance, bf16 in grid_kinds(task["bf16"]):
         started = time.perf_counter()
         with torch.autocast(pipeline.device.type, dtype=torch.bfloat16, enabled=bf16):
-            pipeline(prompts, num_inference_steps=25, guidance_scale=guidance, generator=generator)
+            pipeline(prompts, num_inference_steps=task["grid_steps"], guidance_scale=guidance, generator=generator)
         grid_seconds[name] = time.perf_counter() - started
     pipeline.scheduler = make_sampling_scheduler("ddpm", ddpm_config)
     started = time.perf_counter()
-    pipeline(prompts[:1], num_inference_steps=seed_steps, guidance_scale=1.0, generator=generator)
-    per_step = (time.perf_counter() - started) / seed_steps
+    pipeline(prompts[:1], num_inference_steps=task["seed_steps"], guidance_scale=1.0, generator=generator)
+    per_step = (time.perf_counter() - started) / task["seed_steps"]
     return {
         **{f"grid_{name}_s": seconds for name, seconds in grid_seconds.items()},
         "sequential_s": per_step * SEED_SAMPLING_STEPS * len(prompts),
@@ -221,9 +233,7 @@ def worker_main(task: dict) -> None:
     if task["kind"] == "train":
         result = measure_training(task["argv"], task["timed_steps"])
     else:
-        result = measure_sampling(
-            task["unet"], task["encoder"], task["resolution"], task["prompts"], task["seed_steps"]
-        )
+        result = measure_sampling(task)
     print(json.dumps(result), flush=True)
 
 
@@ -262,6 +272,18 @@ def seed_sampling_steps(quick: bool) -> int:
     return 3 if quick else 20
 
 
+def grid_steps(quick: bool) -> int:
+    # the trainer's default; --quick takes 2 so a bf16 grid stays short on CPUs that emulate bf16
+    return 2 if quick else 25
+
+
+def grid_kinds(bf16: bool) -> list[tuple[str, float, bool]]:
+    """(name, guidance, bf16 autocast): 1.0 is no unconditional branch, as the seed sampled; bf16 is
+    the autocast the trainer's grids run under with --mixed_precision bf16."""
+    kinds = [("guided", 3.0, False), ("unguided", 1.0, False), ("guided_bf16", 3.0, True)]
+    return kinds if bf16 else kinds[:2]
+
+
 def sampling_task(configs: list[dict], encoders: dict, captions: list[str], args) -> dict:
     seed = configs[0]
     prompts = (sorted({caption for caption in captions if caption}) * GRID_IMAGES)[:GRID_IMAGES]
@@ -273,20 +295,23 @@ def sampling_task(configs: list[dict], encoders: dict, captions: list[str], args
         "resolution": 16 if args.quick else 32,
         "prompts": prompts,
         "seed_steps": seed_sampling_steps(args.quick),
+        "grid_steps": grid_steps(args.quick),
+        "bf16": args.bf16,
     }
 
 
-def sampling_rows(result: dict) -> list[str]:
-    sequential, rss = result["sequential_s"], result["peak_rss_mib"]
-    grids = [
-        ("guided", "guidance 3"),
-        ("unguided", "no guidance (as the seed)"),
-        ("guided_bf16", "guidance 3, bf16 autocast"),
-    ]
+def sampling_rows(result: dict, args) -> list[str]:
+    sequential, rss, steps = result["sequential_s"], result["peak_rss_mib"], grid_steps(args.quick)
+    labels = {
+        "guided": "guidance 3",
+        "unguided": "no guidance (as the seed)",
+        "guided_bf16": "guidance 3, bf16 autocast",
+    }
+    grids = [(name, labels[name]) for name, _, _ in grid_kinds(args.bf16)]
     return [
         f"| 16 prompts, 1000 DDPM steps each, one at a time (the seed's way)* | {GRID_IMAGES / sequential:.3f} | 1.00x | {sequential:.0f} s | {rss:.0f} |",
         *(
-            f"| 16-image grid, one batch, DPM-Solver++ 25 steps, {label} | {GRID_IMAGES / seconds:.3f} | {sequential / seconds:.0f}x | {seconds:.1f} s | {rss:.0f} |"
+            f"| 16-image grid, one batch, DPM-Solver++ {steps} steps, {label} | {GRID_IMAGES / seconds:.3f} | {sequential / seconds:.0f}x | {seconds:.1f} s | {rss:.0f} |"
             for name, label in grids
             for seconds in [result[f"grid_{name}_s"]]
         ),
@@ -314,6 +339,13 @@ def format_table(train: list[str], sample: list[str], args, seconds: float, load
             "",
             f"\\* extrapolated linearly from {seed_sampling_steps(args.quick)} DDPM steps of one prompt"
             " (each step is one UNet call of batch 1).",
+            *(
+                []
+                if args.bf16
+                else [
+                    "bf16 rows skipped: this CPU has no native bf16 (AVX512-BF16 or AMX), where it is slower than fp32."
+                ]
+            ),
             f"Whole benchmark: {seconds:.0f} s.",
         ]
     )
@@ -338,11 +370,12 @@ def main(argv: list[str] | None = None) -> str:
         data_dir = prepare_data(args.data_dir, work, args.quick)
         captions = dataset_captions(data_dir)
         encoders = prepare_encoders(captions, work, args.quick)
-        configs = training_configs(args.quick)
+        args.bf16 = measure_bf16(args.quick)
+        configs = training_configs(args.quick, args.bf16)
         tasks = training_tasks(configs, data_dir, encoders, work, args)
         # sampling first: with --quick it is the longest task and runs beside the training rows
         sampled, *results = run_workers([sampling_task(configs, encoders, captions, args), *tasks], args.quick)
-    train, sample = training_rows(configs, results), sampling_rows(sampled)
+    train, sample = training_rows(configs, results), sampling_rows(sampled, args)
     table = format_table(train, sample, args, time.perf_counter() - started, load)
     print(table)
     if args.output:

@@ -30,9 +30,9 @@ def test_quick_benchmark_prints_every_row_with_numbers(tmp_path):
         "(b) small config, no caching",
         "(b) small config, cached",
         "16 prompts, 1000 DDPM steps each, one at a time (the seed's way)*",
-        "16-image grid, one batch, DPM-Solver++ 25 steps, guidance 3",
-        "16-image grid, one batch, DPM-Solver++ 25 steps, no guidance (as the seed)",
-        "16-image grid, one batch, DPM-Solver++ 25 steps, guidance 3, bf16 autocast",
+        "16-image grid, one batch, DPM-Solver++ 2 steps, guidance 3",
+        "16-image grid, one batch, DPM-Solver++ 2 steps, no guidance (as the seed)",
+        "16-image grid, one batch, DPM-Solver++ 2 steps, guidance 3, bf16 autocast",
     ]
     assert all(float(row["rate"]) > 0 and int(row["rss"]) > 0 for row in rows.values())
     assert rows["(a) seed config, no caching (the seed's way)"]["ratio"] == "1.00"

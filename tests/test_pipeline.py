@@ -200,7 +200,8 @@ def test_a_list_of_generators_gives_one_image_per_generator(random_unet, text_pa
         ["a red square"], num_images_per_prompt=2, generator=generators, num_inference_steps=3, output_type="pt"
     )
     alone = pipe(["a red square"], generator=torch.Generator().manual_seed(12), num_inference_steps=3, output_type="pt")
-    torch.testing.assert_close(batch.images[1:], alone.images, atol=1e-5, rtol=0)
+    # batch 2 and batch 1 take different BLAS paths: ~1e-5 apart, while another seed is ~1 apart
+    torch.testing.assert_close(batch.images[1:], alone.images, atol=1e-4, rtol=0)
     assert not torch.allclose(batch.images[0], batch.images[1])
 
 

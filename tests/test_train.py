@@ -418,8 +418,15 @@ def test_fp16_on_cpu_is_refused(argv, capsys):
     assert "fp16 needs a CUDA GPU" in error and "bf16" in error
 
 
+@pytest.mark.parametrize("native, warned", [(False, True), (True, False)])
+def test_bf16_on_a_cpu_that_emulates_it_warns(argv, monkeypatch, caplog, native, warned):
+    monkeypatch.setattr(trainer.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: native)
+    trainer.validate_args(trainer.parse_args(argv("--mixed_precision", "bf16")))
+    assert ("this CPU has no native bf16" in caplog.text) == warned
+
+
 def test_missing_xformers_is_refused(argv, capsys):
-    pytest.importorskip("pytest")
     import importlib.util
 
     if importlib.util.find_spec("xformers"):
