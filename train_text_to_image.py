@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -27,7 +28,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,8 @@ CHECKPOINT_MARKER = "train_state.json"
 MAX_BAD_IMAGE_SHARE = 0.5
 STREAM_CAPTION_SAMPLE = 256  # streamed examples whose captions stand in for the dataset's (validation prompts)
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError)  # what PIL raises for corrupt/truncated files
+# With several processes, agreeing to stop is a collective and so a host-device sync: every few steps, not every step
+STOP_CHECK_STEPS = 10
 
 
 class UserError(Exception):
@@ -101,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataloader_num_workers",
         type=int,
         default=0,
-        help="Worker processes that decode images (with --streaming: each batch, ahead of the step).",
+        help="Worker processes that decode images: all of them once before training, or, when they are decoded per batch (--streaming, or more than --image_cache_max_gb), each batch ahead of the step.",
     )
     data.add_argument(
         "--streaming",
@@ -623,22 +626,49 @@ def collate_decoded(items):
 
 @dataclass
 class ImageStore:
-    """Decoded training images at the training resolution, all in memory, or decoded on demand."""
+    """Decoded training images at the training resolution, all in memory, or decoded per batch.
+
+    Decoded per batch with --dataloader_num_workers, the workers decode the micro-batches ahead of
+    the step. The rows of every micro-batch are a pure function of its index (`rows_of`), so the
+    workers can be handed the coming batches in order, from wherever the run starts or resumes.
+    """
 
     images: list[torch.Tensor | None]
     decoder: DecodedImages
     num_workers: int
     bad: set[int] = field(default_factory=set)
+    rows_of: Callable[[int], list[int]] | None = None  # micro-batch index -> this process's rows
+    ahead: Iterator | None = None  # worker-decoded micro-batches, next one first
+    ahead_index: int = -1  # the micro-batch index `ahead` yields next
 
     @property
     def cached(self) -> bool:
         return bool(self.images)
 
-    def fetch(self, indices: list[int]) -> list[torch.Tensor]:
+    def fetch(self, indices: list[int], micro_index: int) -> list[torch.Tensor]:
         """Images for the rows; an image that turns out unreadable is stood in for by one that is not."""
         if self.cached:
             return [self.images[i] for i in indices]
-        return stand_in_for_unreadable([image for _, image in map(self.decoder.__getitem__, indices)])
+        if self.num_workers == 0 or not exists(self.rows_of):
+            return stand_in_for_unreadable([image for _, image in map(self.decoder.__getitem__, indices)])
+        if micro_index != self.ahead_index:  # the first batch, or a jump: (re)start the workers there
+            self.ahead = iter(self.decoding_loader(micro_index))
+        rows, images = zip(*next(self.ahead), strict=True)
+        self.ahead_index = micro_index + 1
+        if list(rows) != indices:
+            raise RuntimeError(
+                f"decoded rows {list(rows)} are not the micro-batch's {indices}: a bug, please report it"
+            )
+        return stand_in_for_unreadable(list(images))
+
+    def decoding_loader(self, first_micro_index: int) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(
+            self.decoder,
+            batch_sampler=map(self.rows_of, itertools.count(first_micro_index)),
+            num_workers=self.num_workers,
+            collate_fn=collate_decoded,
+            generator=torch.Generator(),  # its workers' seed is not drawn from the global RNG the noise comes from
+        )
 
 
 def stand_in_for_unreadable(images: list[torch.Tensor | str]) -> list[torch.Tensor]:
@@ -665,7 +695,10 @@ def report_bad_images(failures: list[str], total: int) -> None:
 def decode_all_images(decoder: DecodedImages, num_workers: int, show_progress: bool) -> tuple[list, list[str]]:
     from tqdm.auto import tqdm
 
-    loader = torch.utils.data.DataLoader(decoder, batch_size=16, num_workers=num_workers, collate_fn=collate_decoded)
+    # its own generator: opening a DataLoader draws a seed, and the global RNG must not depend on the image cache
+    loader = torch.utils.data.DataLoader(
+        decoder, batch_size=16, num_workers=num_workers, collate_fn=collate_decoded, generator=torch.Generator()
+    )
     images: list = [None] * len(decoder)
     failures = []
     for batch in tqdm(loader, desc="decoding images", disable=not show_progress, unit="batch"):
@@ -683,10 +716,11 @@ def build_image_store(data: CaptionedImages, args: argparse.Namespace, show_prog
     estimated_gb = len(data.sources) * 3 * args.resolution**2 * (1 if args.center_crop else 1.5) / 2**30
     if estimated_gb > args.image_cache_max_gb:
         logger.info(
-            "images need ~%.1f GiB at %d px: decoding per batch (--image_cache_max_gb %.1f)",
+            "images need ~%.1f GiB at %d px: decoding per batch (--image_cache_max_gb %.1f) with %d worker processes (--dataloader_num_workers)",
             estimated_gb,
             args.resolution,
             args.image_cache_max_gb,
+            args.dataloader_num_workers,
         )
         return ImageStore(images=[], decoder=decoder, num_workers=args.dataloader_num_workers)
     images, failures = decode_all_images(decoder, args.dataloader_num_workers, show_progress)
@@ -1400,7 +1434,8 @@ def push_to_hub(output_dir: Path, args: argparse.Namespace, step: int) -> str:
 
 
 class StopRequest:
-    """Set by SIGTERM/SIGINT or --max_train_time; the loop finishes its step, checkpoints and exits."""
+    """Set by SIGTERM/SIGINT or --max_train_time; the loop finishes its step (with several processes,
+    up to STOP_CHECK_STEPS steps, so that all stop at the same one), checkpoints and exits."""
 
     def __init__(self, max_seconds: float | None):
         self.reason: str | None = None
@@ -1425,11 +1460,13 @@ class StopRequest:
             flush=True,
         )
 
-    def requested(self, accelerator) -> bool:
+    def requested(self, accelerator, step: int) -> bool:
         if self.reason is None and exists(self.deadline) and time.monotonic() > self.deadline:
             self.reason = "--max_train_time"
         if accelerator.num_processes == 1:
             return self.reason is not None
+        if step % STOP_CHECK_STEPS:
+            return False
         flag = torch.tensor([float(self.reason is not None)], device=accelerator.device)
         stop = bool(accelerator.reduce(flag, reduction="max").item())
         if stop and self.reason is None:
@@ -1495,6 +1532,14 @@ def global_batch_rows(
     usable_rows: torch.Tensor, seed: int, epoch: int, position: int, global_batch: int
 ) -> torch.Tensor:
     return epoch_order(usable_rows, seed, epoch)[position * global_batch : (position + 1) * global_batch]
+
+
+def shard_rows(
+    usable_rows: torch.Tensor, seed: int, batches_per_epoch: int, shard: Shard, micro_index: int
+) -> list[int]:
+    """This process's rows of the run's `micro_index`-th micro-batch (what decoding workers are handed)."""
+    epoch, position = divmod(micro_index, batches_per_epoch)
+    return shard.of(global_batch_rows(usable_rows, seed, epoch, position, shard.total)).tolist()
 
 
 @dataclass
@@ -1642,6 +1687,8 @@ def prepare_in_memory_data(args, accelerator, state: TrainState, tokenizer, text
     usable_rows = torch.tensor([row for row in range(len(data.sources)) if row not in images.bad])
     state.skipped_images = len(images.bad)
     schedule = plan_schedule(len(usable_rows), args, accelerator.num_processes)
+    shard = Shard(accelerator.process_index, accelerator.num_processes, args.train_batch_size)
+    images.rows_of = functools.partial(shard_rows, usable_rows, state.seed, schedule.batches_per_epoch, shard)
     cache_file = (
         None
         if args.train_text_encoder or not args.caption_cache
@@ -1766,7 +1813,7 @@ def micro_batch(run: Run, epoch: int, position: int) -> tuple[torch.Tensor, Cond
     else:
         rows = global_batch_rows(run.usable_rows, run.state.seed, epoch, position, shard.total)
         conditioning, caption_ids = run.conditioning, shard.of(run.conditioning.caption_ids_for(rows))
-        images = run.images.fetch(shard.of(rows).tolist())
+        images = run.images.fetch(shard.of(rows).tolist(), epoch * run.schedule.batches_per_epoch + position)
     crop_at = shard.of(torch.full((shard.total, 2), 0.5) if args.center_crop else torch.rand(shard.total, 2))
     flip = shard.of(torch.rand(shard.total) < 0.5) if args.random_flip else None
     pixels = crop_and_flip(images, args.resolution, crop_at, flip).to(accelerator.device, non_blocking=True)
@@ -1961,7 +2008,7 @@ def train(run: Run, stop: StopRequest) -> str:
         if schedule.crosses(state.step, args.save_model_epochs) or finished:
             check_finite_loss(meter.loss_sum if exists(meter.loss_sum) else loss, state.step, meter.since_step, args)
             export_pipeline(run, grid)
-        stopping = stop.requested(accelerator)
+        stopping = stop.requested(accelerator, state.step)
         if state.step % args.checkpointing_steps == 0 or finished or stopping:
             check_finite_loss(meter.loss_sum if exists(meter.loss_sum) else loss, state.step, meter.since_step, args)
             path = save_checkpoint(accelerator, args.output_dir, state, args.checkpoints_total_limit)

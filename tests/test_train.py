@@ -334,6 +334,30 @@ def test_resume_mid_epoch_with_ema_and_accumulation_gives_bit_identical_weights(
     assert all(torch.equal(a, b) for a, b in zip(first["shadow_params"], second["shadow_params"], strict=True))
 
 
+def test_images_decoded_per_batch_by_workers_train_and_resume_as_the_cached_run(argv, tmp_path, monkeypatch):
+    loaders_opened_at = []
+    opener = trainer.ImageStore.decoding_loader
+
+    def spy(store, first_micro_index):
+        loaders_opened_at.append(first_micro_index)
+        return opener(store, first_micro_index)
+
+    monkeypatch.setattr(trainer.ImageStore, "decoding_loader", spy)
+    flags = ("--max_train_steps", "6", "--checkpointing_steps", "3", "--random_flip")
+    per_batch = ("--image_cache_max_gb", "0", "--dataloader_num_workers", "2")
+    cached, decoded = tmp_path / "cached", tmp_path / "decoded"
+    run_ok(argv(*flags, output=cached))
+    run_ok(argv(*flags, *per_batch, output=decoded))
+    assert_same_tensors(unet_weights(cached), unet_weights(decoded))
+    import shutil
+
+    shutil.rmtree(decoded / "checkpoint-6")
+    (decoded / "model_index.json").unlink()
+    run_ok(argv(*flags, *per_batch, "--resume_from_checkpoint", "latest", output=decoded))
+    assert_same_tensors(checkpoint_weights(cached / "checkpoint-6"), checkpoint_weights(decoded / "checkpoint-6"))
+    assert loaders_opened_at == [0, 3]  # 16 images / batch 4: step 3 resumes mid-epoch, at micro-batch 3
+
+
 def test_latest_skips_an_incomplete_checkpoint_with_a_warning(argv, tmp_path, caplog):
     output = tmp_path / "out"
     run_ok(argv("--max_train_steps", "2"))
@@ -506,6 +530,23 @@ def test_sigterm_finishes_the_step_checkpoints_and_resume_continues(argv, tmp_pa
     assert f"stopped at step {stopped_at}/100000" in stdout
     run_ok(argv("--max_train_steps", str(stopped_at + 2), "--resume_from_checkpoint", "latest"))
     assert trainer.read_train_state(output / f"checkpoint-{stopped_at + 2}").step == stopped_at + 2
+
+
+def test_several_processes_agree_to_stop_every_few_steps_not_every_step():
+    class TwoProcesses:
+        num_processes, device, reductions = 2, "cpu", 0
+
+        def reduce(self, tensor, reduction):
+            self.reductions += 1
+            return tensor
+
+    stop, accelerator = trainer.StopRequest(None), TwoProcesses()
+    stop.reason = "SIGTERM"
+    steps = range(1, 2 * trainer.STOP_CHECK_STEPS + 1)
+    assert [stop.requested(accelerator, step) for step in steps] == [
+        step % trainer.STOP_CHECK_STEPS == 0 for step in steps
+    ]
+    assert accelerator.reductions == 2
 
 
 def test_push_to_hub_uploads_the_pipeline_folder_without_checkpoints(argv, tmp_path, monkeypatch):
