@@ -121,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
         " shard order and the draws change every pass.",
     )
     data.add_argument(
+        "--caption_max_length",
+        type=int,
+        default=None,
+        help="Tokens every caption is padded or truncated to; the grids and the saved pipeline use the same. Default:"
+        " the longest tokenized caption in the dataset (with --streaming: the tokenizer's maximum). Raise it (e.g. 77"
+        " for CLIP) to sample with prompts longer than the training captions.",
+    )
+    data.add_argument(
         "--no_caption_cache",
         dest="caption_cache",
         action="store_false",
@@ -383,6 +391,10 @@ def validate_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.streaming and not exists(args.max_train_steps):
         raise UserError("--streaming needs --max_train_steps: a stream has no length to count epochs from")
+    if exists(args.caption_max_length) and args.caption_max_length < 2:
+        raise UserError(
+            f"--caption_max_length must be at least 2 (the start and end tokens), got {args.caption_max_length}"
+        )
     if args.dataloader_num_workers < 0:
         raise UserError(f"--dataloader_num_workers must be 0 or more, got {args.dataloader_num_workers}")
     if args.streaming and args.shuffle_buffer_size < 1:
@@ -920,11 +932,26 @@ def token_limit(tokenizer) -> int:
     return tokenizer.model_max_length if tokenizer.model_max_length < 100_000 else 512
 
 
-def longest_token_length(tokenizer, captions: list[str]) -> int:
-    """The longest tokenized caption (with special tokens), capped at the tokenizer's maximum."""
+def caption_token_lengths(tokenizer, captions: list[str]) -> list[int]:
+    """Tokens of each caption (with special tokens), capped at the tokenizer's maximum."""
     limit = token_limit(tokenizer)
-    lengths = [len(ids) for ids in tokenizer(captions, truncation=True, max_length=limit)["input_ids"]]
-    return max(lengths)
+    return [len(ids) for ids in tokenizer(captions, truncation=True, max_length=limit)["input_ids"]]
+
+
+def caption_max_length(tokenizer, captions: list[str] | None, requested: int | None) -> int:
+    """--caption_max_length if given (checked against the tokenizer), else the longest caption's length."""
+    limit = token_limit(tokenizer)
+    if exists(requested) and requested > limit:
+        raise UserError(f"--caption_max_length {requested} is more than the tokenizer's maximum; use at most {limit}")
+    if not exists(captions):  # a stream: its captions are not known ahead
+        return requested or limit
+    lengths = caption_token_lengths(tokenizer, captions)
+    if not exists(requested):
+        return max(lengths)
+    truncated = sum(length > requested for length in lengths)
+    if truncated:
+        logger.warning("--caption_max_length %d truncates %d of %d captions", requested, truncated, len(captions))
+    return requested
 
 
 def caption_cache_path(output_dir: Path, encoder_name: str, encoder, captions: list[str], max_length: int) -> Path:
@@ -1682,7 +1709,7 @@ class TrainingData:
 
 def prepare_in_memory_data(args, accelerator, state: TrainState, tokenizer, text_encoder) -> TrainingData:
     data = load_captioned_images(args)
-    text_max_length = longest_token_length(tokenizer, data.captions)
+    text_max_length = caption_max_length(tokenizer, data.captions, args.caption_max_length)
     images = build_image_store(data, args, accelerator.is_local_main_process)
     usable_rows = torch.tensor([row for row in range(len(data.sources)) if row not in images.bad])
     state.skipped_images = len(images.bad)
@@ -1709,7 +1736,8 @@ def prepare_streamed_data(args, accelerator, state: TrainState, tokenizer, text_
     accumulation = args.gradient_accumulation_steps
     schedule = Schedule(args.checkpointing_steps * accumulation, accumulation, args.max_train_steps)
     captions = streamed_captions(stream, STREAM_CAPTION_SAMPLE)
-    return TrainingData(None, None, None, token_limit(tokenizer), schedule, captions, stream)
+    text_max_length = caption_max_length(tokenizer, None, args.caption_max_length)
+    return TrainingData(None, None, None, text_max_length, schedule, captions, stream)
 
 
 def encode_validation_prompts(tokenizer, text_encoder, prompts: list[str], data: TrainingData):

@@ -24,10 +24,10 @@ def test_quick_benchmark_prints_every_row_with_numbers(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     rows = {match["name"]: match for line in result.stdout.splitlines() if (match := ROW.match(line))}
     assert list(rows) == [
-        "(a) seed config, no caching (the seed's way)",
+        "(a) seed config, no caching, captions padded to 77 tokens (the seed's way)",
         "(a) seed config, cached",
         "(a) seed config, cached + bf16",
-        "(b) small config, no caching",
+        "(b) small config, no caching, captions padded to 77 tokens (the seed's way)",
         "(b) small config, cached",
         "16 prompts, 1000 DDPM steps each, one at a time (the seed's way)*",
         "16-image grid, one batch, DPM-Solver++ 2 steps, guidance 3",
@@ -35,5 +35,5 @@ def test_quick_benchmark_prints_every_row_with_numbers(tmp_path):
         "16-image grid, one batch, DPM-Solver++ 2 steps, guidance 3, bf16 autocast",
     ]
     assert all(float(row["rate"]) > 0 and int(row["rss"]) > 0 for row in rows.values())
-    assert rows["(a) seed config, no caching (the seed's way)"]["ratio"] == "1.00"
+    assert rows["(a) seed config, no caching, captions padded to 77 tokens (the seed's way)"]["ratio"] == "1.00"
     assert output.read_text().strip() == result.stdout.strip()

@@ -585,6 +585,22 @@ def test_push_to_hub_uploads_the_pipeline_folder_without_checkpoints(argv, tmp_p
     assert repo_id == "me/shapes" and folder == str(tmp_path / "out") and "checkpoint-*" in ignored
 
 
+@pytest.mark.parametrize("requested, expected", [(None, 5), ("12", 12), ("3", 3)])
+def test_captions_are_padded_to_the_longest_or_to_caption_max_length(argv, caplog, requested, expected):
+    flags = ("--caption_max_length", requested) if requested else ()
+    args = trainer.parse_args(argv(*flags))
+    args.output_dir.mkdir(parents=True)
+    run = trainer.setup_run(args)
+    assert run.text_max_length == expected  # "a red square": start, 3 words, end
+    assert run.conditioning.embeddings.shape[1] == expected
+    assert ("truncates 8 of 9 captions" in caplog.text) == (expected == 3)  # all but the empty caption
+
+
+def test_caption_max_length_beyond_the_tokenizer_is_refused(argv, capsys):
+    error = run_error(argv("--caption_max_length", "500"), capsys)
+    assert "--caption_max_length 500 is more than the tokenizer's maximum; use at most 32" in error
+
+
 def test_frozen_encoder_is_freed_after_caching_and_grids_match_the_encoder(argv, tiny_text_encoder_dir):
     import numpy as np
 
