@@ -646,7 +646,7 @@ class ImageStore:
     """
 
     images: list[torch.Tensor | None]
-    decoder: DecodedImages
+    decoder: DecodedImages | None  # None once all images are decoded: the files' bytes are not kept twice
     num_workers: int
     bad: set[int] = field(default_factory=set)
     rows_of: Callable[[int], list[int]] | None = None  # micro-batch index -> this process's rows
@@ -738,7 +738,9 @@ def build_image_store(data: CaptionedImages, args: argparse.Namespace, show_prog
     images, failures = decode_all_images(decoder, args.dataloader_num_workers, show_progress)
     report_bad_images(failures, len(images))
     bad = {index for index, image in enumerate(images) if image is None}
-    return ImageStore(images=images, decoder=decoder, num_workers=args.dataloader_num_workers, bad=bad)
+    # a parquet dataset's sources are the encoded files themselves, often far larger than the decoded cache
+    data.sources = []
+    return ImageStore(images=images, decoder=None, num_workers=args.dataloader_num_workers, bad=bad)
 
 
 class DecodedExamples(torch.utils.data.Dataset):
@@ -1711,7 +1713,7 @@ def prepare_in_memory_data(args, accelerator, state: TrainState, tokenizer, text
     data = load_captioned_images(args)
     text_max_length = caption_max_length(tokenizer, data.captions, args.caption_max_length)
     images = build_image_store(data, args, accelerator.is_local_main_process)
-    usable_rows = torch.tensor([row for row in range(len(data.sources)) if row not in images.bad])
+    usable_rows = torch.tensor([row for row in range(len(data.caption_ids)) if row not in images.bad])
     state.skipped_images = len(images.bad)
     schedule = plan_schedule(len(usable_rows), args, accelerator.num_processes)
     shard = Shard(accelerator.process_index, accelerator.num_processes, args.train_batch_size)

@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -149,7 +150,9 @@ def wait_for_device() -> None:
 
 
 def measure_training(argv: list[str], timed_steps: int) -> dict:
-    """Setup time, then img/s over `timed_steps` optimizer steps after one warm-up step."""
+    """Setup time, then img/s of the median of `timed_steps` optimizer steps after one warm-up step.
+
+    The median, not the mean: on a shared CPU a neighbour's burst slows a step or two, not the configuration."""
     import train_text_to_image as trainer
 
     args = trainer.parse_args(argv)
@@ -162,14 +165,17 @@ def measure_training(argv: list[str], timed_steps: int) -> dict:
     micro_steps = iter(run.schedule.micro_batches(0))
     for _ in range(accumulation):  # warm-up: allocator, kernels, first optimizer state
         trainer.take_micro_step(run, *next(micro_steps))
-    wait_for_device()
-    started = time.perf_counter()
-    for _ in range(timed_steps * accumulation):
-        trainer.take_micro_step(run, *next(micro_steps))
-    wait_for_device()
-    seconds = time.perf_counter() - started
-    images = timed_steps * accumulation * args.train_batch_size
-    return {"setup_s": setup_seconds, "img_per_s": images / seconds, "peak_rss_mib": peak_rss_mib()}
+    step_seconds = []
+    for _ in range(timed_steps):
+        wait_for_device()
+        started = time.perf_counter()
+        for _ in range(accumulation):
+            trainer.take_micro_step(run, *next(micro_steps))
+        wait_for_device()
+        step_seconds.append(time.perf_counter() - started)
+    images = accumulation * args.train_batch_size
+    median = statistics.median(step_seconds)
+    return {"setup_s": setup_seconds, "img_per_s": images / median, "peak_rss_mib": peak_rss_mib()}
 
 
 def build_sampling_pipeline(unet_config: Path, encoder: Path, resolution: int):
@@ -340,7 +346,7 @@ def format_table(train: list[str], sample: list[str], args, seconds: float, load
             f"load average {load:.2f} before the run"
             f"{'; QUICK MODE (tiny models, two workers at a time, numbers mean nothing)' if args.quick else ''}",
             "",
-            f"| training ({args.steps} timed optimizer steps after 1 warm-up) | img/s | vs the seed's way | setup s | peak RSS MiB |",
+            f"| training (median of {args.steps} timed optimizer steps after 1 warm-up) | img/s | vs the seed's way | setup s | peak RSS MiB |",
             "|---|---|---|---|---|",
             *train,
             "",

@@ -593,6 +593,7 @@ def test_captions_are_padded_to_the_longest_or_to_caption_max_length(argv, caplo
     run = trainer.setup_run(args)
     assert run.text_max_length == expected  # "a red square": start, 3 words, end
     assert run.conditioning.embeddings.shape[1] == expected
+    assert run.images.cached and run.images.decoder is None  # the files' bytes are not kept beside the cache
     assert ("truncates 8 of 9 captions" in caplog.text) == (expected == 3)  # all but the empty caption
 
 
