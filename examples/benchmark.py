@@ -54,9 +54,11 @@ def training_configs(quick: bool, bf16: bool) -> list[dict]:
     """Name, encoder, UNet config, batch, accumulation and extra flags of each training row."""
     seed_unet = EXAMPLES / ("shapes_unet.json" if quick else "seed_unet.json")
     small_unet = EXAMPLES / "shapes_unet.json"
-    seed = {"encoder": "clip-l", "unet": seed_unet, "batch": 3, "accumulation": 4}
-    small = {"encoder": "small", "unet": small_unet, "batch": 8 if quick else 32, "accumulation": 1}
-    with_bf16 = [{**seed, "name": "(a) seed config, cached + bf16", "flags": ["--mixed_precision", "bf16"]}]
+    seed = {"encoder": "clip-l", "unet": seed_unet, "batch": 3, "accumulation": 4, "group": "a"}
+    small = {"encoder": "small", "unet": small_unet, "batch": 8 if quick else 32, "accumulation": 1, "group": "b"}
+    # a group of its own: accelerate allows one mixed-precision setting per process
+    bf16 = {"name": "(a) seed config, cached + bf16", "flags": ["--mixed_precision", "bf16"], "group": "a-bf16"}
+    with_bf16 = [{**seed, **bf16}]
     # --quick leaves out the rows that differ from the seed's way only by a flag: each worker costs ~10 s to start
     seed_short = [] if quick else [{**seed, "name": UNCACHED_SHORT.format("(a) seed"), "flags": UNCACHED}]
     small_short = [] if quick else [{**small, "name": UNCACHED_SHORT.format("(b) small"), "flags": UNCACHED}]
@@ -149,33 +151,59 @@ def wait_for_device() -> None:
         torch.cuda.synchronize()
 
 
-def measure_training(argv: list[str], timed_steps: int) -> dict:
-    """Setup time, then img/s of the median of `timed_steps` optimizer steps after one warm-up step.
-
-    The median, not the mean: on a shared CPU a neighbour's burst slows a step or two, not the configuration."""
+def set_up_training(argv: list[str]):
+    """The trainer's own Run for these flags, and its micro-batches from step 0."""
     import train_text_to_image as trainer
 
     args = trainer.parse_args(argv)
     trainer.validate_args(args)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
     run = trainer.setup_run(args)
-    setup_seconds = time.perf_counter() - started
-    accumulation = args.gradient_accumulation_steps
-    micro_steps = iter(run.schedule.micro_batches(0))
-    for _ in range(accumulation):  # warm-up: allocator, kernels, first optimizer state
+    return run, iter(run.schedule.micro_batches(0))
+
+
+def time_optimizer_step(run, micro_steps) -> float:
+    import train_text_to_image as trainer
+
+    wait_for_device()
+    started = time.perf_counter()
+    for _ in range(run.args.gradient_accumulation_steps):
         trainer.take_micro_step(run, *next(micro_steps))
-    step_seconds = []
-    for _ in range(timed_steps):
-        wait_for_device()
+    wait_for_device()
+    return time.perf_counter() - started
+
+
+def measure_setup_and_memory(argv: list[str]) -> dict:
+    """Setup time, and the peak memory of setup plus one optimizer step (which allocates AdamW's state)."""
+    started = time.perf_counter()
+    run, micro_steps = set_up_training(argv)
+    setup_seconds = time.perf_counter() - started
+    time_optimizer_step(run, micro_steps)
+    return {"setup_s": setup_seconds, "peak_rss_mib": peak_rss_mib()}
+
+
+def measure_speeds_in_turn(argvs: list[list[str]], timed_steps: int) -> dict:
+    """img/s of several configurations set up in one process, their optimizer steps timed in turn.
+
+    A shared CPU's speed drifts by 20% over minutes; configurations timed one after another see the
+    same drift, so their ratio holds where separate processes' did not (three back-to-back runs gave
+    caching 0.94x to 1.39x). img/s is from the median step: a neighbour's burst spoils a step or two.
+    """
+    runs, setup_seconds = [], []
+    for argv in argvs:
         started = time.perf_counter()
-        for _ in range(accumulation):
-            trainer.take_micro_step(run, *next(micro_steps))
-        wait_for_device()
-        step_seconds.append(time.perf_counter() - started)
-    images = accumulation * args.train_batch_size
-    median = statistics.median(step_seconds)
-    return {"setup_s": setup_seconds, "img_per_s": images / median, "peak_rss_mib": peak_rss_mib()}
+        runs.append(set_up_training(argv))
+        setup_seconds.append(time.perf_counter() - started)
+    for run, micro_steps in runs:  # warm-up: allocator, kernels, first optimizer state
+        time_optimizer_step(run, micro_steps)
+    step_seconds = [[] for _ in runs]
+    for round_index in range(timed_steps):
+        for offset in range(len(runs)):  # each round starts with the next configuration
+            index = (round_index + offset) % len(runs)
+            step_seconds[index].append(time_optimizer_step(*runs[index]))
+    images = [run.args.gradient_accumulation_steps * run.args.train_batch_size for run, _ in runs]
+    rates = [count / statistics.median(seconds) for count, seconds in zip(images, step_seconds, strict=True)]
+    return {"img_per_s": rates, "setup_s": setup_seconds, "peak_rss_mib": peak_rss_mib()}
 
 
 def build_sampling_pipeline(unet_config: Path, encoder: Path, resolution: int):
@@ -247,8 +275,10 @@ def worker_main(task: dict) -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    if task["kind"] == "train":
-        result = measure_training(task["argv"], task["timed_steps"])
+    if task["kind"] == "setup":
+        result = measure_setup_and_memory(task["argv"])
+    elif task["kind"] == "speed":
+        result = measure_speeds_in_turn(task["argvs"], task["timed_steps"])
     else:
         result = measure_sampling(task)
     print(json.dumps(result), flush=True)
@@ -266,21 +296,43 @@ def run_workers(tasks: list[dict], quick: bool) -> list[dict]:
 
 
 def training_tasks(configs: list[dict], data_dir: Path, encoders: dict, work: Path, args) -> list[dict]:
-    tasks = []
+    """A setup-and-memory task per configuration (not with --quick: a worker takes ~10 s to start), then a
+    speed task per group (its configurations in turn)."""
+    setup_tasks, groups = [], {}
     for index, config in enumerate(configs):
-        output_dir = work / f"run-{index}"
-        argv = trainer_argv(config, data_dir, encoders[config["encoder"]], output_dir, args.steps + 1, args.quick)
-        tasks.append({"kind": "train", "name": config["name"], "argv": argv, "timed_steps": args.steps})
-    return tasks
+        # the full run's speed task reuses the setup task's folder and so its caption cache (no second
+        # CLIP-L encoding); --quick runs tasks side by side, so each gets a folder of its own
+        folders = (work / f"run-{index}", work / (f"speed-{index}" if args.quick else f"run-{index}"))
+        encoder, steps = encoders[config["encoder"]], args.steps + 2
+        setup_argv, speed_argv = (trainer_argv(config, data_dir, encoder, f, steps, args.quick) for f in folders)
+        setup_tasks.append({"kind": "setup", "name": config["name"], "argv": setup_argv})
+        groups.setdefault(config["group"], []).append(speed_argv)
+    speed_tasks = [
+        {"kind": "speed", "name": f"group {group}, in turn", "argvs": argvs, "timed_steps": args.steps}
+        for group, argvs in groups.items()
+    ]
+    return speed_tasks if args.quick else setup_tasks + speed_tasks
 
 
-def training_rows(configs: list[dict], results: list[dict]) -> list[str]:
+def by_config(configs: list[dict], speed_results: list[dict]) -> tuple[list[dict], list[float]]:
+    """The speed tasks' setup times, peaks and img/s, back in the order of the configurations."""
+    groups = list(dict.fromkeys(config["group"] for config in configs))
+    results = dict(zip(groups, speed_results, strict=True))
+    positions = {group: iter(range(len(configs))) for group in groups}
+    setups, speeds = [], []
+    for config in configs:
+        result, index = results[config["group"]], next(positions[config["group"]])
+        setups.append({"setup_s": result["setup_s"][index], "peak_rss_mib": result["peak_rss_mib"]})
+        speeds.append(result["img_per_s"][index])
+    return setups, speeds
+
+
+def training_rows(configs: list[dict], setups: list[dict], speeds: list[float]) -> list[str]:
     rows, baseline = [], None
-    for config, result in zip(configs, results, strict=True):
-        baseline = result["img_per_s"] if config.get("baseline") else baseline
-        speedup = result["img_per_s"] / baseline
+    for config, setup, speed in zip(configs, setups, speeds, strict=True):
+        baseline = speed if config.get("baseline") else baseline
         rows.append(
-            f"| {config['name']} | {result['img_per_s']:.2f} | {speedup:.2f}x | {result['setup_s']:.1f} | {result['peak_rss_mib']:.0f} |"
+            f"| {config['name']} | {speed:.2f} | {speed / baseline:.2f}x | {setup['setup_s']:.1f} | {setup['peak_rss_mib']:.0f} |"
         )
     return rows
 
@@ -346,7 +398,7 @@ def format_table(train: list[str], sample: list[str], args, seconds: float, load
             f"load average {load:.2f} before the run"
             f"{'; QUICK MODE (tiny models, two workers at a time, numbers mean nothing)' if args.quick else ''}",
             "",
-            f"| training (median of {args.steps} timed optimizer steps after 1 warm-up) | img/s | vs the seed's way | setup s | peak RSS MiB |",
+            f"| training: img/s of the median of {args.steps} optimizer steps, a group's configurations in turn* | img/s | vs the seed's way | setup s | peak RSS MiB |",
             "|---|---|---|---|---|",
             *train,
             "",
@@ -354,7 +406,10 @@ def format_table(train: list[str], sample: list[str], args, seconds: float, load
             "|---|---|---|---|---|",
             *sample,
             "",
-            f"\\* extrapolated linearly from {seed_sampling_steps(args.quick)} DDPM steps of one prompt"
+            "\\* training: each group's configurations (bf16 on its own) set up in one process and their optimizer"
+            " steps timed in turn after one warm-up step each; setup time and peak memory from one process per"
+            f" configuration (setup and one optimizer step){'; QUICK MODE: from the group process' if args.quick else ''}.",
+            f"\\* sampling: extrapolated linearly from {seed_sampling_steps(args.quick)} DDPM steps of one prompt"
             " (each step is one UNet call of batch 1).",
             *(
                 []
@@ -392,7 +447,10 @@ def main(argv: list[str] | None = None) -> str:
         tasks = training_tasks(configs, data_dir, encoders, work, args)
         # sampling first: with --quick it is the longest task and runs beside the training rows
         sampled, *results = run_workers([sampling_task(configs, encoders, captions, args), *tasks], args.quick)
-    train, sample = training_rows(configs, results), sampling_rows(sampled, args)
+    separate_setups = [] if args.quick else results[: len(configs)]
+    group_setups, speeds = by_config(configs, results[len(separate_setups) :])
+    setups = separate_setups or group_setups  # --quick: each group's process's peak, for every row of it
+    train, sample = training_rows(configs, setups, speeds), sampling_rows(sampled, args)
     table = format_table(train, sample, args, time.perf_counter() - started, load)
     print(table)
     if args.output:
