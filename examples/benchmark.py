@@ -57,8 +57,8 @@ def training_configs(quick: bool, bf16: bool) -> list[dict]:
     seed = {"encoder": "clip-l", "unet": seed_unet, "batch": 3, "accumulation": 4, "group": "a"}
     small = {"encoder": "small", "unet": small_unet, "batch": 8 if quick else 32, "accumulation": 1, "group": "b"}
     # a group of its own: accelerate allows one mixed-precision setting per process
-    bf16 = {"name": "(a) seed config, cached + bf16", "flags": ["--mixed_precision", "bf16"], "group": "a-bf16"}
-    with_bf16 = [{**seed, **bf16}]
+    bf16_row = {"name": "(a) seed config, cached + bf16", "flags": ["--mixed_precision", "bf16"], "group": "a-bf16"}
+    with_bf16 = [{**seed, **bf16_row}]
     # --quick leaves out the rows that differ from the seed's way only by a flag: each worker costs ~10 s to start
     seed_short = [] if quick else [{**seed, "name": UNCACHED_SHORT.format("(a) seed"), "flags": UNCACHED}]
     small_short = [] if quick else [{**small, "name": UNCACHED_SHORT.format("(b) small"), "flags": UNCACHED}]
