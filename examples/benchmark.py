@@ -15,9 +15,12 @@ UNet call) with the seed's way (1000 DDPM steps, one prompt at a time, extrapola
     python examples/benchmark.py --data_dir ../shared/datasets/emoji-noto-32 --output benchmark-table.md
     python examples/benchmark.py --quick     # seconds: tiny models, checks that it all runs
 
---quick runs two worker processes at a time, one torch thread each, one timed step, 2-step grids
-and no "padded to the longest" rows, so the smoke test is short; the full run measures one configuration at a time with all the threads. bf16 rows
-are left out of a full run on a CPU without native bf16 (AVX512-BF16 or AMX), which emulates it.
+The full run sets up each group of configurations ((a) fp32, (a) bf16, (b)) in one process and
+times their optimizer steps in turn with all the threads, so that the ratios compare steps taken
+seconds apart; setup time and peak memory come from one process per configuration. --quick runs two
+worker processes at a time, one torch thread each, one timed step, 2-step grids and no "padded to
+the longest" rows, so the smoke test is short. bf16 rows are left out of a full run on a CPU
+without native bf16 (AVX512-BF16 or AMX), which emulates it.
 """
 
 from __future__ import annotations
@@ -321,12 +324,14 @@ def by_config(configs: list[dict], speed_results: list[dict]) -> tuple[list[dict
     """The speed tasks' setup times, peaks and img/s, back in the order of the configurations."""
     groups = list(dict.fromkeys(config["group"] for config in configs))
     results = dict(zip(groups, speed_results, strict=True))
-    positions = {group: iter(range(len(configs))) for group in groups}
+    in_group = {
+        group: iter(zip(result["setup_s"], result["img_per_s"], strict=True)) for group, result in results.items()
+    }
     setups, speeds = [], []
     for config in configs:
-        result, index = results[config["group"]], next(positions[config["group"]])
-        setups.append({"setup_s": result["setup_s"][index], "peak_rss_mib": result["peak_rss_mib"]})
-        speeds.append(result["img_per_s"][index])
+        setup_s, speed = next(in_group[config["group"]])
+        setups.append({"setup_s": setup_s, "peak_rss_mib": results[config["group"]]["peak_rss_mib"]})
+        speeds.append(speed)
     return setups, speeds
 
 
