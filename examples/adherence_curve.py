@@ -1,0 +1,246 @@
+"""How soon does a recipe follow the prompt? Adherence against images seen, with a FROZEN text encoder.
+
+The frozen-encoder variant of the quickstart: the shapes dataset (16 px), the caption-vocabulary
+CLIP of `make_text_encoder.py` left random and frozen (so the UNet alone must learn what the
+words mean, as with any frozen pretrained encoder), the quickstart's UNet, batch 32, EMA. Each
+recipe is trained once per seed with a checkpoint every `--eval_every` steps; every checkpoint's
+EMA weights then draw every prompt of the dataset and `evaluate_shapes.py` scores them. The table
+gives "all three" (colour, shape and size right) against images seen, and the images seen to
+first reach 50% and 90%; `--plot` draws the curves as a PNG (PIL only).
+
+    python examples/adherence_curve.py --recipes before after --seeds 0 1 --output_dir out/adherence
+    python examples/adherence_curve.py --recipes after --max_train_steps 400 --eval_every 200   # a quick look
+
+Runs go `--jobs` at a time (each with its share of the CPU threads). A finished run is not
+trained again: its scores are read back from `scores.json`, so an interrupted sweep can be
+re-run with the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from evaluate_shapes import read_image, score  # noqa: E402
+from make_shapes_dataset import all_prompts, caption  # noqa: E402
+
+SHAPES_UNET = HERE / "shapes_unet.json"
+THRESHOLDS = (0.5, 0.9)
+
+# Flags shared by every recipe: the quickstart's run with its encoder frozen.
+COMMON_FLAGS = [
+    "--resolution", "16",
+    "--train_batch_size", "32",
+    "--learning_rate", "5e-4",
+    "--use_ema", "--ema_max_decay", "0.999",
+    "--conditioning_dropout_prob", "0.1",
+    "--logger", "none",
+    "--save_images_epochs", "100000", "--save_model_epochs", "100000",
+]  # fmt: skip
+
+# Each recipe: extra trainer flags, and what to change in the quickstart's UNet config.
+RECIPES = {
+    # the trainer's defaults before issue 11: cosine decay to zero, cross-attention at 8 and 4 px only
+    "before": {"flags": ["--lr_scheduler", "cosine", "--lr_warmup_steps", "100"], "unet": {}},
+    "constant": {"flags": ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "100"], "unet": {}},
+    "pooled": {
+        "flags": ["--lr_scheduler", "cosine", "--lr_warmup_steps", "100"],
+        "unet": {"addition_embed_type": "text"},
+    },
+    "constant+pooled": {
+        "flags": ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "100"],
+        "unet": {"addition_embed_type": "text"},
+    },
+    # the trainer's defaults after issue 11 (no schedule flags) on the quickstart's UNet as shipped
+    "after": {"flags": [], "unet": None},
+}
+
+
+def prepare_inputs(work: Path) -> tuple[Path, Path]:
+    """The shapes dataset and a random caption-vocabulary encoder, made once."""
+    data, encoder = work / "shapes", work / "shapes-text-encoder"
+    if not (data / "metadata.jsonl").is_file():
+        command = [sys.executable, HERE / "make_shapes_dataset.py", "--output_dir", data, "--resolution", "16"]
+        subprocess.run([str(part) for part in command + ["--count", "3600"]], check=True)
+    if not (encoder / "config.json").is_file():
+        command = [sys.executable, HERE / "make_text_encoder.py", "--captions", data / "metadata.jsonl"]
+        command += ["--output_dir", encoder, "--hidden_size", "128", "--num_layers", "2", "--num_heads", "4"]
+        subprocess.run([str(part) for part in command + ["--max_length", "16"]], check=True)
+    return data, encoder
+
+
+def unet_config_for(recipe: str, folder: Path) -> Path:
+    """The quickstart's UNet config with the recipe's changes, written beside the run."""
+    changes = RECIPES[recipe]["unet"]
+    if changes is None:
+        return SHAPES_UNET
+    config = json.loads(SHAPES_UNET.read_text())
+    for key in ("addition_embed_type", "addition_embed_type_num_heads"):
+        config.pop(key, None)  # "before"-style recipes start from the plain cross-attention UNet
+    config.update(changes)
+    path = folder / "unet.json"
+    path.write_text(json.dumps(config, indent=2))
+    return path
+
+
+def train(recipe: str, seed: int, args, data: Path, encoder: Path, threads: int) -> Path:
+    run_dir = args.output_dir / f"{recipe}-seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, str(ROOT / "train_text_to_image.py"), *COMMON_FLAGS, *RECIPES[recipe]["flags"]]
+    command += ["--train_data_dir", str(data), "--text_encoder_name_or_path", str(encoder)]
+    command += ["--model_config_name_or_path", str(unet_config_for(recipe, run_dir))]
+    command += ["--output_dir", str(run_dir / "model"), "--overwrite_output_dir", "--seed", str(seed)]
+    command += ["--max_train_steps", str(args.max_train_steps), "--checkpointing_steps", str(args.eval_every)]
+    command += ["--lr_warmup_steps", "100"] if not RECIPES[recipe]["flags"] else []
+    environment = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    with open(run_dir / "train.log", "w") as log:
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, env=environment)
+    return run_dir / "model"
+
+
+def checkpoint_ema(checkpoint: Path) -> list:
+    """The EMA's shadow parameters saved in an accelerate checkpoint (the one custom object holding them)."""
+    import torch
+
+    for path in sorted(checkpoint.glob("custom_checkpoint_*.pkl")):
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if isinstance(state, dict) and "shadow_params" in state:
+            return state["shadow_params"]
+    raise FileNotFoundError(f"{checkpoint}: no EMA state (was the run trained with --use_ema?)")
+
+
+def score_checkpoints(model: Path, images_per_prompt: int, guidance: float) -> dict[int, float]:
+    """'all three' share per checkpoint step, sampling every prompt with the checkpoint's EMA weights."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from pipeline_text_to_image import TextToImagePipeline
+
+    pipeline = TextToImagePipeline.from_pretrained(model)
+    pipeline.set_progress_bar_config(disable=True)
+    prompts = all_prompts()
+    labels = [prompt for prompt in prompts for _ in range(images_per_prompt)]
+    results = {}
+    for checkpoint in sorted(model.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1])):
+        for parameter, shadow in zip(pipeline.unet.parameters(), checkpoint_ema(checkpoint), strict=True):
+            parameter.data.copy_(shadow)
+        images = pipeline(
+            [caption(*prompt) for prompt in prompts],
+            num_images_per_prompt=images_per_prompt,
+            guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        ).images
+        pixels = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+        shares = score([(read_image(image), label) for image, label in zip(pixels, labels, strict=True)])
+        results[int(checkpoint.name.split("-")[1])] = shares["all"]
+    return results
+
+
+def run_recipe(recipe: str, seed: int, args, data: Path, encoder: Path, threads: int) -> dict[int, float]:
+    """Images seen -> 'all three' share for one recipe and seed (cached in scores.json)."""
+    scores_file = args.output_dir / f"{recipe}-seed{seed}" / "scores.json"
+    if scores_file.is_file():
+        return {int(images): share for images, share in json.loads(scores_file.read_text()).items()}
+    model = train(recipe, seed, args, data, encoder, threads)
+    torch_threads(threads)
+    by_step = score_checkpoints(model, args.images_per_prompt, args.guidance_scale)
+    by_images = {step * 32: share for step, share in by_step.items()}
+    scores_file.write_text(json.dumps(by_images, indent=2))
+    for checkpoint in model.glob("checkpoint-*"):  # ~50 MB each: the scores are what we keep
+        subprocess.run(["rm", "-rf", str(checkpoint)], check=True)
+    return by_images
+
+
+def torch_threads(count: int) -> None:
+    import torch
+
+    torch.set_num_threads(count)
+
+
+def images_to_reach(curve: dict[int, float], threshold: float) -> int | None:
+    return next((images for images, share in sorted(curve.items()) if share >= threshold), None)
+
+
+def format_table(curves: dict[tuple[str, int], dict[int, float]]) -> str:
+    points = sorted({images for curve in curves.values() for images in curve})
+    header = ["recipe", "seed", *[f"{images / 1000:g}k" for images in points]]
+    header += [f"to {threshold:.0%}" for threshold in THRESHOLDS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (recipe, seed), curve in curves.items():
+        cells = [recipe, str(seed), *[f"{curve[p]:.0%}" if p in curve else "" for p in points]]
+        for threshold in THRESHOLDS:
+            reached = images_to_reach(curve, threshold)
+            cells.append(f"{reached / 1000:.1f}k" if reached else f"> {max(curve) / 1000:.1f}k")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(curves: dict[tuple[str, int], dict[int, float]], path: Path) -> None:
+    """Adherence against images seen, one line per run, colour per recipe (PIL, no matplotlib)."""
+    from PIL import Image, ImageDraw
+
+    width, height, margin = 640, 360, 48
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    most = max(max(curve) for curve in curves.values())
+    x_of = lambda images: margin + (width - 2 * margin) * images / most  # noqa: E731
+    y_of = lambda share: height - margin - (height - 2 * margin) * share  # noqa: E731
+    draw.line([(margin, margin), (margin, height - margin), (width - margin, height - margin)], fill="black")
+    for share in (0.5, 0.9):
+        draw.line([(margin, y_of(share)), (width - margin, y_of(share))], fill=(200, 200, 200))
+        draw.text((4, y_of(share) - 6), f"{share:.0%}", fill="black")
+    draw.text((width - margin - 30, height - margin + 6), f"{most // 1000}k", fill="black")
+    draw.text((width // 2 - 40, height - 20), "images seen", fill="black")
+    draw.text((margin, 8), "'all three' right (colour, shape, size), frozen text encoder", fill="black")
+    palette = [(200, 40, 40), (40, 90, 220), (30, 150, 60), (230, 140, 20), (140, 50, 170), (90, 90, 90)]
+    recipes = list(dict.fromkeys(recipe for recipe, _ in curves))
+    for (recipe, _), curve in curves.items():
+        colour = palette[recipes.index(recipe) % len(palette)]
+        points = [(x_of(0), y_of(0))] + [(x_of(images), y_of(curve[images])) for images in sorted(curve)]
+        draw.line(points, fill=colour, width=2)
+    for index, recipe in enumerate(recipes):
+        draw.text((margin + 10, margin + 4 + 14 * index), recipe, fill=palette[index % len(palette)])
+    image.save(path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", nargs="+", default=["before", "after"], choices=list(RECIPES))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--max_train_steps", type=int, default=1600, help="Optimizer steps per run (batch 32).")
+    parser.add_argument("--eval_every", type=int, default=200, help="Score the EMA weights every N steps.")
+    parser.add_argument("--images_per_prompt", type=int, default=2, help="Images per prompt at each score.")
+    parser.add_argument("--guidance_scale", type=float, default=3.0)
+    parser.add_argument("--jobs", type=int, default=2, help="Runs trained at once (CPU threads are shared).")
+    parser.add_argument("--output_dir", type=Path, default=Path("out/adherence"))
+    parser.add_argument("--plot", type=Path, help="Also draw the curves into this PNG.")
+    args = parser.parse_args(argv)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    data, encoder = prepare_inputs(args.output_dir)
+    runs = [(recipe, seed) for recipe in args.recipes for seed in args.seeds]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    # processes, not threads: pipeline loading and torch's thread count are process-wide
+    with ProcessPoolExecutor(args.jobs) as pool:
+        futures = {run: pool.submit(run_recipe, *run, args, data, encoder, threads) for run in runs}
+        curves = {run: future.result() for run, future in futures.items()}
+    table = format_table(curves)
+    print(table)
+    (args.output_dir / "table.md").write_text(table + "\n")
+    if args.plot:
+        plot(curves, args.plot)
+    return curves
+
+
+if __name__ == "__main__":
+    main()
