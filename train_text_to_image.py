@@ -39,15 +39,26 @@ import torch.nn.functional as F
 logger = logging.getLogger("train_text_to_image")
 
 DEFAULT_TEXT_ENCODER = "openai/clip-vit-large-patch14"
-DEFAULT_BLOCK_CHANNELS = (128, 128, 256, 256, 512, 512)
+# --model_size presets: channels per level (cut to the resolution's levels) and ResNet layers per level
+MODEL_SIZES = {
+    "tiny": ((32, 64, 128, 128, 256, 256), 1),
+    "small": ((64, 128, 128, 256, 256, 256), 1),
+    "base": ((128, 128, 256, 256, 512, 512), 2),
+    "large": ((192, 192, 384, 384, 768, 768), 2),
+}
+DEFAULT_MODEL_SIZE = "base"
 ATTENTION_MAX_RESOLUTION = 16  # cross-attention only where the feature map is at most this wide
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 CHECKPOINT_MARKER = "train_state.json"
+PIPELINE_STAGING = ".pipeline.tmp"  # a pipeline export is written here, then swapped in
+PIPELINE_RETIRED = ".pipeline.old"  # the entries it replaces, until the swap is complete
 MAX_BAD_IMAGE_SHARE = 0.5
 STREAM_CAPTION_SAMPLE = 256  # streamed examples whose captions stand in for the dataset's (validation prompts)
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError)  # what PIL raises for corrupt/truncated files
 # With several processes, agreeing to stop is a collective and so a host-device sync: every few steps, not every step
 STOP_CHECK_STEPS = 10
+DISK_BYTES_PER_SECOND = 100e6  # a slow notebook disk: the estimate of a save's time before one is measured
+MIN_USEFUL_LEVEL_SIZE = 4  # px: below it a UNet level sees (almost) one pixel
 
 
 class UserError(Exception):
@@ -154,7 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument(
         "--model_config_name_or_path",
-        help="UNet2DConditionModel config.json (or a folder with one). Default: a UNet sized for --resolution, channels 128,128,256,256,512,512 cut to log2(resolution)-1 levels (2 to 6), 2 layers per block, cross-attention at 16 px and below.",
+        help="UNet2DConditionModel config.json (or a folder with one); wins over --model_size. Default: the --model_size UNet, log2(resolution)-1 levels (2 to 6), cross-attention at 16 px and below, the pooled prompt added to the timestep embedding.",
+    )
+    model.add_argument(
+        "--model_size",
+        default=DEFAULT_MODEL_SIZE,
+        choices=list(MODEL_SIZES),
+        help="Size of the default UNet (README 'Model sizes' lists parameters and speed): tiny 32-256 channels and small 64-256 with 1 layer per level, base 128-512 and large 192-768 with 2.",
     )
     model.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory in the UNet.")
     model.add_argument(
@@ -210,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     optim.add_argument("--max_train_steps", type=int, help="Optimizer steps to train; overrides --num_epochs.")
     optim.add_argument(
-        "--max_train_time", help="Stop and checkpoint after this long, e.g. 8h30m, 90m, 3600s (Kaggle/Colab limits)."
+        "--max_train_time",
+        help="Stop after this long, e.g. 8h30m, 90m, 3600s (Kaggle/Colab limits): checkpoint, a last grid and the pipeline (EMA weights) are written within it; training stops early by their time, as last measured (estimated from the step time and model size before they first ran).",
     )
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-steps per optimizer step.")
     optim.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate.")
@@ -1052,26 +1070,33 @@ def condition_batch(conditioning: Conditioning, caption_ids: torch.Tensor, text_
 # UNet
 
 
-def default_unet_config(resolution: int) -> dict:
-    """Levels = log2(resolution) - 1 (2..6), so the lowest feature map is 4 px or larger."""
-    levels = max(2, min(len(DEFAULT_BLOCK_CHANNELS), int(math.log2(resolution)) - 1))
+def default_unet_config(resolution: int, model_size: str = DEFAULT_MODEL_SIZE) -> dict:
+    """Levels = log2(resolution) - 1 (2..6), so the lowest feature map is 4 px or larger.
+
+    The pooled prompt is added to the timestep embedding ("text" addition embedding, as in GLIDE
+    and Imagen), so every level and every ResNet block sees the prompt, not only the cross-attention
+    levels: with a frozen encoder this made the model follow prompts far sooner (examples/adherence_curve.py).
+    """
+    channels, layers_per_block = MODEL_SIZES[model_size]
+    levels = max(2, min(len(channels), int(math.log2(resolution)) - 1))
     widths = [resolution // 2**level for level in range(levels)]
     attention = [width <= ATTENTION_MAX_RESOLUTION for width in widths]
     return {
         "sample_size": resolution,
         "in_channels": 3,
         "out_channels": 3,
-        "layers_per_block": 2,
-        "block_out_channels": list(DEFAULT_BLOCK_CHANNELS[:levels]),
+        "layers_per_block": layers_per_block,
+        "block_out_channels": list(channels[:levels]),
         "down_block_types": ["CrossAttnDownBlock2D" if attn else "DownBlock2D" for attn in attention],
         "up_block_types": ["CrossAttnUpBlock2D" if attn else "UpBlock2D" for attn in reversed(attention)],
         "attention_head_dim": 8,
+        "addition_embed_type": "text",
     }
 
 
-def load_unet_config(path: str | None, resolution: int) -> dict:
+def load_unet_config(path: str | None, resolution: int, model_size: str = DEFAULT_MODEL_SIZE) -> dict:
     if not exists(path):
-        return default_unet_config(resolution)
+        return default_unet_config(resolution, model_size)
     file = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
     if not file.is_file():
         raise UserError(f"--model_config_name_or_path {path} has no config.json")
@@ -1081,16 +1106,51 @@ def load_unet_config(path: str | None, resolution: int) -> dict:
         raise UserError(f"--model_config_name_or_path {file} is not valid JSON: {error}") from error
 
 
-def build_unet(config_path: str | None, resolution: int, cross_attention_dim: int):
+def level_sizes(resolution: int, levels: int) -> list[int]:
+    """Feature-map side at each UNet level: a stride-2 conv with padding 1 takes n to ceil(n / 2)."""
+    sizes = [resolution]
+    for _ in range(levels - 1):
+        sizes.append((sizes[-1] + 1) // 2)
+    return sizes
+
+
+def warn_collapsed_levels(config: dict, resolution: int) -> None:
+    """diffusers runs levels below 4 px (down to 1x1 again and again), but they cost parameters and buy little."""
+    sizes = level_sizes(resolution, len(config.get("down_block_types", [])))
+    small = [index for index, size in enumerate(sizes) if size < MIN_USEFUL_LEVEL_SIZE]
+    if not small:
+        return
+    useful = len(sizes) - len(small)
+    logger.warning(
+        "the UNet's %d levels take --resolution %d down to %s px: levels %d-%d work on maps under %d px "
+        "(slow, little to learn there); a %d-level config, or a larger --resolution, does the same work cheaper",
+        len(sizes),
+        resolution,
+        "/".join(map(str, sizes)),
+        small[0] + 1,
+        len(sizes),
+        MIN_USEFUL_LEVEL_SIZE,
+        max(useful, 2),
+    )
+
+
+def fit_text_pooling_heads(config: dict, text_width: int) -> None:
+    """The pooled-prompt attention splits the encoder width into heads (diffusers' default 64): keep it a divisor."""
+    if config.get("addition_embed_type") != "text":
+        return
+    heads = config.get("addition_embed_type_num_heads") or 64
+    if text_width % heads:
+        config["addition_embed_type_num_heads"] = math.gcd(text_width, heads)
+
+
+def build_unet(
+    config_path: str | None, resolution: int, cross_attention_dim: int, model_size: str = DEFAULT_MODEL_SIZE
+):
     """UNet2DConditionModel for pixel space; sample_size and cross_attention_dim follow the data and encoder."""
     from diffusers import UNet2DConditionModel
 
-    config = load_unet_config(config_path, resolution)
-    downsamples = len(config.get("down_block_types", [])) - 1
-    if resolution % 2**downsamples:
-        raise UserError(
-            f"--resolution {resolution} cannot be halved {downsamples} times by the UNet's {downsamples + 1} levels; use a multiple of {2**downsamples}"
-        )
+    config = load_unet_config(config_path, resolution, model_size)
+    warn_collapsed_levels(config, resolution)
     if config.get("cross_attention_dim") not in (None, cross_attention_dim):
         logger.info(
             "UNet cross_attention_dim %s -> %d to match the text encoder",
@@ -1098,6 +1158,7 @@ def build_unet(config_path: str | None, resolution: int, cross_attention_dim: in
             cross_attention_dim,
         )
     config.update(sample_size=resolution, cross_attention_dim=cross_attention_dim)
+    fit_text_pooling_heads(config, cross_attention_dim)
     try:
         return UNet2DConditionModel.from_config(config)
     except (TypeError, ValueError) as error:
@@ -1398,9 +1459,42 @@ def save_pipeline(pipeline, output_dir: Path, args: argparse.Namespace, state: T
         raise UserError(
             f"the UNet weights hold NaN/inf at step {state.step}; not overwriting the pipeline in {output_dir}"
         )
-    pipeline.save_pretrained(output_dir, safe_serialization=True)
-    copy_pipeline_code(output_dir)
-    (output_dir / "README.md").write_text(model_card(args, state, grid, output_dir))
+    staging = output_dir / PIPELINE_STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    pipeline.save_pretrained(staging, safe_serialization=True)
+    copy_pipeline_code(staging)
+    (staging / "README.md").write_text(model_card(args, state, grid, output_dir))
+    fsync_tree(staging)
+    swap_in_pipeline(staging, output_dir)
+
+
+def swap_in_pipeline(staging: Path, output_dir: Path) -> None:
+    """Move a complete pipeline from `staging` into output_dir, entry by entry (renames only, no copying).
+
+    The slow part (writing) happened in `staging`, so a kill then leaves the previous pipeline whole.
+    PIPELINE_RETIRED exists only while entries are being swapped, so it marks `staging` as complete: a kill
+    between two renames is finished at the next start (finish_interrupted_export), never left mixed.
+    """
+    retired = output_dir / PIPELINE_RETIRED
+    retired.mkdir(exist_ok=True)
+    for entry in sorted(staging.iterdir()):
+        current = output_dir / entry.name
+        if current.exists():
+            shutil.rmtree(retired / entry.name, ignore_errors=True)
+            current.rename(retired / entry.name)
+        entry.rename(current)
+    shutil.rmtree(retired)
+    staging.rmdir()
+
+
+def finish_interrupted_export(output_dir: Path) -> None:
+    """A complete staged pipeline is swapped in; a half-written one is dropped (the previous one stays)."""
+    staging, retired = output_dir / PIPELINE_STAGING, output_dir / PIPELINE_RETIRED
+    if retired.is_dir() and staging.is_dir():
+        swap_in_pipeline(staging, output_dir)
+        logger.warning("finished swapping in the pipeline an interrupted export had written to %s", staging)
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(retired, ignore_errors=True)
 
 
 def model_card(args: argparse.Namespace, state: TrainState, grid: Path | None, output_dir: Path) -> str:
@@ -1453,7 +1547,7 @@ def push_to_hub(output_dir: Path, args: argparse.Namespace, step: int) -> str:
         folder_path=str(output_dir),
         token=args.hub_token,
         commit_message=f"train_text_to_image.py: step {step}",
-        ignore_patterns=["checkpoint-*", ".checkpoint-*", "caption_cache/*", f"{args.logging_dir}/*"],
+        ignore_patterns=["checkpoint-*", ".checkpoint-*", ".pipeline.*", "caption_cache/*", f"{args.logging_dir}/*"],
     )
     return repo_id
 
@@ -1464,11 +1558,17 @@ def push_to_hub(output_dir: Path, args: argparse.Namespace, step: int) -> str:
 
 class StopRequest:
     """Set by SIGTERM/SIGINT or --max_train_time; the loop finishes its step (with several processes,
-    up to STOP_CHECK_STEPS steps, so that all stop at the same one), checkpoints and exits."""
+    up to STOP_CHECK_STEPS steps, so that all stop at the same one), checkpoints, exports and exits.
+
+    The time limit is checked against the deadline less `reserve`, the measured (or estimated) time of
+    that final checkpoint, grid and export, so the whole stop fits in --max_train_time.
+    """
 
     def __init__(self, max_seconds: float | None):
         self.reason: str | None = None
+        self.by_signal = False  # agreed by all processes: skip the final grid, a preemption may be short
         self.deadline = time.monotonic() + max_seconds if exists(max_seconds) else None
+        self.reserve = 0.0
         self.previous = {}
 
     def install(self) -> None:
@@ -1484,23 +1584,27 @@ class StopRequest:
             raise KeyboardInterrupt  # a second Ctrl-C: the user wants out now
         self.reason = signal.Signals(signum).name
         print(
-            f"\n{self.reason} received: finishing this step and saving a checkpoint (Ctrl-C again quits without saving)",
+            f"\n{self.reason} received: finishing this step, saving a checkpoint, then the pipeline (Ctrl-C again quits without saving)",
             file=sys.stderr,
             flush=True,
         )
 
     def requested(self, accelerator, step: int) -> bool:
-        if self.reason is None and exists(self.deadline) and time.monotonic() > self.deadline:
+        if self.reason is None and exists(self.deadline) and time.monotonic() > self.deadline - self.reserve:
             self.reason = "--max_train_time"
+        signalled = self.reason is not None and self.reason != "--max_train_time"
         if accelerator.num_processes == 1:
+            self.by_signal = signalled
             return self.reason is not None
         if step % STOP_CHECK_STEPS:
             return False
-        flag = torch.tensor([float(self.reason is not None)], device=accelerator.device)
-        stop = bool(accelerator.reduce(flag, reduction="max").item())
-        if stop and self.reason is None:
+        # 2: a signal somewhere, 1: a time limit somewhere; the max tells every process both
+        flag = torch.tensor([2.0 if signalled else float(self.reason is not None)], device=accelerator.device)
+        agreed = accelerator.reduce(flag, reduction="max").item()
+        if agreed and self.reason is None:
             self.reason = "another process"
-        return stop
+        self.by_signal = agreed == 2
+        return bool(agreed)
 
 
 def check_finite_loss(loss_sum: torch.Tensor, step: int, since: int, args) -> None:
@@ -1780,7 +1884,7 @@ def setup_run(args: argparse.Namespace) -> Run:
     text_encoder.to(accelerator.device)
     prepare = prepare_streamed_data if args.streaming else prepare_in_memory_data
     data = prepare(args, accelerator, state, tokenizer, text_encoder)
-    unet = build_unet(args.model_config_name_or_path, args.resolution, text_hidden_size(text_encoder))
+    unet = build_unet(args.model_config_name_or_path, args.resolution, text_hidden_size(text_encoder), args.model_size)
     configure_unet(unet, args)
 
     trained = list(unet.parameters()) + (list(text_encoder.parameters()) if args.train_text_encoder else [])
@@ -2007,12 +2111,47 @@ def log_step(run: Run, meter: Meter, grad_norm, progress) -> None:
     run.accelerator.log(logs, step=run.state.step)
 
 
+@dataclass(kw_only=True)
+class StopCost:
+    """Seconds the final checkpoint, grid and export take: as last measured, estimated before they first ran."""
+
+    model_bytes: int
+    grid_passes_per_step: float  # grid UNet passes over training passes (forward + backward ~ 3) in one step
+    measured: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timed(self, kind: str) -> Iterator[None]:
+        started = time.monotonic()
+        yield
+        self.measured[kind] = time.monotonic() - started
+
+    def seconds(self, step_seconds: float) -> float:
+        estimate = {
+            "checkpoint": 4 * self.model_bytes / DISK_BYTES_PER_SECOND,  # weights, two Adam moments, EMA
+            "grid": step_seconds * self.grid_passes_per_step,
+            "export": 2 * self.model_bytes / DISK_BYTES_PER_SECOND,  # UNet and text encoder, roughly
+        }
+        return sum(self.measured.get(kind, guess) for kind, guess in estimate.items())
+
+
+def stop_cost(run: Run) -> StopCost:
+    args = run.args
+    model_bytes = sum(p.numel() * p.element_size() for p in unwrap(run.accelerator, run.unet).parameters())
+    guidance = 2 if args.guidance_scale > 1 else 1
+    grid_passes = guidance * args.ddpm_num_inference_steps * args.eval_batch_size
+    return StopCost(
+        model_bytes=model_bytes,
+        grid_passes_per_step=grid_passes / (3 * args.train_batch_size * args.gradient_accumulation_steps),
+    )
+
+
 def train(run: Run, stop: StopRequest) -> str:
     """The loop. Returns why it ended: 'done' or the stop reason."""
     from tqdm.auto import tqdm
 
     args, accelerator, state, schedule = run.args, run.accelerator, run.state, run.schedule
     meter, grad_norm, grid = Meter(), None, None
+    cost, started, start_step = stop_cost(run), time.monotonic(), state.step
     progress = tqdm(
         total=schedule.max_steps,
         initial=state.step,
@@ -2034,20 +2173,33 @@ def train(run: Run, stop: StopRequest) -> str:
             log_step(run, meter, grad_norm, progress)
         finished = state.step >= schedule.max_steps
         if schedule.crosses(state.step, args.save_images_epochs) or finished:
-            grid = make_grid(run, schedule.epoch_of(state.step))
+            with cost.timed("grid"):
+                grid = make_grid(run, schedule.epoch_of(state.step))
         if schedule.crosses(state.step, args.save_model_epochs) or finished:
             check_finite_loss(meter.loss_sum if exists(meter.loss_sum) else loss, state.step, meter.since_step, args)
-            export_pipeline(run, grid)
+            with cost.timed("export"):
+                export_pipeline(run, grid)
+        stop.reserve = cost.seconds((time.monotonic() - started) / (state.step - start_step))
         stopping = stop.requested(accelerator, state.step)
         if state.step % args.checkpointing_steps == 0 or finished or stopping:
             check_finite_loss(meter.loss_sum if exists(meter.loss_sum) else loss, state.step, meter.since_step, args)
-            path = save_checkpoint(accelerator, args.output_dir, state, args.checkpoints_total_limit)
+            with cost.timed("checkpoint"):
+                path = save_checkpoint(accelerator, args.output_dir, state, args.checkpoints_total_limit)
             logger.info("saved checkpoint %s", path)
         if stopping:
             progress.close()
+            if not finished:  # the last step has exported already
+                export_at_stop(run, stop, grid, schedule.epoch_of(state.step))
             return stop.reason
     progress.close()
     return "done"
+
+
+def export_at_stop(run: Run, stop: StopRequest, grid: Path | None, epoch: int) -> None:
+    """After the stop's checkpoint: the pipeline (and, unless a signal may cut us short, a last grid)."""
+    if not stop.by_signal:
+        grid = make_grid(run, epoch)
+    export_pipeline(run, grid)
 
 
 def summary_line(run: Run, meter_images: int, seconds: float, reason: str) -> str:
@@ -2087,6 +2239,7 @@ def run_training(args: argparse.Namespace) -> int:
     if run.accelerator.is_main_process:
         for stale in args.output_dir.glob(".checkpoint-*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
+        finish_interrupted_export(args.output_dir)
         tracker_config = {key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))}
         run.accelerator.init_trackers("train_text_to_image", config=tracker_config)
     log_run_plan(run)
@@ -2109,7 +2262,7 @@ def run_training(args: argparse.Namespace) -> int:
     if reason != "done":
         if run.accelerator.is_main_process:
             print(
-                f"stopped by {reason} at step {run.state.step}; resume with the same command plus --resume_from_checkpoint latest",
+                f"stopped by {reason} at step {run.state.step}; the pipeline in {args.output_dir} holds that step's weights; resume with the same command plus --resume_from_checkpoint latest",
                 file=sys.stderr,
                 flush=True,
             )

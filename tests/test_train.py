@@ -421,9 +421,28 @@ def test_empty_dataset_is_refused(argv, tmp_path, capsys):
     assert "error:" in error and str(empty) in error
 
 
-def test_resolution_the_unet_cannot_halve_is_refused(argv, capsys):
-    error = run_error(argv("--resolution", "17"), capsys)
-    assert "--resolution 17 cannot be halved" in error and "multiple of 2" in error
+def test_resolution_the_unet_halves_unevenly_trains_like_diffusers_allows(argv, tmp_path):
+    run_ok(argv("--resolution", "17", "--max_train_steps", "1"))
+    assert (tmp_path / "out" / "model_index.json").is_file()
+
+
+def test_original_scripts_unet_at_32px_warns_trains_resumes_and_samples(argv, tmp_path, caplog):
+    from pipeline_text_to_image import TextToImagePipeline
+
+    seed_unet = Path(trainer.__file__).parent / "examples" / "seed_unet.json"
+    flags = ["--model_config_name_or_path", str(seed_unet), "--resolution", "32", "--train_batch_size", "2"]
+    with caplog.at_level("WARNING", logger="train_text_to_image"):
+        run_ok(argv(*flags, "--max_train_steps", "2", "--checkpointing_steps", "1", "--checkpoints_total_limit", "1"))
+    warnings = [
+        record.getMessage() for record in caplog.records if "levels take --resolution 32" in record.getMessage()
+    ]
+    assert len(warnings) == 1 and "32/16/8/4/2/1/1/1 px: levels 5-8" in warnings[0]
+    run_ok(argv(*flags, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"))
+    assert [path.name for path in trainer.list_checkpoints(tmp_path / "out")] == ["checkpoint-2", "checkpoint-3"]
+    pipeline = TextToImagePipeline.from_pretrained(tmp_path / "out")
+    assert len(pipeline.unet.config.down_block_types) == 8
+    images = pipeline(["a red square"], num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 32, 32, 3)
 
 
 def test_missing_checkpoint_path_is_refused(argv, tmp_path, capsys):
@@ -528,8 +547,92 @@ def test_sigterm_finishes_the_step_checkpoints_and_resume_continues(argv, tmp_pa
     stopped_at = trainer.read_train_state(checkpoint).step
     assert trainer.is_complete_checkpoint(checkpoint) and 0 < stopped_at < 100000
     assert f"stopped at step {stopped_at}/100000" in stdout
+    # then the pipeline of that step, without a last grid (a preemption's grace period may be short)
+    assert "holds that step's weights" in stderr
+    assert f"for {stopped_at} optimizer steps" in (output / "README.md").read_text()
+    assert not list(output.glob("samples/*.png"))
     run_ok(argv("--max_train_steps", str(stopped_at + 2), "--resume_from_checkpoint", "latest"))
     assert trainer.read_train_state(output / f"checkpoint-{stopped_at + 2}").step == stopped_at + 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Planned stops and exports: the pipeline is the model the run reached, never half written
+
+
+def ema_of_checkpoint(checkpoint: Path) -> list[torch.Tensor]:
+    return torch.load(checkpoint / "custom_checkpoint_1.pkl", weights_only=False)["shadow_params"]
+
+
+def test_max_train_time_exports_the_final_checkpoints_ema_weights_and_a_grid(argv, tmp_path, capsys):
+    from pipeline_text_to_image import TextToImagePipeline
+
+    output = tmp_path / "out"
+    long_run = ("--max_train_steps", "1000", "--save_model_epochs", "1000", "--checkpointing_steps", "1000")
+    run_ok(argv("--use_ema", "--max_train_time", "1s", *long_run))
+    (checkpoint,) = trainer.list_checkpoints(output)
+    step = trainer.read_train_state(checkpoint).step
+    assert 0 < step < 1000
+    saved = TextToImagePipeline.from_pretrained(output).unet
+    for ema, (name, parameter) in zip(ema_of_checkpoint(checkpoint), saved.named_parameters(), strict=True):
+        assert torch.equal(ema, parameter), name
+    assert f"for {step} optimizer steps" in (output / "README.md").read_text()
+    assert [path.name.split("-step-")[1] for path in output.glob("samples/*.png")] == [f"{step:07d}.png"]
+    assert "holds that step's weights" in capsys.readouterr().err
+    assert not (output / trainer.PIPELINE_STAGING).exists() and not (output / trainer.PIPELINE_RETIRED).exists()
+
+
+def test_stop_reserves_the_measured_time_of_the_final_saves():
+    cost = trainer.StopCost(model_bytes=int(trainer.DISK_BYTES_PER_SECOND), grid_passes_per_step=10.0)
+    assert cost.seconds(step_seconds=0.5) == pytest.approx(4 + 0.5 * 10 + 2)
+    cost.measured.update(checkpoint=1.0, grid=2.0)
+    assert cost.seconds(step_seconds=0.5) == pytest.approx(1 + 2 + 2)
+
+
+def test_export_that_fails_halfway_keeps_the_previous_pipeline_loadable(argv, tmp_path, monkeypatch):
+    import pipeline_text_to_image
+    from pipeline_text_to_image import TextToImagePipeline
+
+    output = tmp_path / "out"
+    run_ok(argv())
+    before = unet_weights(output)
+
+    def disk_full(folder):
+        raise OSError(28, "No space left on device", str(folder))
+
+    monkeypatch.setattr(pipeline_text_to_image, "copy_pipeline_code", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.main(argv("--max_train_steps", "6", "--resume_from_checkpoint", "latest"))
+    assert (output / trainer.PIPELINE_STAGING / "unet").is_dir()  # the new UNet was written, then the writer failed
+    assert_same_tensors(unet_weights(output), before)
+    TextToImagePipeline.from_pretrained(output)
+    monkeypatch.undo()
+    run_ok(argv("--max_train_steps", "8", "--resume_from_checkpoint", "latest"))
+    assert not (output / trainer.PIPELINE_STAGING).exists()
+    assert "for 8 optimizer steps" in (output / "README.md").read_text()
+
+
+def test_a_swap_cut_between_two_renames_is_finished_at_the_next_start(tmp_path):
+    output, old, new = tmp_path / "out", "old weights", "new weights"
+    staging, retired = output / trainer.PIPELINE_STAGING, output / trainer.PIPELINE_RETIRED
+    for folder in (staging, retired):
+        folder.mkdir(parents=True)
+    # killed after unet/ was swapped, before text_encoder/ was
+    (output / "unet.txt").write_text(new)
+    (retired / "unet.txt").write_text(old)
+    (output / "text_encoder.txt").write_text(old)
+    (staging / "text_encoder.txt").write_text(new)
+    trainer.finish_interrupted_export(output)
+    assert (output / "unet.txt").read_text() == new and (output / "text_encoder.txt").read_text() == new
+    assert not staging.exists() and not retired.exists()
+
+
+def test_a_half_written_staging_folder_is_dropped_at_the_next_start(tmp_path):
+    output = tmp_path / "out"
+    (output / trainer.PIPELINE_STAGING).mkdir(parents=True)
+    (output / trainer.PIPELINE_STAGING / "unet.txt").write_text("half")
+    (output / "unet.txt").write_text("previous")
+    trainer.finish_interrupted_export(output)
+    assert (output / "unet.txt").read_text() == "previous" and not (output / trainer.PIPELINE_STAGING).exists()
 
 
 def test_several_processes_agree_to_stop_every_few_steps_not_every_step():
