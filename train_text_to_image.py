@@ -1902,13 +1902,16 @@ def setup_run(args: argparse.Namespace) -> Run:
     # stepped by hand once per optimizer step: accelerate would step a prepared one per process
     accelerator.register_for_checkpointing(lr_scheduler)
     if exists(ema):
-        ema.to(accelerator.device if not args.ema_offload else "cpu")
         accelerator.register_for_checkpointing(ema)
     if exists(resume):
         accelerator.load_state(str(resume))
         if exists(data.stream):
             data.stream.skip(state.step * args.gradient_accumulation_steps * args.train_batch_size)
         logger.info("resumed from %s at step %d", resume, state.step)
+    if exists(ema):
+        # after load_state: accelerate loads custom objects with map_location="cpu" and EMAModel.load_state_dict
+        # replaces its shadow tensors, so placing it before would leave a resumed EMA on the CPU
+        ema.to(accelerator.device if not args.ema_offload else "cpu")
     prompts = choose_validation_prompts(args.validation_prompts, data.captions, args.eval_batch_size, state.seed)
     validation_embeddings = None
     if exists(data.conditioning) and exists(data.conditioning.embeddings):

@@ -61,6 +61,17 @@ RECIPES = {
         "flags": ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "100"],
         "unet": {"addition_embed_type": "text"},
     },
+    # cosine betas spend more of the schedule at the mid noise levels where a 16-32 px image's content is decided
+    "cosine-betas": {
+        "flags": ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "100"]
+        + ["--ddpm_beta_schedule", "squaredcos_cap_v2"],
+        "unet": {"addition_embed_type": "text"},
+    },
+    "cosine-betas+v": {
+        "flags": ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "100"]
+        + ["--ddpm_beta_schedule", "squaredcos_cap_v2", "--prediction_type", "v_prediction"],
+        "unet": {"addition_embed_type": "text"},
+    },
     # the trainer's defaults after issue 11 (no schedule flags) on the quickstart's UNet as shipped
     "after": {"flags": [], "unet": None},
 }
@@ -119,8 +130,15 @@ def checkpoint_ema(checkpoint: Path) -> list:
     raise FileNotFoundError(f"{checkpoint}: no EMA state (was the run trained with --use_ema?)")
 
 
-def score_checkpoints(model: Path, images_per_prompt: int, guidance: float) -> dict[int, float]:
-    """'all three' share per checkpoint step, sampling every prompt with the checkpoint's EMA weights."""
+def load_raw_state(checkpoint: Path) -> dict:
+    """The trained (not averaged) UNet weights of an accelerate checkpoint."""
+    from safetensors.torch import load_file
+
+    return load_file(checkpoint / "model.safetensors")
+
+
+def score_checkpoints(model: Path, images_per_prompt: int, guidance: float, weights: str = "ema") -> dict[int, float]:
+    """'all three' share per checkpoint step, sampling every prompt with the checkpoint's EMA (or raw) weights."""
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -132,8 +150,11 @@ def score_checkpoints(model: Path, images_per_prompt: int, guidance: float) -> d
     labels = [prompt for prompt in prompts for _ in range(images_per_prompt)]
     results = {}
     for checkpoint in sorted(model.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1])):
-        for parameter, shadow in zip(pipeline.unet.parameters(), checkpoint_ema(checkpoint), strict=True):
-            parameter.data.copy_(shadow)
+        if weights == "ema":
+            for parameter, shadow in zip(pipeline.unet.parameters(), checkpoint_ema(checkpoint), strict=True):
+                parameter.data.copy_(shadow)
+        else:
+            pipeline.unet.load_state_dict(load_raw_state(checkpoint))
         images = pipeline(
             [caption(*prompt) for prompt in prompts],
             num_images_per_prompt=images_per_prompt,
@@ -148,17 +169,26 @@ def score_checkpoints(model: Path, images_per_prompt: int, guidance: float) -> d
 
 
 def run_recipe(recipe: str, seed: int, args, data: Path, encoder: Path, threads: int) -> dict[int, float]:
-    """Images seen -> 'all three' share for one recipe and seed (cached in scores.json)."""
-    scores_file = args.output_dir / f"{recipe}-seed{seed}" / "scores.json"
+    """Images seen -> 'all three' share for one recipe and seed (cached in a scores file).
+
+    A finished run whose checkpoints were kept (--keep_checkpoints) is rescored without training, e.g.
+    with other --weights or --guidance_scale.
+    """
+    run_dir = args.output_dir / f"{recipe}-seed{seed}"
+    variant = "" if (args.weights, args.guidance_scale) == ("ema", 3.0) else f"-{args.weights}-g{args.guidance_scale:g}"
+    scores_file = run_dir / f"scores{variant}.json"
     if scores_file.is_file():
         return {int(images): share for images, share in json.loads(scores_file.read_text()).items()}
-    model = train(recipe, seed, args, data, encoder, threads)
+    model = run_dir / "model"
+    if not ((model / "model_index.json").is_file() and any(model.glob("checkpoint-*"))):
+        model = train(recipe, seed, args, data, encoder, threads)
     torch_threads(threads)
-    by_step = score_checkpoints(model, args.images_per_prompt, args.guidance_scale)
+    by_step = score_checkpoints(model, args.images_per_prompt, args.guidance_scale, args.weights)
     by_images = {step * 32: share for step, share in by_step.items()}
     scores_file.write_text(json.dumps(by_images, indent=2))
-    for checkpoint in model.glob("checkpoint-*"):  # ~50 MB each: the scores are what we keep
-        subprocess.run(["rm", "-rf", str(checkpoint)], check=True)
+    if not args.keep_checkpoints:
+        for checkpoint in model.glob("checkpoint-*"):  # ~50 MB each: the scores are what we keep
+            subprocess.run(["rm", "-rf", str(checkpoint)], check=True)
     return by_images
 
 
@@ -222,9 +252,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval_every", type=int, default=200, help="Score the EMA weights every N steps.")
     parser.add_argument("--images_per_prompt", type=int, default=2, help="Images per prompt at each score.")
     parser.add_argument("--guidance_scale", type=float, default=3.0)
+    parser.add_argument(
+        "--weights", default="ema", choices=["ema", "raw"], help="Score the EMA or the trained weights."
+    )
     parser.add_argument("--jobs", type=int, default=2, help="Runs trained at once (CPU threads are shared).")
     parser.add_argument("--output_dir", type=Path, default=Path("out/adherence"))
     parser.add_argument("--plot", type=Path, help="Also draw the curves into this PNG.")
+    parser.add_argument("--keep_checkpoints", action="store_true", help="Keep each run's checkpoints (rescoring).")
     args = parser.parse_args(argv)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     data, encoder = prepare_inputs(args.output_dir)
