@@ -72,6 +72,21 @@ RECIPES = {
         + ["--ddpm_beta_schedule", "squaredcos_cap_v2", "--prediction_type", "v_prediction"],
         "unet": {"addition_embed_type": "text"},
     },
+    "v": {
+        "flags": ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "100"]
+        + ["--prediction_type", "v_prediction"],
+        "unet": {"addition_embed_type": "text"},
+    },
+    "cosine-betas+v, cosine lr": {
+        "flags": ["--lr_scheduler", "cosine", "--lr_warmup_steps", "100"]
+        + ["--ddpm_beta_schedule", "squaredcos_cap_v2", "--prediction_type", "v_prediction"],
+        "unet": {"addition_embed_type": "text"},
+    },
+    "cosine-betas+v, not pooled": {
+        "flags": ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "100"]
+        + ["--ddpm_beta_schedule", "squaredcos_cap_v2", "--prediction_type", "v_prediction"],
+        "unet": {},
+    },
     # the trainer's defaults after issue 11 (no schedule flags) on the quickstart's UNet as shipped
     "after": {"flags": [], "unet": None},
 }

@@ -436,17 +436,62 @@ def format_table(train: list[str], sample: list[str], args, seconds: float, load
     )
 
 
+def model_size_rows(resolution: int, text_width: int, batch: int, steps: int) -> list[str]:
+    """Parameters and training img/s (forward + backward + AdamW, fp32) of each --model_size UNet."""
+    import torch
+
+    import train_text_to_image as trainer
+
+    rows = []
+    for size in trainer.MODEL_SIZES:
+        unet = trainer.build_unet(None, resolution, text_width, size)
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)  # as the trainer's on torch >= 2.4
+        pixels, text = torch.randn(batch, 3, resolution, resolution), torch.randn(batch, 8, text_width)
+        timesteps = torch.randint(0, 1000, (batch,))
+        seconds = []
+        for _ in range(steps + 1):  # the first step warms up allocators and kernels
+            started = time.perf_counter()
+            unet(pixels, timesteps, encoder_hidden_states=text).sample.square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds.append(time.perf_counter() - started)
+        parameters = sum(parameter.numel() for parameter in unet.parameters()) / 1e6
+        rate = batch / statistics.median(seconds[1:])
+        rows.append(f"| {size} | {parameters:.1f}M | {rate:.1f} |")
+    return rows
+
+
+def model_sizes_table(resolution: int, text_width: int, batch: int, steps: int) -> str:
+    import torch
+
+    header = [
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores ({torch.get_num_threads()} torch threads); torch {torch.__version__}",
+        "",
+        f"| --model_size at {resolution} px, {text_width}-wide text encoder | parameters | img/s (batch {batch}, fp32, median of {steps} steps) |",
+        "|---|---|---|",
+    ]
+    return "\n".join(header + model_size_rows(resolution, text_width, batch, steps))
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_dir", type=Path, help="An imagefolder to train on (default: draw 720 shapes).")
     parser.add_argument("--steps", type=int, default=5, help="Timed optimizer steps per training row.")
     parser.add_argument("--quick", action="store_true", help="Tiny models and data: a smoke test in seconds.")
     parser.add_argument("--output", type=Path, help="Also write the table to this Markdown file.")
+    parser.add_argument("--model_sizes", action="store_true", help="Only time the --model_size UNets (a table).")
+    parser.add_argument("--resolution", type=int, default=32, help="With --model_sizes: the image side.")
+    parser.add_argument("--text_width", type=int, default=768, help="With --model_sizes: encoder width (CLIP-L 768).")
+    parser.add_argument("--batch", type=int, default=8, help="With --model_sizes: images per step.")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker_main(json.loads(args.worker))
         return ""
+    if args.model_sizes:
+        table = model_sizes_table(args.resolution, args.text_width, args.batch, args.steps)
+        print(table)
+        return table
     if args.quick:
         args.steps = 1
     started, load = time.perf_counter(), os.getloadavg()[0]

@@ -267,6 +267,52 @@ def test_default_unet_fits_the_resolution(resolution, levels):
     assert resolution // 2 ** (levels - 1) >= 4
 
 
+# the README's "Model sizes" table: parameters at 32 px with a 768-wide (CLIP-L) text encoder
+DOCUMENTED_MILLIONS = {"tiny": 10.2, "small": 23.5, "base": 50.5, "large": 107.1}
+
+
+@pytest.mark.parametrize("size", list(DOCUMENTED_MILLIONS))
+def test_model_size_presets_build_unets_of_the_documented_sizes(size):
+    unet = trainer.build_unet(None, 32, 768, size)
+    assert round(sum(parameter.numel() for parameter in unet.parameters()) / 1e6, 1) == DOCUMENTED_MILLIONS[size]
+    assert unet.config.addition_embed_type == "text"
+
+
+def test_a_config_file_wins_over_model_size(tiny_unet_config_file):
+    unet = trainer.build_unet(str(tiny_unet_config_file), 16, 64, "large")
+    assert list(unet.config.block_out_channels) == [32, 64] and unet.config.addition_embed_type is None
+
+
+def test_default_unet_adds_the_pooled_prompt_trains_and_reloads_through_the_pipeline(
+    tiny_imagefolder, tiny_text_encoder_dir, tmp_path
+):
+    from pipeline_text_to_image import TextToImagePipeline
+
+    output = tmp_path / "out"
+    flags = train_argv(tiny_imagefolder, tiny_text_encoder_dir, Path("unused"), output, "--max_train_steps", "1")
+    flags = flags[:4] + flags[6:] + ["--model_size", "tiny"]  # no --model_config_name_or_path
+    run_ok(flags)
+    pipeline = TextToImagePipeline.from_pretrained(output)
+    assert pipeline.unet.config.addition_embed_type == "text"
+    assert pipeline.unet.config.addition_embed_type_num_heads == 64  # divides the encoder's 64 channels
+    first = pipeline(
+        "a red square", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
+    )
+    other = pipeline(
+        "a blue circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
+    )
+    assert first.images.shape == (1, 16, 16, 3) and (first.images != other.images).any()
+
+
+def test_pooled_prompt_heads_are_fitted_to_the_encoder_width():
+    config = {"addition_embed_type": "text"}
+    trainer.fit_text_pooling_heads(config, 96)
+    assert config["addition_embed_type_num_heads"] == 32
+    untouched = {"addition_embed_type": "text", "addition_embed_type_num_heads": 12}
+    trainer.fit_text_pooling_heads(untouched, 768)
+    assert untouched["addition_embed_type_num_heads"] == 12
+
+
 def test_every_pil_mode_becomes_rgb_with_transparency_on_white():
     from PIL import Image
 
