@@ -87,6 +87,11 @@ RECIPES = {
         + ["--ddpm_beta_schedule", "squaredcos_cap_v2", "--prediction_type", "v_prediction"],
         "unet": {},
     },
+    "cosine-betas+v, not pooled, lr 1e-3": {
+        "flags": ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "100", "--learning_rate", "1e-3"]
+        + ["--ddpm_beta_schedule", "squaredcos_cap_v2", "--prediction_type", "v_prediction"],
+        "unet": {},
+    },
     # the trainer's defaults after issue 11 (no schedule flags) on the quickstart's UNet as shipped
     "after": {"flags": [], "unet": None},
 }
