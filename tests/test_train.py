@@ -268,14 +268,13 @@ def test_default_unet_fits_the_resolution(resolution, levels):
 
 
 # the README's "Model sizes" table: parameters at 32 px with a 768-wide (CLIP-L) text encoder
-DOCUMENTED_MILLIONS = {"tiny": 10.2, "small": 23.5, "base": 50.5, "large": 107.1}
+DOCUMENTED_MILLIONS = {"tiny": 8.3, "small": 21.5, "base": 48.3, "large": 104.7}
 
 
 @pytest.mark.parametrize("size", list(DOCUMENTED_MILLIONS))
 def test_model_size_presets_build_unets_of_the_documented_sizes(size):
     unet = trainer.build_unet(None, 32, 768, size)
     assert round(sum(parameter.numel() for parameter in unet.parameters()) / 1e6, 1) == DOCUMENTED_MILLIONS[size]
-    assert unet.config.addition_embed_type == "text"
 
 
 def test_a_config_file_wins_over_model_size(tiny_unet_config_file):
@@ -283,25 +282,31 @@ def test_a_config_file_wins_over_model_size(tiny_unet_config_file):
     assert list(unet.config.block_out_channels) == [32, 64] and unet.config.addition_embed_type is None
 
 
-def test_default_unet_adds_the_pooled_prompt_trains_and_reloads_through_the_pipeline(
+def test_a_unet_config_with_the_pooled_prompt_trains_and_reloads_through_the_pipeline(
     tiny_imagefolder, tiny_text_encoder_dir, tmp_path
 ):
+    from conftest import TINY_UNET_CONFIG
+
     from pipeline_text_to_image import TextToImagePipeline
 
+    config = tmp_path / "pooled.json"
+    config.write_text(json.dumps({**TINY_UNET_CONFIG, "addition_embed_type": "text"}))
     output = tmp_path / "out"
-    flags = train_argv(tiny_imagefolder, tiny_text_encoder_dir, Path("unused"), output, "--max_train_steps", "1")
-    flags = flags[:4] + flags[6:] + ["--model_size", "tiny"]  # no --model_config_name_or_path
-    run_ok(flags)
+    run_ok(train_argv(tiny_imagefolder, tiny_text_encoder_dir, config, output, "--max_train_steps", "1"))
     pipeline = TextToImagePipeline.from_pretrained(output)
     assert pipeline.unet.config.addition_embed_type == "text"
     assert pipeline.unet.config.addition_embed_type_num_heads == 64  # divides the encoder's 64 channels
-    first = pipeline(
-        "a red square", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
-    )
-    other = pipeline(
-        "a blue circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np"
-    )
-    assert first.images.shape == (1, 16, 16, 3) and (first.images != other.images).any()
+    generator = torch.Generator().manual_seed(0)
+    images = pipeline(["a red square"], num_inference_steps=2, generator=generator, output_type="np").images
+    assert images.shape == (1, 16, 16, 3)
+
+
+def test_default_unet_of_a_model_size_trains_without_a_config_file(tiny_imagefolder, tiny_text_encoder_dir, tmp_path):
+    output = tmp_path / "out"
+    flags = train_argv(tiny_imagefolder, tiny_text_encoder_dir, Path("unused"), output, "--max_train_steps", "1")
+    run_ok(flags[:4] + flags[6:] + ["--model_size", "tiny"])  # without --model_config_name_or_path
+    config = json.loads((output / "unet" / "config.json").read_text())
+    assert config["block_out_channels"] == [32, 64, 128] and config["layers_per_block"] == 1
 
 
 def test_pooled_prompt_heads_are_fitted_to_the_encoder_width():
