@@ -48,22 +48,27 @@ COMMON_FLAGS = [
     "--save_images_epochs", "100000", "--save_model_epochs", "100000",
 ]  # fmt: skip
 
+EPSILON = ["--prediction_type", "epsilon"]  # the default before v-prediction: pinned, so "before" stays before
+
 # Each recipe: extra trainer flags, and what to change in the quickstart's UNet config.
 RECIPES = {
-    # the trainer's defaults before issue 11: cosine decay to zero, cross-attention at 8 and 4 px only
-    "before": {"flags": ["--lr_scheduler", "cosine", "--lr_warmup_steps", "100"], "unet": {}},
-    "constant": {"flags": ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "100"], "unet": {}},
+    # the trainer's defaults before issue 11: epsilon prediction, linear betas, cosine decay to zero
+    "before": {"flags": ["--lr_scheduler", "cosine", "--lr_warmup_steps", "100", *EPSILON], "unet": {}},
+    "constant": {
+        "flags": ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "100", *EPSILON],
+        "unet": {},
+    },
     "pooled": {
-        "flags": ["--lr_scheduler", "cosine", "--lr_warmup_steps", "100"],
+        "flags": ["--lr_scheduler", "cosine", "--lr_warmup_steps", "100", *EPSILON],
         "unet": {"addition_embed_type": "text"},
     },
     "constant+pooled": {
-        "flags": ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "100"],
+        "flags": ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "100", *EPSILON],
         "unet": {"addition_embed_type": "text"},
     },
     # cosine betas spend more of the schedule at the mid noise levels where a 16-32 px image's content is decided
     "cosine-betas": {
-        "flags": ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "100"]
+        "flags": ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "100", *EPSILON]
         + ["--ddpm_beta_schedule", "squaredcos_cap_v2"],
         "unet": {"addition_embed_type": "text"},
     },
@@ -97,12 +102,12 @@ RECIPES = {
 }
 
 
-def prepare_inputs(work: Path) -> tuple[Path, Path]:
+def prepare_inputs(work: Path, count: int) -> tuple[Path, Path]:
     """The shapes dataset and a random caption-vocabulary encoder, made once."""
     data, encoder = work / "shapes", work / "shapes-text-encoder"
     if not (data / "metadata.jsonl").is_file():
         command = [sys.executable, HERE / "make_shapes_dataset.py", "--output_dir", data, "--resolution", "16"]
-        subprocess.run([str(part) for part in command + ["--count", "3600"]], check=True)
+        subprocess.run([str(part) for part in command + ["--count", str(count)]], check=True)
     if not (encoder / "config.json").is_file():
         command = [sys.executable, HERE / "make_text_encoder.py", "--captions", data / "metadata.jsonl"]
         command += ["--output_dir", encoder, "--hidden_size", "128", "--num_layers", "2", "--num_heads", "4"]
@@ -157,7 +162,9 @@ def load_raw_state(checkpoint: Path) -> dict:
     return load_file(checkpoint / "model.safetensors")
 
 
-def score_checkpoints(model: Path, images_per_prompt: int, guidance: float, weights: str = "ema") -> dict[int, float]:
+def score_checkpoints(
+    model: Path, images_per_prompt: int, guidance: float, weights: str = "ema", steps: int = 25
+) -> dict[int, float]:
     """'all three' share per checkpoint step, sampling every prompt with the checkpoint's EMA (or raw) weights."""
     import torch
 
@@ -178,6 +185,7 @@ def score_checkpoints(model: Path, images_per_prompt: int, guidance: float, weig
         images = pipeline(
             [caption(*prompt) for prompt in prompts],
             num_images_per_prompt=images_per_prompt,
+            num_inference_steps=steps,
             guidance_scale=guidance,
             generator=torch.Generator().manual_seed(0),
             output_type="np",
@@ -203,7 +211,9 @@ def run_recipe(recipe: str, seed: int, args, data: Path, encoder: Path, threads:
     if not ((model / "model_index.json").is_file() and any(model.glob("checkpoint-*"))):
         model = train(recipe, seed, args, data, encoder, threads)
     torch_threads(threads)
-    by_step = score_checkpoints(model, args.images_per_prompt, args.guidance_scale, args.weights)
+    by_step = score_checkpoints(
+        model, args.images_per_prompt, args.guidance_scale, args.weights, args.num_inference_steps
+    )
     by_images = {step * 32: share for step, share in by_step.items()}
     scores_file.write_text(json.dumps(by_images, indent=2))
     if not args.keep_checkpoints:
@@ -272,6 +282,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval_every", type=int, default=200, help="Score the EMA weights every N steps.")
     parser.add_argument("--images_per_prompt", type=int, default=2, help="Images per prompt at each score.")
     parser.add_argument("--guidance_scale", type=float, default=3.0)
+    parser.add_argument("--num_inference_steps", type=int, default=25, help="Sampler steps when scoring.")
+    parser.add_argument("--dataset_size", type=int, default=3600, help="Shapes drawn for training (made once).")
     parser.add_argument(
         "--weights", default="ema", choices=["ema", "raw"], help="Score the EMA or the trained weights."
     )
@@ -281,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--keep_checkpoints", action="store_true", help="Keep each run's checkpoints (rescoring).")
     args = parser.parse_args(argv)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    data, encoder = prepare_inputs(args.output_dir)
+    data, encoder = prepare_inputs(args.output_dir, args.dataset_size)
     runs = [(recipe, seed) for recipe in args.recipes for seed in args.seeds]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     # processes, not threads: pipeline loading and torch's thread count are process-wide

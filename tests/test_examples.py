@@ -70,3 +70,36 @@ def test_quickstart_script_trains_saves_and_scores(tmp_path):
     assert "144 generated images" in result.stdout and "all " in result.stdout
     # 18 prompt rows (colour x shape) of 2 sizes x 4 images, 16 px each
     assert Image.open(output / "evaluation.png").size == (8 * 16, 18 * 16)
+
+
+def test_adherence_table_gives_images_seen_to_reach_each_threshold():
+    import adherence_curve
+
+    curves = {("after", 0): {6400: 0.3, 12800: 0.55, 19200: 0.92}, ("before", 0): {6400: 0.1, 12800: 0.2}}
+    assert adherence_curve.images_to_reach(curves[("after", 0)], 0.5) == 12800
+    lines = adherence_curve.format_table(curves).splitlines()
+    assert lines[0] == "| recipe | seed | 6.4k | 12.8k | 19.2k | to 50% | to 90% |"
+    assert lines[2] == "| after | 0 | 30% | 55% | 92% | 12.8k | 19.2k |"
+    assert lines[3] == "| before | 0 | 10% | 20% |  | > 12.8k | > 12.8k |"
+
+
+def test_adherence_curve_trains_scores_each_checkpoint_and_plots(tmp_path):
+    import adherence_curve
+
+    argv = ["--recipes", "after", "--seeds", "0", "--max_train_steps", "2", "--eval_every", "1"]
+    argv += [
+        "--images_per_prompt",
+        "1",
+        "--jobs",
+        "1",
+        "--output_dir",
+        str(tmp_path),
+        "--plot",
+        str(tmp_path / "c.png"),
+    ]
+    curves = adherence_curve.main(argv)
+    assert list(curves) == [("after", 0)] and sorted(curves[("after", 0)]) == [32, 64]
+    assert all(0 <= share <= 1 for share in curves[("after", 0)].values())
+    assert Image.open(tmp_path / "c.png").size == (640, 360)
+    assert not list((tmp_path / "after-seed0" / "model").glob("checkpoint-*"))  # scored, then removed
+    assert "| after | 0 |" in (tmp_path / "table.md").read_text()
