@@ -2,7 +2,8 @@
 
 The frozen-encoder variant of the quickstart: the shapes dataset (16 px), the caption-vocabulary
 CLIP of `make_text_encoder.py` left random and frozen (so the UNet alone must learn what the
-words mean, as with any frozen pretrained encoder), the quickstart's UNet, batch 32, EMA. Each
+words mean, as with any frozen pretrained encoder), the quickstart's UNet, batch 32, AdamW 5e-4 after 100 warm-up steps (unless a recipe
+says otherwise), EMA. Each
 recipe is trained once per seed with a checkpoint every `--eval_every` steps; every checkpoint's
 EMA weights then draw every prompt of the dataset and `evaluate_shapes.py` scores them. The table
 gives "all three" (colour, shape and size right) against images seen, and the images seen to
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -41,64 +43,43 @@ THRESHOLDS = (0.5, 0.9)
 COMMON_FLAGS = [
     "--resolution", "16",
     "--train_batch_size", "32",
-    "--learning_rate", "5e-4",
     "--use_ema", "--ema_max_decay", "0.999",
     "--conditioning_dropout_prob", "0.1",
     "--logger", "none",
     "--save_images_epochs", "100000", "--save_model_epochs", "100000",
 ]  # fmt: skip
 
-EPSILON = ["--prediction_type", "epsilon"]  # the default before v-prediction: pinned, so "before" stays before
 
-# Each recipe: extra trainer flags, and what to change in the quickstart's UNet config.
+def recipe(
+    *,
+    lr_schedule: str = "constant_with_warmup",
+    prediction: str = "v_prediction",
+    betas: str = "linear",
+    pooled: bool = True,
+    learning_rate: str = "5e-4",
+) -> dict:
+    """Trainer flags and UNet-config changes of one recipe; every setting is explicit, whatever the defaults."""
+    flags = ["--lr_scheduler", lr_schedule, "--lr_warmup_steps", "100", "--learning_rate", learning_rate]
+    flags += ["--prediction_type", prediction, "--ddpm_beta_schedule", betas]
+    return {"flags": flags, "unet": {"addition_embed_type": "text"} if pooled else {}}
+
+
+# "pooled": the prompt pooled by attention and added to the timestep embedding (addition_embed_type "text")
 RECIPES = {
     # the trainer's defaults before issue 11: epsilon prediction, linear betas, cosine decay to zero
-    "before": {"flags": ["--lr_scheduler", "cosine", "--lr_warmup_steps", "100", *EPSILON], "unet": {}},
-    "constant": {
-        "flags": ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "100", *EPSILON],
-        "unet": {},
-    },
-    "pooled": {
-        "flags": ["--lr_scheduler", "cosine", "--lr_warmup_steps", "100", *EPSILON],
-        "unet": {"addition_embed_type": "text"},
-    },
-    "constant+pooled": {
-        "flags": ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "100", *EPSILON],
-        "unet": {"addition_embed_type": "text"},
-    },
+    "before": recipe(lr_schedule="cosine", prediction="epsilon", pooled=False),
+    "constant": recipe(prediction="epsilon", pooled=False),
+    "pooled": recipe(lr_schedule="cosine", prediction="epsilon"),
+    "constant+pooled": recipe(prediction="epsilon"),
     # cosine betas spend more of the schedule at the mid noise levels where a 16-32 px image's content is decided
-    "cosine-betas": {
-        "flags": ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "100", *EPSILON]
-        + ["--ddpm_beta_schedule", "squaredcos_cap_v2"],
-        "unet": {"addition_embed_type": "text"},
-    },
-    "cosine-betas+v": {
-        "flags": ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "100"]
-        + ["--ddpm_beta_schedule", "squaredcos_cap_v2", "--prediction_type", "v_prediction"],
-        "unet": {"addition_embed_type": "text"},
-    },
-    "v": {
-        "flags": ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "100"]
-        + ["--prediction_type", "v_prediction"],
-        "unet": {"addition_embed_type": "text"},
-    },
-    "cosine-betas+v, cosine lr": {
-        "flags": ["--lr_scheduler", "cosine", "--lr_warmup_steps", "100"]
-        + ["--ddpm_beta_schedule", "squaredcos_cap_v2", "--prediction_type", "v_prediction"],
-        "unet": {"addition_embed_type": "text"},
-    },
-    "cosine-betas+v, not pooled": {
-        "flags": ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "100"]
-        + ["--ddpm_beta_schedule", "squaredcos_cap_v2", "--prediction_type", "v_prediction"],
-        "unet": {},
-    },
-    "cosine-betas+v, not pooled, lr 1e-3": {
-        "flags": ["--lr_scheduler", "constant_with_warmup", "--lr_warmup_steps", "100", "--learning_rate", "1e-3"]
-        + ["--ddpm_beta_schedule", "squaredcos_cap_v2", "--prediction_type", "v_prediction"],
-        "unet": {},
-    },
-    # the trainer's defaults after issue 11 (no schedule flags) on the quickstart's UNet as shipped
-    "after": {"flags": [], "unet": None},
+    "cosine-betas": recipe(prediction="epsilon", betas="squaredcos_cap_v2"),
+    "cosine-betas+v": recipe(betas="squaredcos_cap_v2"),
+    "v": recipe(),
+    "cosine-betas+v, cosine lr": recipe(lr_schedule="cosine", betas="squaredcos_cap_v2"),
+    "cosine-betas+v, not pooled": recipe(betas="squaredcos_cap_v2", pooled=False),
+    "cosine-betas+v, not pooled, lr 1e-3": recipe(betas="squaredcos_cap_v2", pooled=False, learning_rate="1e-3"),
+    # the trainer's defaults after issue 11 on the quickstart's UNet as shipped (LR and warm-up held as above)
+    "after": {"flags": ["--lr_warmup_steps", "100", "--learning_rate", "5e-4"], "unet": None},
 }
 
 
@@ -137,7 +118,6 @@ def train(recipe: str, seed: int, args, data: Path, encoder: Path, threads: int)
     command += ["--model_config_name_or_path", str(unet_config_for(recipe, run_dir))]
     command += ["--output_dir", str(run_dir / "model"), "--overwrite_output_dir", "--seed", str(seed)]
     command += ["--max_train_steps", str(args.max_train_steps), "--checkpointing_steps", str(args.eval_every)]
-    command += ["--lr_warmup_steps", "100"] if not RECIPES[recipe]["flags"] else []
     environment = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", WANDB_MODE="offline")
     with open(run_dir / "train.log", "w") as log:
         subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, env=environment)
@@ -296,10 +276,14 @@ def main(argv: list[str] | None = None) -> dict:
     data, encoder = prepare_inputs(args.output_dir, args.dataset_size)
     runs = [(recipe, seed) for recipe in args.recipes for seed in args.seeds]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    # processes, not threads: pipeline loading and torch's thread count are process-wide
-    with ProcessPoolExecutor(args.jobs) as pool:
-        futures = {run: pool.submit(run_recipe, *run, args, data, encoder, threads) for run in runs}
-        curves = {run: future.result() for run, future in futures.items()}
+    if args.jobs == 1:
+        curves = {run: run_recipe(*run, args, data, encoder, threads) for run in runs}
+    else:
+        # processes, not threads: pipeline loading and torch's thread count are process-wide; spawned, not
+        # forked: a fork of a process whose torch thread pool has run can hang in the child
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {run: pool.submit(run_recipe, *run, args, data, encoder, threads) for run in runs}
+            curves = {run: future.result() for run, future in futures.items()}
     table = format_table(curves)
     print(table)
     (args.output_dir / "table.md").write_text(table + "\n")
