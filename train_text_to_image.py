@@ -1884,13 +1884,14 @@ def setup_run(args: argparse.Namespace) -> Run:
     data = prepare(args, accelerator, state, tokenizer, text_encoder)
     unet = build_unet(args.model_config_name_or_path, args.resolution, text_hidden_size(text_encoder), args.model_size)
     configure_unet(unet, args)
-
+    ema = build_ema(unet, args)  # from the CPU copy: with --ema_offload the EMA never touches the GPU
+    # on the device before the optimizer: torch 2.1-2.3 refuse fused AdamW over CPU parameters at construction
+    unet.to(accelerator.device)
     trained = list(unet.parameters()) + (list(text_encoder.parameters()) if args.train_text_encoder else [])
     optimizer = build_optimizer(trained, args, accelerator.device)
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=data.schedule.max_steps
     )
-    ema = build_ema(unet, args)
     if args.torch_compile:
         unet = torch.compile(unet)
     if args.train_text_encoder:
