@@ -23,6 +23,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -204,7 +205,7 @@ def run_recipe(recipe: str, seed: int, args, data: Path, encoder: Path, threads:
     scores_file.write_text(json.dumps(by_images, indent=2))
     if not args.keep_checkpoints:
         for checkpoint in model.glob("checkpoint-*"):  # ~50 MB each: the scores are what we keep
-            subprocess.run(["rm", "-rf", str(checkpoint)], check=True)
+            shutil.rmtree(checkpoint)
     return by_images
 
 
