@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import hashlib
 import itertools
 import json
@@ -28,7 +27,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,7 +51,9 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 CHECKPOINT_MARKER = "train_state.json"
 PIPELINE_STAGING = ".pipeline.tmp"  # a pipeline export is written here, then swapped in
 PIPELINE_RETIRED = ".pipeline.old"  # the entries it replaces, until the swap is complete
-MAX_BAD_IMAGE_SHARE = 0.5
+MAX_BAD_IMAGE_SHARE = 0.5  # more unreadable images than this refuses the run
+MAX_NAMED_BAD_IMAGES = 20  # unreadable images named one per line; the rest are counted
+MIN_EXAMPLES_TO_JUDGE_A_STREAM = 100  # a stream is refused as mostly unreadable only after this many examples
 STREAM_CAPTION_SAMPLE = 256  # streamed examples whose captions stand in for the dataset's (validation prompts)
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError)  # what PIL raises for corrupt/truncated files
 # With several processes, agreeing to stop is a collective and so a host-device sync: every few steps, not every step
@@ -295,7 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume_from_checkpoint", help="A checkpoint folder, or 'latest' (starts fresh when there is none)."
     )
     ckpt.add_argument(
-        "--save_model_epochs", type=int, default=10, help="Save the pipeline every N epochs (and at the end)."
+        "--save_model_epochs",
+        type=int,
+        default=10,
+        help="Save the pipeline every N epochs (and at the end); with --streaming, an epoch is --checkpointing_steps steps.",
     )
 
     sampling = parser.add_argument_group("sample grids")
@@ -305,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="save_images_epochs",
         type=int,
         default=10,
-        help="Sample a grid every N epochs (and at the end).",
+        help="Sample a grid every N epochs (and at the end); with --streaming, an epoch is --checkpointing_steps steps.",
     )
     sampling.add_argument(
         "--validation_prompts",
@@ -449,22 +453,61 @@ def validate_args(args: argparse.Namespace) -> None:
             f"--resume_from_checkpoint {args.resume_from_checkpoint} does not exist; pass a checkpoint-STEP folder or 'latest'"
         )
     if exists(args.max_train_time):
-        args.max_train_seconds = parse_duration(args.max_train_time)
+        parse_duration(args.max_train_time)
     if args.push_to_hub and args.logger == "wandb" and os.environ.get("WANDB_MODE") == "disabled":
         logger.warning("--logger wandb with WANDB_MODE=disabled logs nothing")
 
 
 # ---------------------------------------------------------------------------------------------
-# Data: load once, decode once, index per batch
+# Data: one batch source per kind of dataset, one caption parser, one policy for unreadable images
 
 
-@dataclass
-class CaptionedImages:
-    """What training needs from the dataset: image sources and, per image, indices into `captions`."""
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the captioned images are and how they become training pixels."""
 
-    sources: list  # per row: {"path": str|None, "bytes": bytes|None} or a file path
-    caption_ids: list[list[int]]  # per row: the captions it may be shown with
-    captions: list[str]  # distinct captions; captions[0] is "" (classifier-free guidance)
+    dataset_name: str | None
+    dataset_config_name: str | None
+    train_data_dir: str | None
+    cache_dir: str | None
+    image_column: str
+    caption_column: str
+    resolution: int
+    center_crop: bool
+    random_flip: bool
+    image_cache_max_gb: float
+    num_workers: int
+    streaming: bool
+    shuffle_buffer_size: int
+    batch_size: int  # per process and micro-batch
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> DataConfig:
+        return cls(
+            dataset_name=args.dataset_name,
+            dataset_config_name=args.dataset_config_name,
+            train_data_dir=args.train_data_dir,
+            cache_dir=args.cache_dir,
+            image_column=args.image_column,
+            caption_column=args.caption_column,
+            resolution=args.resolution,
+            center_crop=args.center_crop,
+            random_flip=args.random_flip,
+            image_cache_max_gb=args.image_cache_max_gb,
+            num_workers=args.dataloader_num_workers,
+            streaming=args.streaming,
+            shuffle_buffer_size=args.shuffle_buffer_size,
+            batch_size=args.train_batch_size,
+        )
+
+    @property
+    def name(self) -> str:
+        return self.train_data_dir or self.dataset_name
+
+    @property
+    def base(self) -> Path:
+        """Where a caption table's relative file paths point."""
+        return Path(self.name)
 
 
 def resolve_split(dataset, name: str):
@@ -479,36 +522,48 @@ def resolve_split(dataset, name: str):
     return dataset[split]
 
 
-def load_raw_dataset(args: argparse.Namespace):
+def metadata_has_rows(path: Path) -> bool:
+    """A metadata.jsonl with a line, a metadata.csv with a line after its header (other formats: assumed)."""
+    if path.suffix not in (".jsonl", ".csv"):
+        return True
+    with open(path, encoding="utf-8", errors="replace") as lines:
+        filled = (line for line in lines if line.strip())
+        return next(filled, None) is not None and (path.suffix == ".jsonl" or next(filled, None) is not None)
+
+
+def load_raw_dataset(config: DataConfig):
     """datasets.load_dataset on a Hub id, a local folder, a save_to_disk folder or an imagefolder."""
     import datasets
 
-    if exists(args.train_data_dir):
-        folder = Path(args.train_data_dir)
-        if not any(folder.glob("metadata.*")) and not any(folder.glob("*/metadata.*")):
+    if exists(config.train_data_dir):
+        folder = Path(config.train_data_dir)
+        metadata = [*folder.glob("metadata.*"), *folder.glob("*/metadata.*")]
+        if not metadata:
             raise UserError(
-                f"--train_data_dir {folder} has no metadata.jsonl or metadata.csv; add one with columns file_name and {args.caption_column}"
+                f"--train_data_dir {folder} has no metadata.jsonl or metadata.csv; add one with columns file_name and {config.caption_column}"
             )
+        if not any(map(metadata_has_rows, metadata)):
+            raise UserError(f"--train_data_dir {folder}: {metadata[0].name} has no rows; add one row per image")
         try:
             dataset = datasets.load_dataset(
-                "imagefolder", data_dir=str(folder), cache_dir=args.cache_dir, streaming=args.streaming
+                "imagefolder", data_dir=str(folder), cache_dir=config.cache_dir, streaming=config.streaming
             )
-        except (IndexError, ValueError, TypeError, datasets.exceptions.DatasetGenerationError) as error:
+        except datasets.exceptions.DatasetGenerationError as error:  # the metadata file itself is malformed
             raise UserError(
-                f"--train_data_dir {folder}: the dataset could not be read ({type(error).__name__}: {error}); check that"
+                f"--train_data_dir {folder}: the dataset could not be read ({error.__cause__ or error}); check that"
                 " metadata.jsonl/csv has rows and that every caption is a string, or every caption a list of strings"
             ) from error
         return resolve_split(dataset, str(folder))
-    name = args.dataset_name
+    name = config.dataset_name
     local = Path(name)
     try:
         if local.is_dir() and ((local / "state.json").exists() or (local / "dataset_dict.json").exists()):
             dataset = resolve_split(datasets.load_from_disk(str(local)), name)
-            return dataset.to_iterable_dataset() if args.streaming else dataset
+            return dataset.to_iterable_dataset() if config.streaming else dataset
         if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
             raise UserError(f"--dataset_name {name} does not exist on disk")
         dataset = datasets.load_dataset(
-            name, args.dataset_config_name, cache_dir=args.cache_dir, streaming=args.streaming
+            name, config.dataset_config_name, cache_dir=config.cache_dir, streaming=config.streaming
         )
         return resolve_split(dataset, name)
     except StopIteration as error:  # the json/csv builders find no first row to infer columns from
@@ -522,6 +577,7 @@ def load_raw_dataset(args: argparse.Namespace):
 
 
 def caption_cell_to_list(cell, row: int, column: str) -> list[str]:
+    """A caption cell (text, list of texts or empty) as the captions its image may be shown with."""
     if cell is None:
         return [""]
     if isinstance(cell, str):
@@ -534,35 +590,19 @@ def caption_cell_to_list(cell, row: int, column: str) -> list[str]:
     )
 
 
-def undecoded_images(dataset, args: argparse.Namespace):
-    """Check the image and caption columns exist; keep images as files/bytes so each is decoded once, by us."""
+def undecoded_images(dataset, config: DataConfig):
+    """The image and caption columns only; images kept as files/bytes so each is decoded once, by us."""
     from datasets import Image as ImageFeature
 
     columns = dataset.column_names or list(next(iter(dataset), {}))  # a stream may know its columns only from a row
     if not columns:
-        raise UserError(f"the dataset {args.train_data_dir or args.dataset_name} has no rows")
-    for flag, column in (("--image_column", args.image_column), ("--caption_column", args.caption_column)):
+        raise UserError(f"the dataset {config.name} has no rows")
+    for flag, column in (("--image_column", config.image_column), ("--caption_column", config.caption_column)):
         if column not in columns:
             raise UserError(f"{flag} {column!r} not in dataset columns {columns}; pass {flag} with one of them")
-    if dataset.features and isinstance(dataset.features[args.image_column], ImageFeature):
-        dataset = dataset.cast_column(args.image_column, ImageFeature(decode=False))
-    return dataset
-
-
-def load_captioned_images(args: argparse.Namespace) -> CaptionedImages:
-    """Image sources and caption ids, without decoding any image."""
-    dataset = undecoded_images(load_raw_dataset(args), args)
-    if len(dataset) == 0:
-        raise UserError(f"the dataset {args.train_data_dir or args.dataset_name} has no rows")
-    table = dataset.select_columns([args.image_column, args.caption_column]).to_dict()
-    captions = {"": 0}
-    caption_ids = []
-    for row, cell in enumerate(table[args.caption_column]):
-        texts = caption_cell_to_list(cell, row, args.caption_column)
-        caption_ids.append([captions.setdefault(text, len(captions)) for text in texts])
-    base = Path(args.train_data_dir or args.dataset_name)
-    sources = [resolve_image_source(source, base) for source in table[args.image_column]]
-    return CaptionedImages(sources=sources, caption_ids=caption_ids, captions=list(captions))
+    if dataset.features and isinstance(dataset.features[config.image_column], ImageFeature):
+        dataset = dataset.cast_column(config.image_column, ImageFeature(decode=False))
+    return dataset.select_columns([config.image_column, config.caption_column])
 
 
 def resolve_image_source(source, base: Path):
@@ -637,227 +677,136 @@ def decode_or_describe(source, resolution: int, center_crop: bool) -> torch.Tens
         return f"{describe_source(source)}: {error}"
 
 
-class DecodedImages(torch.utils.data.Dataset):
-    """Row index -> (index, uint8 image or None when unreadable); runs in DataLoader workers."""
-
-    def __init__(self, sources: list, resolution: int, center_crop: bool):
-        self.sources, self.resolution, self.center_crop = sources, resolution, center_crop
-
-    def __len__(self) -> int:
-        return len(self.sources)
-
-    def __getitem__(self, index: int):
-        return index, decode_or_describe(self.sources[index], self.resolution, self.center_crop)
+def name_unreadable(failures: list[str], already_named: int = 0) -> None:
+    """One warning line per unreadable image, the first 20 of a run; after that, one line saying how many more."""
+    for failure in failures[: max(0, MAX_NAMED_BAD_IMAGES - already_named)]:
+        logger.warning("skipping unreadable image %s", failure)
+    unnamed = len(failures) - max(0, MAX_NAMED_BAD_IMAGES - already_named)
+    if unnamed > 0:
+        logger.warning("... and %d more unreadable images", unnamed)
 
 
-def collate_decoded(items):
-    return items
-
-
-@dataclass
-class ImageStore:
-    """Decoded training images at the training resolution, all in memory, or decoded per batch.
-
-    Decoded per batch with --dataloader_num_workers, the workers decode the micro-batches ahead of
-    the step. The rows of every micro-batch are a pure function of its index (`rows_of`), so the
-    workers can be handed the coming batches in order, from wherever the run starts or resumes.
-    """
-
-    images: list[torch.Tensor | None]
-    decoder: DecodedImages | None  # None once all images are decoded: the files' bytes are not kept twice
-    num_workers: int
-    bad: set[int] = field(default_factory=set)
-    rows_of: Callable[[int], list[int]] | None = None  # micro-batch index -> this process's rows
-    ahead: Iterator | None = None  # worker-decoded micro-batches, next one first
-    ahead_index: int = -1  # the micro-batch index `ahead` yields next
-
-    @property
-    def cached(self) -> bool:
-        return bool(self.images)
-
-    def fetch(self, indices: list[int], micro_index: int) -> list[torch.Tensor]:
-        """Images for the rows; an image that turns out unreadable is stood in for by one that is not."""
-        if self.cached:
-            return [self.images[i] for i in indices]
-        if self.num_workers == 0 or not exists(self.rows_of):
-            return stand_in_for_unreadable([image for _, image in map(self.decoder.__getitem__, indices)])
-        if micro_index != self.ahead_index:  # the first batch, or a jump: (re)start the workers there
-            self.ahead = iter(self.decoding_loader(micro_index))
-        rows, images = zip(*next(self.ahead), strict=True)
-        self.ahead_index = micro_index + 1
-        if list(rows) != indices:
-            raise RuntimeError(
-                f"decoded rows {list(rows)} are not the micro-batch's {indices}: a bug, please report it"
-            )
-        return stand_in_for_unreadable(list(images))
-
-    def decoding_loader(self, first_micro_index: int) -> torch.utils.data.DataLoader:
-        return torch.utils.data.DataLoader(
-            self.decoder,
-            batch_sampler=map(self.rows_of, itertools.count(first_micro_index)),
-            num_workers=self.num_workers,
-            collate_fn=collate_decoded,
-            generator=torch.Generator(),  # its workers' seed is not drawn from the global RNG the noise comes from
-        )
+def refuse_mostly_unreadable(failures: int, total: int, example: str) -> None:
+    if failures > MAX_BAD_IMAGE_SHARE * total:
+        raise UserError(f"{failures} of {total} images could not be read (e.g. {example}); check the dataset files")
 
 
 def stand_in_for_unreadable(images: list[torch.Tensor | str]) -> list[torch.Tensor]:
     """Each unreadable image (its error text) replaced by a readable one of its batch: the batch keeps its size."""
     readable = [image for image in images if isinstance(image, torch.Tensor)]
-    for failure in (image for image in images if not isinstance(image, torch.Tensor)):
-        logger.warning("skipping unreadable image %s", failure)
     if not readable:
         raise UserError(f"no image of a whole batch could be read (e.g. {images[0]}); check the dataset files")
     return [image if isinstance(image, torch.Tensor) else readable[0] for image in images]
 
 
-def report_bad_images(failures: list[str], total: int) -> None:
-    for failure in failures[:20]:
-        logger.warning("skipping unreadable image %s", failure)
-    if len(failures) > 20:
-        logger.warning("... and %d more unreadable images", len(failures) - 20)
-    if failures and len(failures) > MAX_BAD_IMAGE_SHARE * total:
-        raise UserError(
-            f"{len(failures)} of {total} images could not be read (e.g. {failures[0]}); check the dataset files"
-        )
+def collate_as_list(items):
+    return items
 
 
-def decode_all_images(decoder: DecodedImages, num_workers: int, show_progress: bool) -> tuple[list, list[str]]:
+def decoding_loader(dataset, batch_sampler, num_workers: int) -> torch.utils.data.DataLoader:
+    """The one DataLoader of the trainer: workers decode the batches `batch_sampler` names, in its order.
+
+    The sampler runs in this process, so which examples form a batch never depends on the workers; its
+    own generator keeps opening a loader from drawing on the global RNG the noise comes from.
+    """
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=num_workers,
+        collate_fn=collate_as_list,
+        generator=torch.Generator(),
+    )
+
+
+class RowDecoder(torch.utils.data.Dataset):
+    """Row -> (row, uint8 image or error text), reading the row's cell from the Arrow table on demand."""
+
+    def __init__(self, table, column: str, base: Path, resolution: int, center_crop: bool):
+        self.table, self.column, self.base = table, column, base
+        self.resolution, self.center_crop = resolution, center_crop
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, row: int):
+        source = resolve_image_source(self.table[int(row)][self.column], self.base)
+        return row, decode_or_describe(source, self.resolution, self.center_crop)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageTable:
+    """A map-style dataset ready to index: captions per row, the rows that decode, and the decoded images
+    when they fit in --image_cache_max_gb (else the rows are decoded again per batch)."""
+
+    decoder: RowDecoder
+    caption_options: list[list[str]]  # per row: the captions its image may be shown with
+    captions: list[str]  # distinct captions, "" first (classifier-free guidance)
+    usable_rows: torch.Tensor
+    unreadable_rows: list[int]
+    cache: list[torch.Tensor | None] | None
+
+
+def read_captions(table, column: str) -> tuple[list[list[str]], list[str]]:
+    options = [caption_cell_to_list(cell, row, column) for row, cell in enumerate(table[column])]
+    distinct = {"": None} | {text: None for texts in options for text in texts}
+    return options, list(distinct)
+
+
+def check_images(decoder: RowDecoder, num_workers: int, keep: bool, show_progress: bool):
+    """Decode every row once: (the images when `keep`, else None; the error texts; the unreadable rows)."""
     from tqdm.auto import tqdm
 
-    # its own generator: opening a DataLoader draws a seed, and the global RNG must not depend on the image cache
-    loader = torch.utils.data.DataLoader(
-        decoder, batch_size=16, num_workers=num_workers, collate_fn=collate_decoded, generator=torch.Generator()
-    )
-    images: list = [None] * len(decoder)
-    failures = []
-    for batch in tqdm(loader, desc="decoding images", disable=not show_progress, unit="batch"):
-        for index, image in batch:
-            if isinstance(image, torch.Tensor):
-                images[index] = image
-            else:
+    rows = range(len(decoder))
+    batches = [rows[start : start + 16] for start in range(0, len(rows), 16)]
+    images = [None] * len(decoder) if keep else None
+    failures, unreadable = [], []
+    desc = "decoding images" if keep else "checking images"
+    for batch in tqdm(decoding_loader(decoder, batches, num_workers), desc=desc, disable=not show_progress):
+        for row, image in batch:
+            if not isinstance(image, torch.Tensor):
                 failures.append(image)
-    return images, failures
+                unreadable.append(row)
+            elif keep:
+                images[row] = image
+    return images, failures, unreadable
 
 
-def build_image_store(data: CaptionedImages, args: argparse.Namespace, show_progress: bool) -> ImageStore:
-    """Decode every image once when they fit in --image_cache_max_gb, else decode per batch."""
-    decoder = DecodedImages(data.sources, args.resolution, args.center_crop)
-    estimated_gb = len(data.sources) * 3 * args.resolution**2 * (1 if args.center_crop else 1.5) / 2**30
-    if estimated_gb > args.image_cache_max_gb:
+def read_image_table(config: DataConfig, known_unreadable: list[int] | None, show_progress: bool) -> ImageTable:
+    """Captions now; images decoded once into the cache when it fits, else only checked.
+
+    Either way every row is tried before training, so decoding once or per batch trains on the same
+    rows; a resumed per-batch run takes the unreadable rows from its checkpoint instead of checking again.
+    """
+    table = undecoded_images(load_raw_dataset(config), config)
+    if len(table) == 0:
+        raise UserError(f"the dataset {config.name} has no rows")
+    options, captions = read_captions(table, config.caption_column)
+    decoder = RowDecoder(table, config.image_column, config.base, config.resolution, config.center_crop)
+    estimated_gb = len(table) * 3 * config.resolution**2 * (1 if config.center_crop else 1.5) / 2**30
+    keep = estimated_gb <= config.image_cache_max_gb
+    if not keep:
         logger.info(
             "images need ~%.1f GiB at %d px: decoding per batch (--image_cache_max_gb %.1f) with %d worker processes (--dataloader_num_workers)",
             estimated_gb,
-            args.resolution,
-            args.image_cache_max_gb,
-            args.dataloader_num_workers,
+            config.resolution,
+            config.image_cache_max_gb,
+            config.num_workers,
         )
-        return ImageStore(images=[], decoder=decoder, num_workers=args.dataloader_num_workers)
-    images, failures = decode_all_images(decoder, args.dataloader_num_workers, show_progress)
-    report_bad_images(failures, len(images))
-    bad = {index for index, image in enumerate(images) if image is None}
-    # a parquet dataset's sources are the encoded files themselves, often far larger than the decoded cache
-    data.sources = []
-    return ImageStore(images=images, decoder=None, num_workers=args.dataloader_num_workers, bad=bad)
-
-
-class DecodedExamples(torch.utils.data.Dataset):
-    """A streamed example -> (uint8 image or error text, caption cell); runs in DataLoader workers."""
-
-    def __init__(self, image_column: str, caption_column: str, base: Path, resolution: int, center_crop: bool):
-        self.image_column, self.caption_column, self.base = image_column, caption_column, base
-        self.resolution, self.center_crop = resolution, center_crop
-
-    def __getitem__(self, example: dict):
-        source = resolve_image_source(example[self.image_column], self.base)
-        return decode_or_describe(source, self.resolution, self.center_crop), example[self.caption_column]
-
-
-class ImageStream:
-    """--streaming: this process's share of an IterableDataset, reshuffled every pass, decoded per batch.
-
-    The position is derived from the step, not saved: every micro-batch takes exactly
-    train_batch_size examples (an unreadable image is stood in for by another of its batch), so
-    after N micro-batches the stream is N x batch examples in, and a resume skips that many without
-    decoding them. The shuffle is a function of (seed, pass), so the skip lands exactly where the
-    interrupted run was. IterableDataset.state_dict() would not: datasets drops the shuffle buffer's
-    contents on resume and refills it from further on, so a resumed run would see other examples.
-    """
-
-    def __init__(self, dataset, args: argparse.Namespace):
-        self.dataset, self.args, self.passes = dataset, args, 0
-        self.base = Path(args.train_data_dir or args.dataset_name)
-        self.examples = self.new_pass()
-        self.decoded = None  # the DataLoader's iterator, opened by the first batch (after a resume's skip)
-
-    def new_pass(self) -> Iterator[dict]:
-        self.dataset.set_epoch(self.passes)
-        self.taken_this_pass = 0
-        return iter(self.dataset)
-
-    def take(self, count: int) -> list[dict]:
-        taken = []
-        while len(taken) < count:
-            example = next(self.examples, None)
-            if example is not None:
-                taken.append(example)
-                self.taken_this_pass += 1
-                continue
-            if self.taken_this_pass == 0:
-                raise UserError(f"the dataset {self.base} streams no rows for this process; check the data or shards")
-            self.passes += 1
-            self.examples = self.new_pass()
-        return taken
-
-    def skip(self, count: int) -> None:
-        for start in range(0, count, 4096):
-            self.take(min(4096, count - start))
-
-    def raw_batches(self) -> Iterator[list[dict]]:
-        """train_batch_size undecoded examples at a time, forever (the DataLoader's batch sampler)."""
-        while True:
-            yield self.take(self.args.train_batch_size)
-
-    def next_batch(self) -> tuple[list[torch.Tensor], list[list[str]]]:
-        """Decoded images and caption options of the stream's next train_batch_size examples."""
-        if not exists(self.decoded):
-            self.decoded = iter(self.decoding_loader())
-        images, cells = zip(*next(self.decoded), strict=True)
-        column = self.args.caption_column
-        options = [caption_cell_to_list(cell, index, column) for index, cell in enumerate(cells)]
-        return stand_in_for_unreadable(list(images)), options
-
-    def decoding_loader(self) -> torch.utils.data.DataLoader:
-        # the batch sampler runs in this process, so the stream is read once and in order; workers only
-        # decode, ahead of the step, and batches come back in order whatever --dataloader_num_workers is
-        args = self.args
-        decoder = DecodedExamples(args.image_column, args.caption_column, self.base, args.resolution, args.center_crop)
-        return torch.utils.data.DataLoader(
-            decoder,
-            batch_sampler=self.raw_batches(),
-            num_workers=args.dataloader_num_workers,
-            collate_fn=collate_decoded,
-            generator=torch.Generator(),  # its workers' seed is not drawn from the global RNG the noise comes from
-        )
-
-    def caption_options(self, examples: list[dict]) -> list[list[str]]:
-        column = self.args.caption_column
-        return [caption_cell_to_list(example[column], index, column) for index, example in enumerate(examples)]
-
-
-def open_image_stream(args: argparse.Namespace, process_index: int, num_processes: int, seed: int) -> ImageStream:
-    from datasets.distributed import split_dataset_by_node
-
-    dataset = undecoded_images(load_raw_dataset(args), args).select_columns([args.image_column, args.caption_column])
-    if num_processes > 1:
-        dataset = split_dataset_by_node(dataset, rank=process_index, world_size=num_processes)
-    return ImageStream(dataset.shuffle(seed=seed, buffer_size=args.shuffle_buffer_size), args)
-
-
-def streamed_captions(stream: ImageStream, count: int) -> list[str]:
-    """Captions of the first examples of one pass (fewer when the data is smaller): a stand-in for the dataset's."""
-    examples = list(itertools.islice(iter(stream.dataset), count))
-    return [""] + sorted({text for options in stream.caption_options(examples) for text in options if text})
+    if keep or not exists(known_unreadable):
+        cache, failures, unreadable = check_images(decoder, config.num_workers, keep, show_progress)
+        name_unreadable(failures)
+        refuse_mostly_unreadable(len(failures), len(table), failures[0] if failures else "")
+    else:
+        cache, unreadable = None, known_unreadable
+    skipped = set(unreadable)
+    return ImageTable(
+        decoder=decoder,
+        caption_options=options,
+        captions=captions,
+        usable_rows=torch.tensor([row for row in range(len(table)) if row not in skipped], dtype=torch.long),
+        unreadable_rows=sorted(skipped),
+        cache=cache,
+    )
 
 
 @dataclass(frozen=True)
@@ -878,6 +827,212 @@ class Shard:
 
     def of(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor[self.index * self.size : (self.index + 1) * self.size]
+
+
+def epoch_order(usable_rows: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled row order of one epoch: a pure function of (seed, epoch), so resume needs no sampler state."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return usable_rows[torch.randperm(len(usable_rows), generator=generator)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Examples:
+    """This process's share of one micro-batch, before augmentation and captioning."""
+
+    images: list[torch.Tensor]  # uint8 [3, H, W], the short side at the resolution
+    caption_options: list[list[str]]
+
+
+class IndexedBatches:
+    """Micro-batches of an ImageTable: the rows of micro-batch i are a pure function of (seed, i), so a
+    resumed or re-split run reads the same rows; without the cache, workers decode the coming batches."""
+
+    def __init__(self, table: ImageTable, *, seed: int, shard: Shard, batches_per_epoch: int, num_workers: int):
+        self.table, self.seed, self.shard = table, seed, shard
+        self.batches_per_epoch, self.num_workers = batches_per_epoch, num_workers
+        self.ahead: Iterator | None = None  # worker-decoded micro-batches
+        self.ahead_index = -1  # the micro-batch index `ahead` yields next
+
+    def rows(self, micro_index: int) -> list[int]:
+        epoch, position = divmod(micro_index, self.batches_per_epoch)
+        total = self.shard.total
+        return self.shard.of(
+            epoch_order(self.table.usable_rows, self.seed, epoch)[position * total : (position + 1) * total]
+        ).tolist()
+
+    def examples(self, micro_index: int) -> Examples:
+        rows = self.rows(micro_index)
+        options = [self.table.caption_options[row] for row in rows]
+        if exists(self.table.cache):
+            return Examples(images=[self.table.cache[row] for row in rows], caption_options=options)
+        if self.num_workers == 0:
+            decoded = [self.table.decoder[row] for row in rows]
+        else:
+            if micro_index != self.ahead_index:  # the first batch, or a jump: (re)start the workers there
+                batch_rows = map(self.rows, itertools.count(micro_index))
+                self.ahead = iter(decoding_loader(self.table.decoder, batch_rows, self.num_workers))
+            decoded = next(self.ahead)
+            self.ahead_index = micro_index + 1
+        if [row for row, _ in decoded] != rows:
+            raise RuntimeError(
+                f"decoded rows {[row for row, _ in decoded]} are not the micro-batch's {rows}: a bug, please report it"
+            )
+        images = [image for _, image in decoded]
+        name_unreadable([image for image in images if not isinstance(image, torch.Tensor)])  # changed since checked
+        return Examples(images=stand_in_for_unreadable(images), caption_options=options)
+
+    @property
+    def skipped(self) -> int:
+        return len(self.table.unreadable_rows)
+
+    def describe(self) -> str:
+        return f"{len(self.table.usable_rows)} images ({self.skipped} skipped), {len(self.table.captions)} captions"
+
+
+class ExampleDecoder(torch.utils.data.Dataset):
+    """A streamed example -> (uint8 image or error text, caption cell); runs in DataLoader workers."""
+
+    def __init__(self, config: DataConfig):
+        self.image_column, self.caption_column, self.base = config.image_column, config.caption_column, config.base
+        self.resolution, self.center_crop = config.resolution, config.center_crop
+
+    def __getitem__(self, example: dict):
+        source = resolve_image_source(example[self.image_column], self.base)
+        return decode_or_describe(source, self.resolution, self.center_crop), example[self.caption_column]
+
+
+class StreamedBatches:
+    """--streaming: this process's share of an IterableDataset, reshuffled every pass, decoded per batch.
+
+    The position is derived from the step, not saved: every micro-batch takes exactly batch_size
+    examples (an unreadable image is stood in for by another of its batch, named and counted), so
+    after N micro-batches the stream is N x batch examples in, and a resume skips that many without
+    decoding them. The shuffle is a function of (seed, pass), so the skip lands exactly where the
+    interrupted run was. IterableDataset.state_dict() would not: datasets drops the shuffle buffer's
+    contents on resume and refills it from further on, so a resumed run would see other examples.
+    """
+
+    def __init__(self, dataset, config: DataConfig, start_micro_index: int):
+        self.dataset, self.config, self.passes = dataset, config, 0
+        self.examples_seen, self.unreadable = 0, 0
+        self.stream = self.new_pass()
+        self.taken = 0  # examples taken from the stream, across passes: an example's row number
+        self.skip(start_micro_index * config.batch_size)
+        self.decoded = None  # the DataLoader's iterator, opened by the first batch (after a resume's skip)
+
+    def new_pass(self) -> Iterator[dict]:
+        self.dataset.set_epoch(self.passes)
+        self.taken_this_pass = 0
+        return iter(self.dataset)
+
+    def take(self, count: int) -> list[dict]:
+        taken = []
+        while len(taken) < count:
+            example = next(self.stream, None)
+            if example is not None:
+                taken.append(example)
+                self.taken_this_pass += 1
+                continue
+            if self.taken_this_pass == 0:
+                raise UserError(
+                    f"the dataset {self.config.name} streams no rows for this process; check the data or shards"
+                )
+            self.passes += 1
+            self.stream = self.new_pass()
+        return taken
+
+    def skip(self, count: int) -> None:
+        for start in range(0, count, 4096):
+            self.take(min(4096, count - start))
+        self.taken = count
+
+    def raw_batches(self) -> Iterator[list[dict]]:
+        """batch_size undecoded examples at a time, forever (the DataLoader's batch sampler)."""
+        while True:
+            yield self.take(self.config.batch_size)
+
+    def examples(self, micro_index: int) -> Examples:
+        if not exists(self.decoded):
+            self.decoded = iter(
+                decoding_loader(ExampleDecoder(self.config), self.raw_batches(), self.config.num_workers)
+            )
+        images, cells = zip(*next(self.decoded), strict=True)
+        first_row, self.taken = self.taken, self.taken + len(images)
+        column = self.config.caption_column
+        options = [caption_cell_to_list(cell, first_row + index, column) for index, cell in enumerate(cells)]
+        failures = [image for image in images if not isinstance(image, torch.Tensor)]
+        name_unreadable(failures, already_named=self.unreadable)
+        self.examples_seen, self.unreadable = self.examples_seen + len(images), self.unreadable + len(failures)
+        if self.examples_seen >= MIN_EXAMPLES_TO_JUDGE_A_STREAM and failures:
+            refuse_mostly_unreadable(self.unreadable, self.examples_seen, failures[0])
+        return Examples(images=stand_in_for_unreadable(list(images)), caption_options=options)
+
+    def sample_captions(self, count: int) -> list[str]:
+        """Captions of the first examples of one pass (fewer when the data is smaller): a stand-in for the dataset's."""
+        cells = [example[self.config.caption_column] for example in itertools.islice(iter(self.dataset), count)]
+        texts = {
+            text
+            for row, cell in enumerate(cells)
+            for text in caption_cell_to_list(cell, row, self.config.caption_column)
+        }
+        return [""] + sorted(text for text in texts if text)
+
+    @property
+    def skipped(self) -> int:
+        return self.unreadable
+
+    def describe(self) -> str:
+        return f"streaming {self.config.name} (shuffle buffer {self.config.shuffle_buffer_size})"
+
+
+def open_stream(
+    config: DataConfig, process_index: int, num_processes: int, seed: int, start_micro_index: int
+) -> StreamedBatches:
+    from datasets.distributed import split_dataset_by_node
+
+    dataset = undecoded_images(load_raw_dataset(config), config)
+    if num_processes > 1:
+        dataset = split_dataset_by_node(dataset, rank=process_index, world_size=num_processes)
+    return StreamedBatches(
+        dataset.shuffle(seed=seed, buffer_size=config.shuffle_buffer_size), config, start_micro_index
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchDraws:
+    """Every random number one micro-batch needs before the loss draws its noise and timesteps."""
+
+    caption_choice: torch.Tensor  # [0, 1) per example: which of its captions
+    dropped: torch.Tensor  # bool per example: shown with the empty caption
+    crop_at: torch.Tensor  # (top, left) as fractions of the spare pixels
+    flip: torch.Tensor | None
+
+
+def draw_batch(shard: Shard, *, dropout_prob: float, center_crop: bool, random_flip: bool) -> BatchDraws:
+    """The micro-batch's random numbers, from the global RNG, in a fixed order.
+
+    The ordering contract that exact resume and "N processes = 1 process" rest on: per micro-batch,
+    this function draws first (caption choice, dropout, crop, flip; each for the whole global batch,
+    then sliced to this process's shard), then `diffusion_loss` draws noise, noise offset and timesteps,
+    and nothing else in the step draws from the global RNG (data loaders own their generators). A
+    draw added anywhere else, or moved, changes every later batch of a run and breaks both guarantees
+    without failing; add new draws here, at the end.
+    """
+    caption_choice = shard.of(torch.rand(shard.total))
+    dropped = shard.of(torch.rand(shard.total)) < dropout_prob
+    crop_at = shard.of(torch.full((shard.total, 2), 0.5) if center_crop else torch.rand(shard.total, 2))
+    flip = shard.of(torch.rand(shard.total) < 0.5) if random_flip else None
+    return BatchDraws(caption_choice=caption_choice, dropped=dropped, crop_at=crop_at, flip=flip)
+
+
+def choose_captions(caption_options: list[list[str]], draws: BatchDraws) -> list[str]:
+    """One caption per example, picked among its list; the empty one where dropped (classifier-free guidance)."""
+    return [
+        "" if drop else options[min(int(pick * len(options)), len(options) - 1)]
+        for options, pick, drop in zip(
+            caption_options, draws.caption_choice.tolist(), draws.dropped.tolist(), strict=True
+        )
+    ]
 
 
 def crop_and_flip(
@@ -1010,60 +1165,37 @@ def encode_captions_once(
     return embeddings
 
 
-@dataclass
-class Conditioning:
-    """Per-batch text conditioning: cached embeddings (frozen encoder) or token ids (trained encoder)."""
+class CachedEmbeddings:
+    """A frozen encoder's embedding of every distinct caption, computed once: a batch is a table lookup."""
 
-    caption_table: torch.Tensor  # [rows, max_captions_per_row] caption ids, padded by repeating
-    caption_counts: torch.Tensor  # [rows]
-    embeddings: torch.Tensor | None  # [num_captions, L, H] when the encoder is frozen
-    token_ids: torch.Tensor | None  # [num_captions, L] when the encoder trains
-    attention_mask: torch.Tensor | None
-    dropout_prob: float
+    def __init__(self, captions: list[str], table: torch.Tensor):
+        self.row_of = {text: row for row, text in enumerate(captions)}
+        self.table = table  # [captions, tokens, hidden]
 
-    def caption_ids_for(self, rows: torch.Tensor) -> torch.Tensor:
-        """One caption per row (random among the row's list), the empty caption with dropout_prob."""
-        counts = self.caption_counts[rows]
-        choice = (torch.rand(len(rows)) * counts).long().clamp_(max=self.caption_table.shape[1] - 1)
-        ids = self.caption_table[rows, choice]
-        dropped = torch.rand(len(rows)) < self.dropout_prob
-        return torch.where(dropped, torch.zeros_like(ids), ids)
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        rows = torch.tensor([self.row_of[text] for text in texts], device=self.table.device)
+        return self.table[rows]
 
 
-def tokenized_conditioning(
-    tokenizer, captions: list[str], max_length: int, device, table=None, counts=None, args=None
-) -> Conditioning:
-    """Token ids for `captions`, run through the encoder per batch (trained, uncached or streamed captions)."""
-    tokens = tokenizer(captions, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    mask = tokens.get("attention_mask")
-    return Conditioning(
-        table,
-        counts,
-        None,
-        tokens.input_ids.to(device),
-        mask.to(device) if exists(mask) else None,
-        args.conditioning_dropout_prob if exists(args) else 0.0,
-    )
+class LiveEncoder:
+    """Captions through the encoder every batch: when it trains, or when the captions are not cached
+    (a stream, --no_caption_cache). A frozen encoder runs without autograd, once per distinct caption."""
 
+    def __init__(self, *, tokenizer, encoder, max_length: int, trains: bool, device):
+        self.tokenizer, self.encoder, self.max_length = tokenizer, encoder, max_length
+        self.trains, self.device = trains, device
 
-def build_conditioning(
-    data: CaptionedImages, tokenizer, encoder, max_length: int, args, device, cache_file
-) -> Conditioning:
-    widest = max(len(ids) for ids in data.caption_ids)
-    table = torch.tensor([(ids * widest)[:widest] for ids in data.caption_ids])
-    counts = torch.tensor([len(ids) for ids in data.caption_ids])
-    if args.train_text_encoder or not args.caption_cache:
-        return tokenized_conditioning(tokenizer, data.captions, max_length, device, table, counts, args)
-    embeddings = encode_captions_once(tokenizer, encoder, data.captions, max_length, cache_file, device)
-    return Conditioning(table, counts, embeddings, None, None, args.conditioning_dropout_prob)
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        from pipeline_text_to_image import encode_text
 
-
-def condition_batch(conditioning: Conditioning, caption_ids: torch.Tensor, text_encoder) -> torch.Tensor:
-    if exists(conditioning.embeddings):
-        return conditioning.embeddings[caption_ids.to(conditioning.embeddings.device)]
-    ids = caption_ids.to(conditioning.token_ids.device)
-    mask = conditioning.attention_mask[ids] if exists(conditioning.attention_mask) else None
-    return text_encoder(input_ids=conditioning.token_ids[ids], attention_mask=mask).last_hidden_state
+        if self.trains:
+            return encode_text(self.tokenizer, self.encoder, texts, self.max_length, self.device)
+        # No cache across batches: on data big enough to stream, captions rarely repeat, and an embedding
+        # would then depend on the batch that first encoded it, so a resumed run could differ in the last bits.
+        distinct = list(dict.fromkeys(texts))
+        with torch.no_grad():
+            embeddings = encode_text(self.tokenizer, self.encoder, distinct, self.max_length, self.device)
+        return embeddings[torch.tensor([distinct.index(text) for text in texts], device=embeddings.device)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1237,6 +1369,7 @@ class TrainState:
     seed: int = 0
     num_processes: int = 1
     skipped_images: int = 0
+    unreadable_rows: list[int] = field(default_factory=list)  # a resumed per-batch run need not check again
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -1417,19 +1550,59 @@ def sample_images(
 
 
 def write_grid(images, captions, samples_dir: Path, step: int, epoch: int) -> Path:
-    """A captioned PNG grid, plus an animated GIF of every grid of the run so far."""
-    from PIL import Image
-
+    """A captioned PNG grid, also appended to the run's animated GIF."""
     from pipeline_text_to_image import make_captioned_grid
 
     samples_dir.mkdir(parents=True, exist_ok=True)
     grid = make_captioned_grid(images, captions, columns=min(len(images), 8))
     path = samples_dir / f"epoch-{epoch:05d}-step-{step:07d}.png"
     grid.save(path)
-    frames = [Image.open(frame).convert("RGB") for frame in sorted(samples_dir.glob("epoch-*.png"))]
-    frames = [frame for frame in frames if frame.size == grid.size]
-    frames[0].save(samples_dir / "progress.gif", save_all=True, append_images=frames[1:], duration=500, loop=0)
+    append_to_gif(samples_dir / "progress.gif", grid)
     return path
+
+
+GIF_TRAILER = b";"
+
+
+def gif_frame_bytes(image, delay_ms: int) -> bytes:
+    """`image` as one GIF frame to append: its delay, then the image with its palette as a local colour table."""
+    import io
+    import struct
+
+    encoded = io.BytesIO()
+    image.save(encoded, format="GIF")
+    single = encoded.getvalue()
+    screen_flags = single[10]
+    palette_bytes = 3 * 2 ** ((screen_flags & 0x07) + 1) if screen_flags & 0x80 else 0
+    palette, position = single[13 : 13 + palette_bytes], 13 + palette_bytes
+    while single[position] == 0x21:  # extension blocks: label, then data sub-blocks up to an empty one
+        position += 2
+        while single[position]:
+            position += single[position] + 1
+        position += 1
+    descriptor = bytearray(single[position : position + 10])  # 0x2C, left, top, width, height, flags
+    if not descriptor[9] & 0x80:  # no local table yet: the global one becomes it
+        descriptor[9] |= 0x80 | (screen_flags & 0x07)
+    else:
+        palette = b""
+    delay = b"\x21\xf9\x04\x00" + struct.pack("<H", delay_ms // 10) + b"\x00\x00"
+    return delay + bytes(descriptor) + palette + single[position + 10 : -1]
+
+
+def append_to_gif(path: Path, image, delay_ms: int = 500) -> None:
+    """Append a frame in place: O(frame), not a re-encode of every earlier grid. A missing GIF, one of
+    another frame size (another --eval_batch_size) or one cut short by a crash starts again from this frame."""
+    import struct
+
+    if path.is_file():
+        with open(path, "r+b") as gif:
+            header = gif.read(10)
+            gif.seek(-1, os.SEEK_END)
+            if header[:3] == b"GIF" and struct.unpack("<HH", header[6:10]) == image.size and gif.read(1) == GIF_TRAILER:
+                gif.seek(-1, os.SEEK_END)
+                gif.write(gif_frame_bytes(image, delay_ms) + GIF_TRAILER)
+                return
+    image.save(path, format="GIF", save_all=True, duration=delay_ms, loop=0)
 
 
 def log_grid(accelerator, grid_path: Path, step: int) -> None:
@@ -1449,19 +1622,17 @@ def all_finite(model) -> bool:
     return all(torch.isfinite(parameter).all() for parameter in model.parameters())
 
 
-def save_pipeline(pipeline, output_dir: Path, args: argparse.Namespace, state: TrainState, grid: Path | None) -> None:
+def save_pipeline(pipeline, output_dir: Path, card: str, step: int) -> None:
     """The diffusers pipeline at output_dir, its code as pipeline.py, and a model card."""
     from pipeline_text_to_image import copy_pipeline_code
 
     if not all_finite(pipeline.unet):
-        raise UserError(
-            f"the UNet weights hold NaN/inf at step {state.step}; not overwriting the pipeline in {output_dir}"
-        )
+        raise UserError(f"the UNet weights hold NaN/inf at step {step}; not overwriting the pipeline in {output_dir}")
     staging = output_dir / PIPELINE_STAGING
     shutil.rmtree(staging, ignore_errors=True)
     pipeline.save_pretrained(staging, safe_serialization=True)
     copy_pipeline_code(staging)
-    (staging / "README.md").write_text(model_card(args, state, grid, output_dir))
+    (staging / "README.md").write_text(card)
     fsync_tree(staging)
     swap_in_pipeline(staging, output_dir)
 
@@ -1495,36 +1666,49 @@ def finish_interrupted_export(output_dir: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
-def model_card(args: argparse.Namespace, state: TrainState, grid: Path | None, output_dir: Path) -> str:
-    data = args.dataset_name or args.train_data_dir
+SECRET_FLAGS = ("hub_token",)  # never written: not to the model card, the trackers or anywhere else
+
+
+def public_flags(args: argparse.Namespace) -> dict:
+    """The run's flags as anything the run writes may show them: secrets left out, paths as text."""
+    return {
+        key: (str(value) if isinstance(value, Path) else value)
+        for key, value in sorted(vars(args).items())
+        if key not in SECRET_FLAGS
+    }
+
+
+def tracker_config(flags: dict) -> dict:
+    """The public flags trackers accept as hyperparameters (scalars only)."""
+    return {key: value for key, value in flags.items() if isinstance(value, (int, float, str, bool))}
+
+
+def model_card(flags: dict, prompts: list[str], state: TrainState, grid: Path | None, output_dir: Path) -> str:
+    data = flags["dataset_name"] or flags["train_data_dir"]
     grid_line = (
         f"![samples]({grid.relative_to(output_dir).as_posix()})\n"
         if exists(grid) and grid.is_relative_to(output_dir)
         else ""
     )
-    flags = {
-        key: (str(value) if isinstance(value, Path) else value)
-        for key, value in sorted(vars(args).items())
-        if key != "hub_token"
-    }
+    repo = flags["hub_model_id"] or output_dir
     return f"""---
 library_name: diffusers
 tags: [text-to-image, diffusion, pixel-space, train_text_to_image]
 ---
 # {output_dir.name}
 
-A pixel-space text-to-image diffusion model ({args.resolution} px) trained from scratch with
+A pixel-space text-to-image diffusion model ({flags["resolution"]} px) trained from scratch with
 `train_text_to_image.py` on `{data}` for {state.step} optimizer steps
-({args.prediction_type} prediction, {args.ddpm_beta_schedule} betas, text encoder
-`{args.text_encoder_name_or_path}`{", trained jointly" if args.train_text_encoder else ", frozen"}).
+({flags["prediction_type"]} prediction, {flags["ddpm_beta_schedule"]} betas, text encoder
+`{flags["text_encoder_name_or_path"]}`{", trained jointly" if flags["train_text_encoder"] else ", frozen"}).
 
 {grid_line}
 ## Use
 
 ```python
 from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained("{args.hub_model_id or output_dir}", custom_pipeline="{args.hub_model_id or output_dir}", trust_remote_code=True)
-image = pipe("{args.validation_prompts[0] if args.validation_prompts else "a prompt"}", guidance_scale={args.guidance_scale}).images[0]
+pipe = DiffusionPipeline.from_pretrained("{repo}", custom_pipeline="{repo}", trust_remote_code=True)
+image = pipe("{prompts[0] if prompts and prompts[0] else "a prompt"}", guidance_scale={flags["guidance_scale"]}).images[0]
 ```
 
 ## Training flags
@@ -1550,8 +1734,96 @@ def push_to_hub(output_dir: Path, args: argparse.Namespace, step: int) -> str:
     return repo_id
 
 
+@contextlib.contextmanager
+def main_process_with_ema(accelerator, unet, ema) -> Iterator[torch.nn.Module | None]:
+    """The bare UNet holding its EMA weights, on the main process (None on the others, which wait)."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        bare = unwrap(accelerator, unet)
+        with ema_weights(ema, bare):
+            yield bare
+    else:
+        yield None
+    accelerator.wait_for_everyone()
+
+
+@dataclass(frozen=True, kw_only=True)
+class GridConfig:
+    prompts: list[str]
+    prompt_embeddings: tuple[torch.Tensor, torch.Tensor] | None  # (prompts, "") when the encoder was freed
+    count: int
+    num_inference_steps: int
+    guidance_scale: float
+    seed: int
+
+
+class Outputs:
+    """What a run writes besides checkpoints: sample grids and the pipeline, with the EMA weights."""
+
+    def __init__(
+        self,
+        *,
+        accelerator,
+        unet,
+        ema,
+        text_encoder,
+        text_encoder_source: tuple[str, str | None],
+        tokenizer,
+        noise_scheduler,
+        text_max_length: int,
+        grids: GridConfig,
+        output_dir: Path,
+        public_flags: dict,
+    ):
+        self.accelerator, self.unet, self.ema = accelerator, unet, ema
+        self.text_encoder, self.text_encoder_source, self.tokenizer = text_encoder, text_encoder_source, tokenizer
+        self.noise_scheduler, self.text_max_length = noise_scheduler, text_max_length
+        self.grids, self.output_dir, self.public_flags = grids, output_dir, public_flags
+
+    def pipeline(self, unet, text_encoder):
+        return build_pipeline(unet, text_encoder, self.tokenizer, self.noise_scheduler, self.text_max_length)
+
+    def grid(self, state: TrainState, epoch: int) -> Path | None:
+        """Sample the fixed prompts, write and log the grid; its path on the main process."""
+        grid = None
+        with main_process_with_ema(self.accelerator, self.unet, self.ema) as unet:
+            if exists(unet):
+                text_encoder = unwrap(self.accelerator, self.text_encoder) if exists(self.text_encoder) else None
+                unet.eval()
+                with self.accelerator.autocast():
+                    images, captions = sample_images(
+                        self.pipeline(unet, text_encoder),
+                        self.grids.prompts,
+                        self.grids.count,
+                        self.grids.num_inference_steps,
+                        self.grids.guidance_scale,
+                        self.grids.seed,
+                        self.grids.prompt_embeddings,
+                    )
+                unet.train()
+                grid = write_grid(images, captions, self.output_dir / "samples", state.step, epoch)
+                log_grid(self.accelerator, grid, state.step)
+        return grid
+
+    def export(self, state: TrainState, grid: Path | None) -> None:
+        with main_process_with_ema(self.accelerator, self.unet, self.ema) as unet:
+            if exists(unet):
+                if exists(self.text_encoder):
+                    text_encoder = unwrap(self.accelerator, self.text_encoder)
+                else:  # frozen and freed after caching: its weights are still the ones on disk
+                    text_encoder = build_text_encoder(*self.text_encoder_source)[1]
+                card = model_card(self.public_flags, self.grids.prompts, state, grid, self.output_dir)
+                save_pipeline(self.pipeline(unet, text_encoder), self.output_dir, card, state.step)
+                logger.info("saved the pipeline to %s", self.output_dir)
+
+
 # ---------------------------------------------------------------------------------------------
 # Stopping: signals, time limits, divergence
+
+
+class StoppedDuringSetup(BaseException):
+    """A SIGTERM/SIGINT before the first step (the signal's name). A BaseException, like KeyboardInterrupt:
+    raised wherever the signal lands, no library's `except Exception` (logging's, for one) may swallow it."""
 
 
 class StopRequest:
@@ -1565,9 +1837,16 @@ class StopRequest:
     def __init__(self, max_seconds: float | None):
         self.reason: str | None = None
         self.by_signal = False  # agreed by all processes: skip the final grid, a preemption may be short
-        self.deadline = time.monotonic() + max_seconds if exists(max_seconds) else None
+        self.max_seconds, self.deadline = max_seconds, None
         self.reserve = 0.0
         self.previous = {}
+        self.in_setup, self.start_step = True, 0
+
+    def start(self, step: int) -> None:
+        """Training begins at `step`: the time limit counts from now, and a signal now stops after a step."""
+        self.in_setup, self.start_step = False, step
+        if exists(self.max_seconds):
+            self.deadline = time.monotonic() + self.max_seconds
 
     def install(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -1578,6 +1857,8 @@ class StopRequest:
             signal.signal(signum, handler)
 
     def handle(self, signum, frame) -> None:
+        if self.in_setup:  # nothing to save yet: abandon the setup where it is
+            raise StoppedDuringSetup(signal.Signals(signum).name)
         if self.reason is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: the user wants out now
         self.reason = signal.Signals(signum).name
@@ -1605,12 +1886,12 @@ class StopRequest:
         return bool(agreed)
 
 
-def check_finite_loss(loss_sum: torch.Tensor, step: int, since: int, args) -> None:
+def check_finite_loss(loss_sum: torch.Tensor, step: int, since: int, output_dir: Path) -> None:
     if torch.isfinite(loss_sum).all():
         return
     hint = "try a lower --learning_rate, bf16 instead of fp16, or --max_grad_norm 1"
     raise UserError(
-        f"loss became NaN/inf between steps {since} and {step}; {hint}. Nothing was saved from this point; resume from the last checkpoint in {args.output_dir}"
+        f"loss became NaN/inf between steps {since} and {step}; {hint}. Nothing was saved from this point; resume from the last checkpoint in {output_dir}"
     )
 
 
@@ -1618,11 +1899,11 @@ def check_finite_loss(loss_sum: torch.Tensor, step: int, since: int, args) -> No
 # Training
 
 
-@dataclass
+@dataclass(frozen=True)
 class Schedule:
-    """Step arithmetic in one place: micro-batches per epoch, optimizer steps, epoch events."""
+    """Step arithmetic in one place: micro-batches per epoch, optimizer steps, epoch flags as steps."""
 
-    batches_per_epoch: int  # micro-batches of train_batch_size x num_processes
+    batches_per_epoch: int  # micro-batches of batch size x processes
     accumulation: int
     max_steps: int
 
@@ -1634,68 +1915,49 @@ class Schedule:
         """True when optimizer step `step` completes a multiple of `every_epochs` epochs."""
         return self.epoch_of(step) // every_epochs > self.epoch_of(step - 1) // every_epochs
 
-    def micro_batches(self, start_step: int) -> Iterator[tuple[int, int]]:
-        """(epoch, position in epoch) for every micro-batch from optimizer step `start_step` on."""
-        for micro in range(start_step * self.accumulation, self.max_steps * self.accumulation):
-            yield divmod(micro, self.batches_per_epoch)
 
-
-def plan_schedule(num_rows: int, args, num_processes: int) -> Schedule:
-    global_batch = args.train_batch_size * num_processes
+def plan_schedule(
+    num_rows: int, *, batch_size: int, num_processes: int, accumulation: int, max_steps: int | None, num_epochs: int
+) -> Schedule:
+    global_batch = batch_size * num_processes
     batches_per_epoch = num_rows // global_batch
     if batches_per_epoch == 0:
         raise UserError(
-            f"the dataset has {num_rows} usable images, fewer than one batch of {global_batch} (--train_batch_size {args.train_batch_size} x {num_processes} processes); lower --train_batch_size"
+            f"the dataset has {num_rows} usable images, fewer than one batch of {global_batch} (--train_batch_size {batch_size} x {num_processes} processes); lower --train_batch_size"
         )
-    max_steps = args.max_train_steps or math.ceil(
-        args.num_epochs * batches_per_epoch / args.gradient_accumulation_steps
-    )
-    return Schedule(batches_per_epoch, args.gradient_accumulation_steps, max_steps)
+    max_steps = max_steps or math.ceil(num_epochs * batches_per_epoch / accumulation)
+    return Schedule(batches_per_epoch, accumulation, max_steps)
 
 
-def epoch_order(usable_rows: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
-    """The shuffled row order of one epoch: a pure function of (seed, epoch), so resume needs no sampler state."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return usable_rows[torch.randperm(len(usable_rows), generator=generator)]
+def stream_schedule(*, checkpointing_steps: int, accumulation: int, max_steps: int) -> Schedule:
+    """A stream has no length: --max_train_steps sets the run, and an 'epoch' is --checkpointing_steps steps."""
+    return Schedule(checkpointing_steps * accumulation, accumulation, max_steps)
 
 
-def global_batch_rows(
-    usable_rows: torch.Tensor, seed: int, epoch: int, position: int, global_batch: int
-) -> torch.Tensor:
-    return epoch_order(usable_rows, seed, epoch)[position * global_batch : (position + 1) * global_batch]
+@dataclass(frozen=True, kw_only=True)
+class Intervals:
+    """When the loop logs, samples a grid, exports the pipeline and checkpoints, in optimizer steps."""
 
-
-def shard_rows(
-    usable_rows: torch.Tensor, seed: int, batches_per_epoch: int, shard: Shard, micro_index: int
-) -> list[int]:
-    """This process's rows of the run's `micro_index`-th micro-batch (what decoding workers are handed)."""
-    epoch, position = divmod(micro_index, batches_per_epoch)
-    return shard.of(global_batch_rows(usable_rows, seed, epoch, position, shard.total)).tolist()
-
-
-@dataclass
-class Run:
-    """Everything the loop touches, built once by `setup_run`."""
-
-    args: argparse.Namespace
-    accelerator: object
-    unet: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: object
-    noise_scheduler: object
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: object
-    ema: object | None
-    images: ImageStore
-    usable_rows: torch.Tensor
-    conditioning: Conditioning
-    text_max_length: int
     schedule: Schedule
-    state: TrainState
-    validation_prompts: list[str]
-    captions: list[str] = field(default_factory=list)
-    stream: ImageStream | None = None
-    validation_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None  # (prompts, "") when the encoder is freed
+    logging_steps: int
+    checkpointing_steps: int
+    grid_epochs: int
+    export_epochs: int
+
+    def last(self, step: int) -> bool:
+        return step >= self.schedule.max_steps
+
+    def log(self, step: int) -> bool:
+        return step % self.logging_steps == 0
+
+    def grid(self, step: int) -> bool:
+        return self.schedule.crosses(step, self.grid_epochs) or self.last(step)
+
+    def export(self, step: int) -> bool:
+        return self.schedule.crosses(step, self.export_epochs) or self.last(step)
+
+    def checkpoint(self, step: int) -> bool:
+        return step % self.checkpointing_steps == 0 or self.last(step)
 
 
 def build_optimizer(parameters, args, device: torch.device):
@@ -1730,6 +1992,101 @@ def build_ema(unet, args):
         model_cls=UNet2DConditionModel,
         model_config=unet.config,
     )
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossConfig:
+    snr_gamma: float
+    noise_offset: float
+    max_grad_norm: float
+    conditioning_dropout_prob: float
+
+
+class Trainer:
+    """One optimizer step at a time: micro-batches in; weights, learning rate and EMA out."""
+
+    def __init__(
+        self,
+        *,
+        accelerator,
+        unet,
+        text_encoder,
+        trains_text_encoder: bool,
+        noise_scheduler,
+        optimizer,
+        lr_scheduler,
+        ema,
+        ema_offload: bool,
+        batches: IndexedBatches | StreamedBatches,
+        conditioner: CachedEmbeddings | LiveEncoder,
+        data: DataConfig,
+        loss: LossConfig,
+        channels_last: bool,
+    ):
+        self.accelerator, self.unet, self.text_encoder = accelerator, unet, text_encoder
+        self.trained = (unet, text_encoder) if trains_text_encoder else (unet,)
+        self.noise_scheduler, self.optimizer, self.lr_scheduler = noise_scheduler, optimizer, lr_scheduler
+        self.ema, self.ema_offload = ema, ema_offload
+        self.batches, self.conditioner, self.data, self.loss = batches, conditioner, data, loss
+        self.channels_last = channels_last
+        self.shard = Shard(accelerator.process_index, accelerator.num_processes, data.batch_size)
+        self.accumulation = accelerator.gradient_accumulation_steps
+
+    def micro_batch(self, micro_index: int) -> tuple[torch.Tensor, list[str]]:
+        """Pixels in [-1, 1] and one caption each, for this process's share of one global micro-batch."""
+        examples = self.batches.examples(micro_index)
+        draws = draw_batch(
+            self.shard,
+            dropout_prob=self.loss.conditioning_dropout_prob,
+            center_crop=self.data.center_crop,
+            random_flip=self.data.random_flip,
+        )
+        pixels = crop_and_flip(examples.images, self.data.resolution, draws.crop_at, draws.flip)
+        pixels = pixels.to(self.accelerator.device, non_blocking=True)
+        if self.channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        return pixels, choose_captions(examples.caption_options, draws)
+
+    def step(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Optimizer step `step` + 1: its micro-batches forward and backward, clip, update, LR and EMA.
+        Returns the mean loss (on the device: no sync) and the gradient norm (None when not clipping)."""
+        accelerator, losses, grad_norm = self.accelerator, [], None
+        for micro_index in range(step * self.accumulation, (step + 1) * self.accumulation):
+            pixels, captions = self.micro_batch(micro_index)
+            with accelerator.accumulate(*self.trained):
+                with accelerator.autocast():
+                    text = self.conditioner.embed(captions)
+                    loss = diffusion_loss(
+                        self.unet,
+                        self.noise_scheduler,
+                        pixels,
+                        text,
+                        self.loss.snr_gamma,
+                        self.loss.noise_offset,
+                        self.shard,
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and self.loss.max_grad_norm > 0:
+                    parameters = [parameter for model in self.trained for parameter in model.parameters()]
+                    grad_norm = accelerator.clip_grad_norm_(parameters, self.loss.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        self.lr_scheduler.step()
+        self.update_ema()
+        return torch.stack(losses).mean(), grad_norm
+
+    def update_ema(self) -> None:
+        if not exists(self.ema):
+            return
+        if self.ema_offload:
+            self.ema.to(self.accelerator.device, non_blocking=True)
+        self.ema.step(unwrap(self.accelerator, self.unet).parameters())
+        if self.ema_offload:
+            self.ema.to("cpu", non_blocking=True)
+
+    def images_per_step(self) -> int:
+        return self.shard.total * self.accumulation
 
 
 def make_accelerator(args: argparse.Namespace):
@@ -1798,59 +2155,98 @@ def configure_unet(unet, args) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class TrainingData:
-    """What the loop draws batches from: decoded images + cached conditioning, or a stream."""
+    """What the loop draws batches from, and what the captions need."""
 
-    images: ImageStore | None
-    usable_rows: torch.Tensor | None
-    conditioning: Conditioning | None
+    batches: IndexedBatches | StreamedBatches
+    conditioner: CachedEmbeddings | LiveEncoder
+    captions: list[str]  # the dataset's distinct captions (a sample of them when streaming), "" first
     text_max_length: int
     schedule: Schedule
-    captions: list[str]
-    stream: ImageStream | None = None
 
 
-def prepare_in_memory_data(args, accelerator, state: TrainState, tokenizer, text_encoder) -> TrainingData:
-    data = load_captioned_images(args)
-    text_max_length = caption_max_length(tokenizer, data.captions, args.caption_max_length)
-    images = build_image_store(data, args, accelerator.is_local_main_process)
-    usable_rows = torch.tensor([row for row in range(len(data.caption_ids)) if row not in images.bad])
-    state.skipped_images = len(images.bad)
-    schedule = plan_schedule(len(usable_rows), args, accelerator.num_processes)
-    shard = Shard(accelerator.process_index, accelerator.num_processes, args.train_batch_size)
-    images.rows_of = functools.partial(shard_rows, usable_rows, state.seed, schedule.batches_per_epoch, shard)
-    cache_file = (
-        None
-        if args.train_text_encoder or not args.caption_cache
-        else caption_cache_path(
-            args.output_dir, args.text_encoder_name_or_path, text_encoder, data.captions, text_max_length
+def prepare_data(args, config: DataConfig, accelerator, state: TrainState, tokenizer, text_encoder) -> TrainingData:
+    """The batch source of the dataset's kind and the conditioner that embeds its captions."""
+    shard_start = state.step * args.gradient_accumulation_steps
+    if config.streaming:
+        batches = open_stream(config, accelerator.process_index, accelerator.num_processes, state.seed, shard_start)
+        captions = batches.sample_captions(STREAM_CAPTION_SAMPLE)
+        text_max_length = caption_max_length(tokenizer, None, args.caption_max_length)
+        schedule = stream_schedule(
+            checkpointing_steps=args.checkpointing_steps,
+            accumulation=args.gradient_accumulation_steps,
+            max_steps=args.max_train_steps,
         )
+    else:
+        known = state.unreadable_rows if state.step > 0 else None
+        table = read_image_table(config, known, accelerator.is_local_main_process)
+        state.unreadable_rows, state.skipped_images = table.unreadable_rows, len(table.unreadable_rows)
+        captions = table.captions
+        text_max_length = caption_max_length(tokenizer, captions, args.caption_max_length)
+        schedule = plan_schedule(
+            len(table.usable_rows),
+            batch_size=config.batch_size,
+            num_processes=accelerator.num_processes,
+            accumulation=args.gradient_accumulation_steps,
+            max_steps=args.max_train_steps,
+            num_epochs=args.num_epochs,
+        )
+        shard = Shard(accelerator.process_index, accelerator.num_processes, config.batch_size)
+        batches = IndexedBatches(
+            table,
+            seed=state.seed,
+            shard=shard,
+            batches_per_epoch=schedule.batches_per_epoch,
+            num_workers=config.num_workers,
+        )
+    if config.streaming or args.train_text_encoder or not args.caption_cache:
+        conditioner = LiveEncoder(
+            tokenizer=tokenizer,
+            encoder=text_encoder,
+            max_length=text_max_length,
+            trains=args.train_text_encoder,
+            device=accelerator.device,
+        )
+    else:
+        cache_file = caption_cache_path(
+            args.output_dir, args.text_encoder_name_or_path, text_encoder, captions, text_max_length
+        )
+        with accelerator.main_process_first():  # the others then read the main process's cache file
+            table = encode_captions_once(
+                tokenizer, text_encoder, captions, text_max_length, cache_file, accelerator.device
+            )
+        conditioner = CachedEmbeddings(captions, table)
+    return TrainingData(
+        batches=batches, conditioner=conditioner, captions=captions, text_max_length=text_max_length, schedule=schedule
     )
-    with accelerator.main_process_first():  # the others then read the main process's cache file
-        conditioning = build_conditioning(
-            data, tokenizer, text_encoder, text_max_length, args, accelerator.device, cache_file
+
+
+def open_state(args: argparse.Namespace, accelerator) -> tuple[Path | None, TrainState]:
+    """The checkpoint to resume from (or None) and the loop state: the checkpoint's, or a fresh one."""
+    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if not exists(resume):
+        seed = args.seed if exists(args.seed) else random.randrange(2**31)
+        return None, TrainState(seed=seed, num_processes=accelerator.num_processes)
+    state = read_train_state(resume)
+    if state.num_processes != accelerator.num_processes:
+        raise UserError(
+            f"{resume} was written by {state.num_processes} processes; resume it with the same --num_processes {state.num_processes} (this launch has {accelerator.num_processes})"
         )
-    return TrainingData(images, usable_rows, conditioning, text_max_length, schedule, data.captions)
+    return resume, state
 
 
-def prepare_streamed_data(args, accelerator, state: TrainState, tokenizer, text_encoder) -> TrainingData:
-    """A stream has no length: --max_train_steps sets the run, and an 'epoch' is --checkpointing_steps steps."""
-    stream = open_image_stream(args, accelerator.process_index, accelerator.num_processes, state.seed)
-    accumulation = args.gradient_accumulation_steps
-    schedule = Schedule(args.checkpointing_steps * accumulation, accumulation, args.max_train_steps)
-    captions = streamed_captions(stream, STREAM_CAPTION_SAMPLE)
-    text_max_length = caption_max_length(tokenizer, None, args.caption_max_length)
-    return TrainingData(None, None, None, text_max_length, schedule, captions, stream)
+@dataclass(kw_only=True)
+class Run:
+    """A run ready to train: the trainer, what it writes, when, and the loop state."""
 
-
-def encode_validation_prompts(tokenizer, text_encoder, prompts: list[str], data: TrainingData):
-    """The grids' fixed prompts and the empty caption, encoded now so the frozen encoder can be freed."""
-    from pipeline_text_to_image import encode_text
-
-    with torch.no_grad():
-        prompt_embeddings = encode_text(tokenizer, text_encoder, prompts, data.text_max_length).float()
-    return prompt_embeddings, data.conditioning.embeddings[:1]
+    accelerator: object
+    trainer: Trainer
+    outputs: Outputs
+    intervals: Intervals
+    state: TrainState
+    text_max_length: int
+    plan: str  # the run plan, logged once
 
 
 def setup_run(args: argparse.Namespace) -> Run:
@@ -1864,24 +2260,15 @@ def setup_run(args: argparse.Namespace) -> Run:
     accelerator = make_accelerator(args)
     check_launch(accelerator)
     check_distributed_type(accelerator, args)
-    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    state = (
-        read_train_state(resume)
-        if exists(resume)
-        else TrainState(seed=args.seed if exists(args.seed) else random.randrange(2**31))
-    )
-    if exists(resume) and state.num_processes != accelerator.num_processes:
-        raise UserError(
-            f"{resume} was written by {state.num_processes} processes; resume it with the same --num_processes {state.num_processes} (this launch has {accelerator.num_processes})"
-        )
-    state.num_processes = accelerator.num_processes
+    resume, state = open_state(args, accelerator)
     set_seed(state.seed)
 
+    config = DataConfig.from_args(args)
+    logger.info("preparing %s and the text encoder %s", config.name, args.text_encoder_name_or_path)
     tokenizer, text_encoder = build_text_encoder(args.text_encoder_name_or_path, args.cache_dir)
     text_encoder.requires_grad_(args.train_text_encoder)
     text_encoder.to(accelerator.device)
-    prepare = prepare_streamed_data if args.streaming else prepare_in_memory_data
-    data = prepare(args, accelerator, state, tokenizer, text_encoder)
+    data = prepare_data(args, config, accelerator, state, tokenizer, text_encoder)
     unet = build_unet(args.model_config_name_or_path, args.resolution, text_hidden_size(text_encoder), args.model_size)
     configure_unet(unet, args)
     ema = build_ema(unet, args)  # from the CPU copy: with --ema_offload the EMA never touches the GPU
@@ -1896,6 +2283,7 @@ def setup_run(args: argparse.Namespace) -> Run:
         unet = torch.compile(unet)
     if args.train_text_encoder:
         unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+        data.conditioner.encoder = text_encoder  # the prepared (DDP) one: its gradients are synced
     else:
         unet, optimizer = accelerator.prepare(unet, optimizer)
     # stepped by hand once per optimizer step: accelerate would step a prepared one per process
@@ -1904,173 +2292,103 @@ def setup_run(args: argparse.Namespace) -> Run:
         accelerator.register_for_checkpointing(ema)
     if exists(resume):
         accelerator.load_state(str(resume))
-        if exists(data.stream):
-            data.stream.skip(state.step * args.gradient_accumulation_steps * args.train_batch_size)
         logger.info("resumed from %s at step %d", resume, state.step)
     if exists(ema):
         # after load_state: accelerate loads custom objects with map_location="cpu" and EMAModel.load_state_dict
         # replaces its shadow tensors, so placing it before would leave a resumed EMA on the CPU
         ema.to(accelerator.device if not args.ema_offload else "cpu")
     prompts = choose_validation_prompts(args.validation_prompts, data.captions, args.eval_batch_size, state.seed)
-    validation_embeddings = None
-    if exists(data.conditioning) and exists(data.conditioning.embeddings):
-        validation_embeddings = encode_validation_prompts(tokenizer, text_encoder, prompts, data)
+    prompt_embeddings = None
+    if isinstance(data.conditioner, CachedEmbeddings):
+        prompt_embeddings = encode_grid_prompts(tokenizer, text_encoder, prompts, data)
         # training reads the cached table only: free the frozen encoder (~0.5 GB for CLIP-L), reloaded to save
         text_encoder = None
+    noise_scheduler = build_noise_scheduler(args)
+    trainer = Trainer(
+        accelerator=accelerator,
+        unet=unet,
+        text_encoder=text_encoder,
+        trains_text_encoder=args.train_text_encoder,
+        noise_scheduler=noise_scheduler,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        ema=ema,
+        ema_offload=args.ema_offload,
+        batches=data.batches,
+        conditioner=data.conditioner,
+        data=config,
+        loss=LossConfig(
+            snr_gamma=args.snr_gamma,
+            noise_offset=args.noise_offset,
+            max_grad_norm=args.max_grad_norm,
+            conditioning_dropout_prob=args.conditioning_dropout_prob,
+        ),
+        channels_last=args.channels_last,
+    )
+    outputs = Outputs(
+        accelerator=accelerator,
+        unet=unet,
+        ema=ema,
+        text_encoder=text_encoder,
+        text_encoder_source=(args.text_encoder_name_or_path, args.cache_dir),
+        tokenizer=tokenizer,
+        noise_scheduler=noise_scheduler,
+        text_max_length=data.text_max_length,
+        grids=GridConfig(
+            prompts=prompts,
+            prompt_embeddings=prompt_embeddings,
+            count=args.eval_batch_size,
+            num_inference_steps=args.ddpm_num_inference_steps,
+            guidance_scale=args.guidance_scale,
+            seed=state.seed,
+        ),
+        output_dir=args.output_dir,
+        public_flags=public_flags(args),
+    )
+    intervals = Intervals(
+        schedule=data.schedule,
+        logging_steps=args.logging_steps,
+        checkpointing_steps=args.checkpointing_steps,
+        grid_epochs=args.save_images_epochs,
+        export_epochs=args.save_model_epochs,
+    )
+    plan = run_plan(data, trainer, unet, streaming=config.streaming, shuffle_buffer_size=config.shuffle_buffer_size)
     return Run(
-        args,
-        accelerator,
-        unet,
-        text_encoder,
-        tokenizer,
-        build_noise_scheduler(args),
-        optimizer,
-        lr_scheduler,
-        ema,
-        data.images,
-        data.usable_rows,
-        data.conditioning,
-        data.text_max_length,
-        data.schedule,
-        state,
-        prompts,
-        data.captions,
-        data.stream,
-        validation_embeddings,
+        accelerator=accelerator,
+        trainer=trainer,
+        outputs=outputs,
+        intervals=intervals,
+        state=state,
+        text_max_length=data.text_max_length,
+        plan=plan,
     )
 
 
-def micro_batch(run: Run, epoch: int, position: int) -> tuple[torch.Tensor, Conditioning, torch.Tensor, Shard]:
-    """Pixels [-1, 1], their conditioning and caption ids for this process's share of one global micro-batch."""
-    accelerator, args = run.accelerator, run.args
-    shard = Shard(accelerator.process_index, accelerator.num_processes, args.train_batch_size)
-    if exists(run.stream):
-        images, conditioning, caption_ids = streamed_batch(run, shard)
+def encode_grid_prompts(tokenizer, text_encoder, prompts: list[str], data: TrainingData):
+    """The grids' fixed prompts and the empty caption, encoded now so the frozen encoder can be freed."""
+    from pipeline_text_to_image import encode_text
+
+    with torch.no_grad():
+        prompt_embeddings = encode_text(tokenizer, text_encoder, prompts, data.text_max_length).float()
+    return prompt_embeddings, data.conditioner.embed([""])
+
+
+def run_plan(data: TrainingData, trainer: Trainer, unet, *, streaming: bool, shuffle_buffer_size: int) -> str:
+    schedule, accelerator = data.schedule, trainer.accelerator
+    unet_params = sum(parameter.numel() for parameter in unet.parameters()) / 1e6
+    if streaming:
+        length = f" (with --streaming an 'epoch' is --checkpointing_steps = {schedule.batches_per_epoch // schedule.accumulation} steps)"
     else:
-        rows = global_batch_rows(run.usable_rows, run.state.seed, epoch, position, shard.total)
-        conditioning, caption_ids = run.conditioning, shard.of(run.conditioning.caption_ids_for(rows))
-        images = run.images.fetch(shard.of(rows).tolist(), epoch * run.schedule.batches_per_epoch + position)
-    crop_at = shard.of(torch.full((shard.total, 2), 0.5) if args.center_crop else torch.rand(shard.total, 2))
-    flip = shard.of(torch.rand(shard.total) < 0.5) if args.random_flip else None
-    pixels = crop_and_flip(images, args.resolution, crop_at, flip).to(accelerator.device, non_blocking=True)
-    if args.channels_last:
-        pixels = pixels.contiguous(memory_format=torch.channels_last)
-    return pixels, conditioning, caption_ids, shard
-
-
-def streamed_batch(run: Run, shard: Shard) -> tuple[list[torch.Tensor], Conditioning, torch.Tensor]:
-    """The stream's next examples, one caption each (random among a list, empty with the dropout rate)."""
-    images, caption_options = run.stream.next_batch()
-    choice, dropped = (
-        shard.of(torch.rand(shard.total)),
-        shard.of(torch.rand(shard.total)) < run.args.conditioning_dropout_prob,
+        length = f" ({schedule.max_steps * schedule.accumulation / schedule.batches_per_epoch:.1f} epochs)"
+    return (
+        f"{data.batches.describe()} padded to {data.text_max_length} tokens; batch {trainer.data.batch_size} x "
+        f"{accelerator.num_processes} processes x {schedule.accumulation} accumulation = {trainer.images_per_step()} per step; "
+        f"{schedule.max_steps} steps{length}; UNet {unet_params:.1f}M parameters"
     )
-    texts = [
-        "" if drop else options[min(int(pick * len(options)), len(options) - 1)]
-        for options, pick, drop in zip(caption_options, choice.tolist(), dropped.tolist(), strict=True)
-    ]
-    return images, *streamed_conditioning(run, texts)
 
 
-def streamed_conditioning(run: Run, texts: list[str]) -> tuple[Conditioning, torch.Tensor]:
-    """The batch's captions: token ids for a trained encoder, else embeddings from the frozen one, without autograd."""
-    device = run.accelerator.device
-    if run.args.train_text_encoder:
-        return tokenized_conditioning(run.tokenizer, texts, run.text_max_length, device), torch.arange(len(texts))
-    # No cache across batches: on data big enough to stream, captions rarely repeat, and an embedding
-    # would then depend on the batch that first encoded it, so a resumed run could differ in the last bits.
-    distinct = list(dict.fromkeys(texts))
-    encoder = unwrap(run.accelerator, run.text_encoder)
-    embeddings = encode_captions_once(
-        run.tokenizer, encoder, distinct, run.text_max_length, None, device, batch_size=len(distinct)
-    )
-    caption_ids = torch.tensor([distinct.index(text) for text in texts])
-    return Conditioning(None, None, embeddings, None, None, 0.0), caption_ids
-
-
-def training_micro_step(
-    run: Run, pixels: torch.Tensor, conditioning: Conditioning, caption_ids: torch.Tensor, shard: Shard
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Forward, backward and (on the last micro-step) clip + optimizer step. Returns (loss, grad norm)."""
-    accelerator, grad_norm = run.accelerator, None
-    trained = (run.unet, run.text_encoder) if run.args.train_text_encoder else (run.unet,)
-    with accelerator.accumulate(*trained):
-        with accelerator.autocast():
-            text = condition_batch(conditioning, caption_ids, run.text_encoder)
-            loss = diffusion_loss(
-                run.unet, run.noise_scheduler, pixels, text, run.args.snr_gamma, run.args.noise_offset, shard
-            )
-        accelerator.backward(loss)
-        if accelerator.sync_gradients and run.args.max_grad_norm > 0:
-            parameters = list(run.unet.parameters()) + (
-                list(run.text_encoder.parameters()) if run.args.train_text_encoder else []
-            )
-            grad_norm = accelerator.clip_grad_norm_(parameters, run.args.max_grad_norm)
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
-    return loss.detach(), grad_norm
-
-
-def update_ema(run: Run) -> None:
-    if not exists(run.ema):
-        return
-    if run.args.ema_offload:
-        run.ema.to(run.accelerator.device, non_blocking=True)
-    run.ema.step(unwrap(run.accelerator, run.unet).parameters())
-    if run.args.ema_offload:
-        run.ema.to("cpu", non_blocking=True)
-
-
-def take_micro_step(run: Run, epoch: int, position: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One micro-batch through the model; after the last of an accumulation, the LR, EMA and step advance."""
-    loss, grad_norm = training_micro_step(run, *micro_batch(run, epoch, position))
-    if run.accelerator.sync_gradients:
-        run.lr_scheduler.step()
-        update_ema(run)
-        run.state.step += 1
-    return loss, grad_norm
-
-
-def make_grid(run: Run, epoch: int) -> Path | None:
-    """Sample the fixed prompts with EMA weights (main process only) and log the grid."""
-    accelerator, grid = run.accelerator, None
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        unet = unwrap(accelerator, run.unet)
-        with ema_weights(run.ema, unet), accelerator.autocast():
-            unet.eval()
-            text_encoder = unwrap(accelerator, run.text_encoder) if exists(run.text_encoder) else None
-            pipeline = build_pipeline(unet, text_encoder, run.tokenizer, run.noise_scheduler, run.text_max_length)
-            images, captions = sample_images(
-                pipeline,
-                run.validation_prompts,
-                run.args.eval_batch_size,
-                run.args.ddpm_num_inference_steps,
-                run.args.guidance_scale,
-                run.state.seed,
-                run.validation_embeddings,
-            )
-            unet.train()
-        grid = write_grid(images, captions, run.args.output_dir / "samples", run.state.step, epoch)
-        log_grid(accelerator, grid, run.state.step)
-    accelerator.wait_for_everyone()
-    return grid
-
-
-def export_pipeline(run: Run, grid: Path | None) -> None:
-    accelerator = run.accelerator
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        unet = unwrap(accelerator, run.unet)
-        if exists(run.text_encoder):
-            text_encoder = unwrap(accelerator, run.text_encoder)
-        else:  # frozen and freed after caching: its weights are still the ones on disk
-            text_encoder = build_text_encoder(run.args.text_encoder_name_or_path, run.args.cache_dir)[1]
-        with ema_weights(run.ema, unet):
-            pipeline = build_pipeline(unet, text_encoder, run.tokenizer, run.noise_scheduler, run.text_max_length)
-            save_pipeline(pipeline, run.args.output_dir, run.args, run.state, grid)
-        logger.info("saved the pipeline to %s", run.args.output_dir)
-    accelerator.wait_for_everyone()
+# ---------------------------------------------------------------------------------------------
+# The loop
 
 
 @dataclass
@@ -2078,37 +2396,39 @@ class Meter:
     """Loss and throughput between log lines; .item() only here, once per logging interval."""
 
     loss_sum: torch.Tensor | None = None
-    micro_steps: int = 0
+    steps: int = 0
     images: int = 0
     since_step: int = 0
     since_time: float = field(default_factory=time.perf_counter)
-    start_time: float = field(default_factory=time.perf_counter)
-    total_images: int = 0
 
     def add(self, loss: torch.Tensor, images: int) -> None:
         self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
-        self.micro_steps += 1
+        self.steps += 1
         self.images += images
-        self.total_images += images
 
-    def flush(self, step: int, args) -> dict:
-        check_finite_loss(self.loss_sum, step, self.since_step, args)
+    def check_finite(self, step: int, output_dir: Path) -> None:
+        if exists(self.loss_sum):
+            check_finite_loss(self.loss_sum, step, self.since_step, output_dir)
+
+    def flush(self, step: int, output_dir: Path) -> dict:
+        self.check_finite(step, output_dir)
         now = time.perf_counter()
         logs = {
-            "loss": self.loss_sum.item() / self.micro_steps,
+            "loss": self.loss_sum.item() / self.steps,
             "images_per_second": self.images / max(now - self.since_time, 1e-9),
         }
-        self.loss_sum, self.micro_steps, self.images, self.since_step, self.since_time = None, 0, 0, step, now
+        self.loss_sum, self.steps, self.images, self.since_step, self.since_time = None, 0, 0, step, now
         return logs
 
 
 def log_step(run: Run, meter: Meter, grad_norm, progress) -> None:
-    logs = meter.flush(run.state.step, run.args)
-    logs["lr"] = run.lr_scheduler.get_last_lr()[0]
+    trainer = run.trainer
+    logs = meter.flush(run.state.step, run.outputs.output_dir)
+    logs["lr"] = trainer.lr_scheduler.get_last_lr()[0]
     if exists(grad_norm):
         logs["grad_norm"] = float(grad_norm)
-    if exists(run.ema):
-        logs["ema_decay"] = run.ema.cur_decay_value or 0.0
+    if exists(trainer.ema):
+        logs["ema_decay"] = trainer.ema.cur_decay_value or 0.0
     progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
     run.accelerator.log(logs, step=run.state.step)
 
@@ -2137,128 +2457,97 @@ class StopCost:
 
 
 def stop_cost(run: Run) -> StopCost:
-    args = run.args
-    model_bytes = sum(p.numel() * p.element_size() for p in unwrap(run.accelerator, run.unet).parameters())
-    guidance = 2 if args.guidance_scale > 1 else 1
-    grid_passes = guidance * args.ddpm_num_inference_steps * args.eval_batch_size
-    return StopCost(
-        model_bytes=model_bytes,
-        grid_passes_per_step=grid_passes / (3 * args.train_batch_size * args.gradient_accumulation_steps),
-    )
+    grids, unet = run.outputs.grids, unwrap(run.accelerator, run.trainer.unet)
+    model_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
+    grid_passes = (2 if grids.guidance_scale > 1 else 1) * grids.num_inference_steps * grids.count
+    return StopCost(model_bytes=model_bytes, grid_passes_per_step=grid_passes / (3 * run.trainer.images_per_step()))
 
 
-def train(run: Run, stop: StopRequest) -> str:
+def train(run: Run, stop: StopRequest, checkpoints_total_limit: int | None) -> str:
     """The loop. Returns why it ended: 'done' or the stop reason."""
     from tqdm.auto import tqdm
 
-    args, accelerator, state, schedule = run.args, run.accelerator, run.state, run.schedule
-    meter, grad_norm, grid = Meter(), None, None
+    trainer, outputs, intervals, state = run.trainer, run.outputs, run.intervals, run.state
+    schedule, output_dir = intervals.schedule, outputs.output_dir
+    meter, grad_norm, grid = Meter(since_step=state.step), None, None
     cost, started, start_step = stop_cost(run), time.monotonic(), state.step
     progress = tqdm(
         total=schedule.max_steps,
         initial=state.step,
         desc="training",
         unit="step",
-        disable=not accelerator.is_local_main_process,
+        disable=not run.accelerator.is_local_main_process,
     )
-    run.unet.train()
-    if exists(run.text_encoder):
-        run.text_encoder.train(args.train_text_encoder)
-    for epoch, position in schedule.micro_batches(state.step):
-        loss, norm = take_micro_step(run, epoch, position)
-        meter.add(loss, args.train_batch_size * accelerator.num_processes)
-        if not accelerator.sync_gradients:
-            continue
+    trainer.unet.train()
+    if exists(trainer.text_encoder):
+        trainer.text_encoder.train(len(trainer.trained) > 1)
+    while state.step < schedule.max_steps:
+        loss, norm = trainer.step(state.step)
+        state.step += 1
+        meter.add(loss, trainer.images_per_step())
         grad_norm = norm if exists(norm) else grad_norm
         progress.update(1)
-        if state.step % args.logging_steps == 0:
+        if intervals.log(state.step):
             log_step(run, meter, grad_norm, progress)
-        finished = state.step >= schedule.max_steps
-        if schedule.crosses(state.step, args.save_images_epochs) or finished:
+        if intervals.grid(state.step):
             with cost.timed("grid"):
-                grid = make_grid(run, schedule.epoch_of(state.step))
-        if schedule.crosses(state.step, args.save_model_epochs) or finished:
-            check_finite_loss(meter.loss_sum if exists(meter.loss_sum) else loss, state.step, meter.since_step, args)
+                grid = outputs.grid(state, schedule.epoch_of(state.step))
+        if intervals.export(state.step):
+            meter.check_finite(state.step, output_dir)
             with cost.timed("export"):
-                export_pipeline(run, grid)
+                outputs.export(state, grid)
         stop.reserve = cost.seconds((time.monotonic() - started) / (state.step - start_step))
-        stopping = stop.requested(accelerator, state.step)
-        if state.step % args.checkpointing_steps == 0 or finished or stopping:
-            check_finite_loss(meter.loss_sum if exists(meter.loss_sum) else loss, state.step, meter.since_step, args)
+        stopping = stop.requested(run.accelerator, state.step)
+        if intervals.checkpoint(state.step) or stopping:
+            meter.check_finite(state.step, output_dir)
             with cost.timed("checkpoint"):
-                path = save_checkpoint(accelerator, args.output_dir, state, args.checkpoints_total_limit)
+                path = save_checkpoint(run.accelerator, output_dir, state, checkpoints_total_limit)
             logger.info("saved checkpoint %s", path)
         if stopping:
             progress.close()
-            if not finished:  # the last step has exported already
-                export_at_stop(run, stop, grid, schedule.epoch_of(state.step))
+            if not intervals.last(state.step):  # the last step has exported already
+                if not stop.by_signal:  # a preemption's grace period may be short: no last grid then
+                    grid = outputs.grid(state, schedule.epoch_of(state.step))
+                outputs.export(state, grid)
             return stop.reason
     progress.close()
     return "done"
 
 
-def export_at_stop(run: Run, stop: StopRequest, grid: Path | None, epoch: int) -> None:
-    """After the stop's checkpoint: the pipeline (and, unless a signal may cut us short, a last grid)."""
-    if not stop.by_signal:
-        grid = make_grid(run, epoch)
-    export_pipeline(run, grid)
-
-
-def summary_line(run: Run, meter_images: int, seconds: float, reason: str) -> str:
-    rate = meter_images / max(seconds, 1e-9)
-    skipped = f", skipped {run.state.skipped_images} unreadable images" if run.state.skipped_images else ""
-    return f"{'finished' if reason == 'done' else 'stopped'} at step {run.state.step}/{run.schedule.max_steps}: {meter_images} images in {seconds:.1f} s, {rate:.2f} img/s{skipped}"
-
-
-def log_run_plan(run: Run) -> None:
-    args, accelerator = run.args, run.accelerator
-    effective = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    unet_params = sum(parameter.numel() for parameter in run.unet.parameters()) / 1e6
-    if exists(run.stream):
-        data = f"streaming {run.stream.base} (shuffle buffer {args.shuffle_buffer_size}), captions padded to {run.text_max_length} tokens"
-        length = ""
-    else:
-        data = f"{len(run.usable_rows)} images ({run.state.skipped_images} skipped), {len(run.captions)} captions padded to {run.text_max_length} tokens"
-        length = f" ({run.schedule.max_steps * args.gradient_accumulation_steps / run.schedule.batches_per_epoch:.1f} epochs)"
-    logger.info(
-        "%s; batch %d x %d processes x %d accumulation = %d per step; %d steps%s; UNet %.1fM parameters",
-        data,
-        args.train_batch_size,
-        accelerator.num_processes,
-        args.gradient_accumulation_steps,
-        effective,
-        run.schedule.max_steps,
-        length,
-        unet_params,
-    )
+def summary_line(run: Run, images: int, seconds: float, reason: str) -> str:
+    rate = images / max(seconds, 1e-9)
+    skipped = run.trainer.batches.skipped
+    skipped = f", skipped {skipped} unreadable images" if skipped else ""
+    return f"{'finished' if reason == 'done' else 'stopped'} at step {run.state.step}/{run.intervals.schedule.max_steps}: {images} images in {seconds:.1f} s, {rate:.2f} img/s{skipped}"
 
 
 def run_training(args: argparse.Namespace) -> int:
     validate_args(args)
     check_output_dir(args)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    run = setup_run(args)
-    if run.accelerator.is_main_process:
-        for stale in args.output_dir.glob(".checkpoint-*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
-        finish_interrupted_export(args.output_dir)
-        tracker_config = {key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))}
-        run.accelerator.init_trackers("train_text_to_image", config=tracker_config)
-    log_run_plan(run)
-    stop = StopRequest(getattr(args, "max_train_seconds", None))
-    stop.install()
-    started, start_step = time.perf_counter(), run.state.step
+    stop = StopRequest(parse_duration(args.max_train_time) if exists(args.max_train_time) else None)
+    stop.install()  # from here a SIGTERM/SIGINT ends the run cleanly, during setup too
     try:
-        reason = train(run, stop)
+        run = setup_run(args)
+        stop.start(run.state.step)
+        if run.accelerator.is_main_process:
+            for stale in args.output_dir.glob(".checkpoint-*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+            finish_interrupted_export(args.output_dir)
+            run.accelerator.init_trackers("train_text_to_image", config=tracker_config(run.outputs.public_flags))
+        logger.info("%s", run.plan)
+        started = time.perf_counter()
+        try:
+            reason = train(run, stop, args.checkpoints_total_limit)
+        finally:
+            run.accelerator.end_training()
+    except StoppedDuringSetup as stopped:
+        if is_main_process():
+            print(f"stopped by {stopped} during setup, before the first step: nothing was saved", file=sys.stderr)
+        return 0
     finally:
         stop.uninstall()
-        run.accelerator.end_training()
-    images = (
-        (run.state.step - start_step)
-        * args.train_batch_size
-        * run.accelerator.num_processes
-        * args.gradient_accumulation_steps
-    )
+    images = (run.state.step - stop.start_step) * run.trainer.images_per_step()
     if run.accelerator.is_main_process:
         print(summary_line(run, images, time.perf_counter() - started, reason), flush=True)
     if reason != "done":

@@ -87,6 +87,22 @@ RECIPES = {
     },
     # the trainer's defaults after issue 11 on the quickstart's UNet as shipped (LR and warm-up held as above)
     "after": {"flags": ["--lr_warmup_steps", "100", "--learning_rate", "5e-4"], "unet": None},
+    # the shipped defaults with only the two levers that moved the curve beyond v: 2x LR, faster EMA warm-up
+    "after, lr 1e-3, ema power 0.5": {
+        "flags": ["--lr_warmup_steps", "100", "--learning_rate", "1e-3", "--ema_power", "0.5"],
+        "unet": None,
+    },
+    # which half of the 19.2k recipe matters, each on top of the line above
+    "after, lr 1e-3, ema power 0.5, constant lr": {
+        "flags": ["--lr_warmup_steps", "100", "--learning_rate", "1e-3", "--ema_power", "0.5"]
+        + ["--lr_scheduler", "constant_with_warmup"],
+        "unet": None,
+    },
+    "after, lr 1e-3, ema power 0.5, cosine betas": {
+        "flags": ["--lr_warmup_steps", "100", "--learning_rate", "1e-3", "--ema_power", "0.5"]
+        + ["--ddpm_beta_schedule", "squaredcos_cap_v2"],
+        "unet": None,
+    },
 }
 
 

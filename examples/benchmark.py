@@ -157,23 +157,20 @@ def wait_for_device() -> None:
 
 
 def set_up_training(argv: list[str]):
-    """The trainer's own Run for these flags, and its micro-batches from step 0."""
+    """The trainer's own Run for these flags (its steps are taken from step 0 on)."""
     import train_text_to_image as trainer
 
     args = trainer.parse_args(argv)
     trainer.validate_args(args)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    run = trainer.setup_run(args)
-    return run, iter(run.schedule.micro_batches(0))
+    return trainer.setup_run(args)
 
 
-def time_optimizer_step(run, micro_steps) -> float:
-    import train_text_to_image as trainer
-
+def time_optimizer_step(run) -> float:
     wait_for_device()
     started = time.perf_counter()
-    for _ in range(run.args.gradient_accumulation_steps):
-        trainer.take_micro_step(run, *next(micro_steps))
+    run.trainer.step(run.state.step)
+    run.state.step += 1
     wait_for_device()
     return time.perf_counter() - started
 
@@ -181,9 +178,9 @@ def time_optimizer_step(run, micro_steps) -> float:
 def measure_setup_and_memory(argv: list[str]) -> dict:
     """Setup time, and the peak memory of setup plus one optimizer step (which allocates AdamW's state)."""
     started = time.perf_counter()
-    run, micro_steps = set_up_training(argv)
+    run = set_up_training(argv)
     setup_seconds = time.perf_counter() - started
-    time_optimizer_step(run, micro_steps)
+    time_optimizer_step(run)
     return {"setup_s": setup_seconds, "peak_rss_mib": peak_rss_mib()}
 
 
@@ -199,14 +196,14 @@ def measure_speeds_in_turn(argvs: list[list[str]], timed_steps: int) -> dict:
         started = time.perf_counter()
         runs.append(set_up_training(argv))
         setup_seconds.append(time.perf_counter() - started)
-    for run, micro_steps in runs:  # warm-up: allocator, kernels, first optimizer state
-        time_optimizer_step(run, micro_steps)
+    for run in runs:  # warm-up: allocator, kernels, first optimizer state
+        time_optimizer_step(run)
     step_seconds = [[] for _ in runs]
     for round_index in range(timed_steps):
         for offset in range(len(runs)):  # each round starts with the next configuration
             index = (round_index + offset) % len(runs)
-            step_seconds[index].append(time_optimizer_step(*runs[index]))
-    images = [run.args.gradient_accumulation_steps * run.args.train_batch_size for run, _ in runs]
+            step_seconds[index].append(time_optimizer_step(runs[index]))
+    images = [run.trainer.images_per_step() for run in runs]
     rates = [count / statistics.median(seconds) for count, seconds in zip(images, step_seconds, strict=True)]
     return {"img_per_s": rates, "setup_s": setup_seconds, "peak_rss_mib": peak_rss_mib()}
 

@@ -50,6 +50,10 @@ def stream_args(data: Path, *extra: str):
     return trainer.parse_args(["--train_data_dir", str(data), "--streaming", "--max_train_steps", "1", *extra])
 
 
+def open_stream(args, rank: int = 0, processes: int = 1):
+    return trainer.open_stream(trainer.DataConfig.from_args(args), rank, processes, seed=0, start_micro_index=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Whole runs
 
@@ -116,7 +120,7 @@ def test_empty_stream_is_refused(stream_argv, tmp_path, capsys, file_name, expec
 
 
 def test_stream_order_differs_between_passes_and_covers_every_example(tiny_imagefolder):
-    stream = trainer.open_image_stream(stream_args(tiny_imagefolder, "--shuffle_buffer_size", "16"), 0, 1, seed=0)
+    stream = open_stream(stream_args(tiny_imagefolder, "--shuffle_buffer_size", "16"))
     first, second = stream.take(16), stream.take(16)
     names = [[example["image"]["path"] for example in passed] for passed in (first, second)]
     assert sorted(names[0]) == sorted(names[1]) and len(set(names[0])) == 16
@@ -124,7 +128,7 @@ def test_stream_order_differs_between_passes_and_covers_every_example(tiny_image
 
 
 def test_each_process_streams_its_own_share(tiny_imagefolder):
-    shares = [trainer.open_image_stream(stream_args(tiny_imagefolder), rank, 2, seed=0).take(8) for rank in range(2)]
+    shares = [open_stream(stream_args(tiny_imagefolder), rank, 2).take(8) for rank in range(2)]
     paths = [{example["image"]["path"] for example in share} for share in shares]
     assert len(paths[0]) == len(paths[1]) == 8 and not paths[0] & paths[1]
 
@@ -136,10 +140,14 @@ def test_decoding_workers_return_the_same_batches_in_the_same_order(tmp_path):
 
     def batches(workers: str) -> list:
         args = stream_args(data, "--train_batch_size", "4", "--resolution", "16", "--dataloader_num_workers", workers)
-        stream = trainer.open_image_stream(args, 0, 1, seed=0)
-        return [stream.next_batch() for _ in range(4)]  # over a pass boundary
+        stream = open_stream(args)
+        examples = [stream.examples(index) for index in range(4)]  # over a pass boundary
+        skipped.append(stream.skipped)
+        return [(batch.images, batch.caption_options) for batch in examples]
 
+    skipped = []
     in_process, in_workers = batches("0"), batches("2")
+    assert skipped[0] == skipped[1] >= 1
     for (images, options), (worker_images, worker_options) in zip(in_process, in_workers, strict=True):
         assert options == worker_options and len(images) == 4
         assert all(torch.equal(image, other) for image, other in zip(images, worker_images, strict=True))
@@ -148,21 +156,20 @@ def test_decoding_workers_return_the_same_batches_in_the_same_order(tmp_path):
 
 
 def test_streamed_captions_are_encoded_per_batch_without_autograd(tiny_text_encoder_dir):
-    from types import SimpleNamespace
-
     from pipeline_text_to_image import encode_text
 
     tokenizer, encoder = trainer.build_text_encoder(str(tiny_text_encoder_dir), None)
-    args = trainer.parse_args(["--train_data_dir", "d"])
-    accelerator = SimpleNamespace(device=torch.device("cpu"), unwrap_model=lambda model: model)
-    run = SimpleNamespace(args=args, accelerator=accelerator, tokenizer=tokenizer, text_encoder=encoder)
-    run.text_max_length = 8
+    encoder.requires_grad_(False)
+    frozen = trainer.LiveEncoder(tokenizer=tokenizer, encoder=encoder, max_length=8, trains=False, device="cpu")
     texts = ["a red square", "", "a red square", "a blue circle"]
-    conditioning, caption_ids = trainer.streamed_conditioning(run, texts)
-    assert caption_ids.tolist() == [0, 1, 0, 2] and not conditioning.embeddings.requires_grad
+    embeddings = frozen.embed(texts)
+    assert not embeddings.requires_grad
     with torch.no_grad():
         expected = encode_text(tokenizer, encoder, ["a red square", "", "a blue circle"], 8)
-    torch.testing.assert_close(trainer.condition_batch(conditioning, caption_ids, encoder), expected[[0, 1, 0, 2]])
+    torch.testing.assert_close(embeddings, expected[[0, 1, 0, 2]])
+    encoder.requires_grad_(True)
+    trained = trainer.LiveEncoder(tokenizer=tokenizer, encoder=encoder, max_length=8, trains=True, device="cpu")
+    assert trained.embed(texts).requires_grad
 
 
 def test_two_process_streamed_launch_trains_and_checkpoints_each_process(stream_argv, tmp_path):

@@ -177,26 +177,26 @@ def test_list_captions_and_empty_captions_are_all_used(tmp_path, tiny_text_encod
     captions = [["a red square", "a red circle"], None, [], ["a blue circle"]] * 4
     data = write_imagefolder(tmp_path / "data", count=16, captions=captions)
     args = trainer.parse_args(["--train_data_dir", str(data)])
-    loaded = trainer.load_captioned_images(args)
+    loaded = trainer.read_image_table(trainer.DataConfig.from_args(args), None, show_progress=False)
     assert loaded.captions == ["", "a red square", "a red circle", "a blue circle"]
-    assert loaded.caption_ids[:4] == [[1, 2], [0], [0], [3]]
-    table = torch.tensor([(ids * 2)[:2] for ids in loaded.caption_ids])
-    conditioning = trainer.Conditioning(
-        table, torch.tensor([len(ids) for ids in loaded.caption_ids]), None, None, None, 0.0
-    )
+    assert loaded.caption_options[:4] == [["a red square", "a red circle"], [""], [""], ["a blue circle"]]
     torch.manual_seed(0)
-    picked = conditioning.caption_ids_for(torch.zeros(400, dtype=torch.long))
-    assert set(picked.tolist()) == {1, 2}
+    draws = trainer.draw_batch(trainer.Shard(size=400), dropout_prob=0.0, center_crop=True, random_flip=False)
+    picked = trainer.choose_captions([loaded.caption_options[0]] * 400, draws)
+    assert set(picked) == {"a red square", "a red circle"}
     run_ok(train_argv(data, tiny_text_encoder_dir, tiny_unet_config_file, tmp_path / "out", "--max_train_steps", "2"))
 
 
 def test_conditioning_dropout_replaces_captions_by_the_empty_one_at_the_given_rate():
-    table, counts = torch.tensor([[1], [2]]), torch.tensor([1, 1])
+    options = [["a red square"], ["a blue circle"]] * 5000
     torch.manual_seed(0)
-    rows = torch.arange(2).repeat(5000)
-    assert (trainer.Conditioning(table, counts, None, None, None, 0.0).caption_ids_for(rows) == 0).sum() == 0
-    dropped = (trainer.Conditioning(table, counts, None, None, None, 0.1).caption_ids_for(rows) == 0).float().mean()
-    assert 0.08 < dropped < 0.12
+    shard = trainer.Shard(size=len(options))
+    for rate in (0.0, 0.1):
+        draws = trainer.draw_batch(shard, dropout_prob=rate, center_crop=True, random_flip=False)
+        captions = trainer.choose_captions(options, draws)
+        dropped = captions.count("") / len(captions)
+        assert dropped == 0 if rate == 0 else 0.08 < dropped < 0.12
+        assert all(caption in ("", option[0]) for caption, option in zip(captions, options, strict=True))
 
 
 def test_gradient_accumulation_takes_one_optimizer_step_per_n_micro_batches(argv, tmp_path):
@@ -237,7 +237,14 @@ def test_seed_num_epochs_gives_a_sane_learning_rate_schedule():
             "--lr_warmup_steps=1000",
         ]
     )
-    schedule = trainer.plan_schedule(833, args, num_processes=1)
+    schedule = trainer.plan_schedule(
+        833,
+        batch_size=args.train_batch_size,
+        num_processes=1,
+        accumulation=args.gradient_accumulation_steps,
+        max_steps=args.max_train_steps,
+        num_epochs=args.num_epochs,
+    )
     assert schedule.max_steps == 1_385_000_000
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
     lr_scheduler = get_scheduler(
@@ -253,7 +260,13 @@ def test_epoch_events_fire_once_per_n_epochs_with_accumulation():
     schedule = trainer.Schedule(batches_per_epoch=5, accumulation=2, max_steps=20)
     fired = [step for step in range(1, 21) if schedule.crosses(step, 2)]
     assert fired == [5, 10, 15, 20]
-    assert list(schedule.micro_batches(18))[:3] == [(7, 1), (7, 2), (7, 3)]
+    # step 18's first micro-batch is the 36th: epoch 7, second batch of it
+    from types import SimpleNamespace
+
+    table = SimpleNamespace(usable_rows=torch.arange(10))
+    batches = trainer.IndexedBatches(table, seed=3, shard=trainer.Shard(size=2), batches_per_epoch=5, num_workers=0)
+    assert batches.rows(18 * 2) == trainer.epoch_order(table.usable_rows, 3, 7)[2:4].tolist()
+    assert sorted(row for index in range(35, 40) for row in batches.rows(index)) == list(range(10))
 
 
 def test_save_images_epoch_spelling_of_the_seed_is_accepted():
@@ -387,13 +400,14 @@ def test_resume_mid_epoch_with_ema_and_accumulation_gives_bit_identical_weights(
 
 def test_images_decoded_per_batch_by_workers_train_and_resume_as_the_cached_run(argv, tmp_path, monkeypatch):
     loaders_opened_at = []
-    opener = trainer.ImageStore.decoding_loader
+    examples = trainer.IndexedBatches.examples
 
-    def spy(store, first_micro_index):
-        loaders_opened_at.append(first_micro_index)
-        return opener(store, first_micro_index)
+    def spy(batches, micro_index):
+        if batches.table.cache is None and micro_index != batches.ahead_index:  # workers (re)started here
+            loaders_opened_at.append(micro_index)
+        return examples(batches, micro_index)
 
-    monkeypatch.setattr(trainer.ImageStore, "decoding_loader", spy)
+    monkeypatch.setattr(trainer.IndexedBatches, "examples", spy)
     flags = ("--max_train_steps", "6", "--checkpointing_steps", "3", "--random_flip")
     per_batch = ("--image_cache_max_gb", "0", "--dataloader_num_workers", "2")
     cached, decoded = tmp_path / "cached", tmp_path / "decoded"
@@ -469,7 +483,7 @@ def test_empty_dataset_is_refused(argv, tmp_path, capsys):
     empty.mkdir()
     (empty / "metadata.jsonl").write_text("")
     error = run_error(argv("--train_data_dir", str(empty)), capsys)
-    assert "error:" in error and str(empty) in error
+    assert f"error: --train_data_dir {empty}: metadata.jsonl has no rows" in error
 
 
 def test_resolution_the_unet_halves_unevenly_trains_like_diffusers_allows(argv, tmp_path):
@@ -746,8 +760,8 @@ def test_captions_are_padded_to_the_longest_or_to_caption_max_length(argv, caplo
     args.output_dir.mkdir(parents=True)
     run = trainer.setup_run(args)
     assert run.text_max_length == expected  # "a red square": start, 3 words, end
-    assert run.conditioning.embeddings.shape[1] == expected
-    assert run.images.cached and run.images.decoder is None  # the files' bytes are not kept beside the cache
+    assert run.trainer.conditioner.table.shape[1] == expected
+    assert len(run.trainer.batches.table.cache) == 16  # decoded once
     assert ("truncates 8 of 9 captions" in caplog.text) == (expected == 3)  # all but the empty caption
 
 
@@ -762,14 +776,14 @@ def test_frozen_encoder_is_freed_after_caching_and_grids_match_the_encoder(argv,
     args = trainer.parse_args(argv("--validation_prompts", "a red square", "a blue circle"))
     args.output_dir.mkdir(parents=True)
     run = trainer.setup_run(args)
-    assert run.text_encoder is None  # only the cached table is needed to train
+    assert run.trainer.text_encoder is None and run.outputs.text_encoder is None  # only the cached table trains
     tokenizer, encoder = trainer.build_text_encoder(str(tiny_text_encoder_dir), None)
-    unet = run.accelerator.unwrap_model(run.unet)
-    with_encoder = trainer.build_pipeline(unet, encoder, tokenizer, run.noise_scheduler, run.text_max_length)
-    without = trainer.build_pipeline(unet, None, tokenizer, run.noise_scheduler, run.text_max_length)
-    sample = (run.validation_prompts, 4, 2, 3.0, 0)
+    unet = run.accelerator.unwrap_model(run.trainer.unet)
+    with_encoder = trainer.build_pipeline(unet, encoder, tokenizer, run.outputs.noise_scheduler, run.text_max_length)
+    without = trainer.build_pipeline(unet, None, tokenizer, run.outputs.noise_scheduler, run.text_max_length)
+    sample = (run.outputs.grids.prompts, 4, 2, 3.0, 0)
     expected, _ = trainer.sample_images(with_encoder, *sample)
-    images, captions = trainer.sample_images(without, *sample, run.validation_embeddings)
+    images, captions = trainer.sample_images(without, *sample, run.outputs.grids.prompt_embeddings)
     assert captions == ["a red square", "a red square", "a blue circle", "a blue circle"]
     for image, reference in zip(images, expected, strict=True):
         assert np.abs(np.asarray(image, np.int16) - np.asarray(reference, np.int16)).max() <= 1
