@@ -391,75 +391,14 @@ def cpu_has_native_bf16() -> bool:
         return True
 
 
-def validate_args(args: argparse.Namespace) -> None:
-    """Cheap checks before any heavy work."""
-    if not exists(args.dataset_name) and not exists(args.train_data_dir):
-        raise UserError("no data: pass --train_data_dir FOLDER (imagefolder) or --dataset_name NAME_OR_PATH")
-    if exists(args.train_data_dir) and not Path(args.train_data_dir).is_dir():
-        raise UserError(f"--train_data_dir {args.train_data_dir} is not a folder")
-    for flag in (
-        "resolution",
-        "train_batch_size",
-        "gradient_accumulation_steps",
-        "eval_batch_size",
-        "checkpointing_steps",
-        "save_images_epochs",
-        "save_model_epochs",
-        "ddpm_num_steps",
-        "ddpm_num_inference_steps",
-        "logging_steps",
-    ):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if args.streaming and not exists(args.max_train_steps):
-        raise UserError("--streaming needs --max_train_steps: a stream has no length to count epochs from")
-    if exists(args.caption_max_length) and args.caption_max_length < 2:
-        raise UserError(
-            f"--caption_max_length must be at least 2 (the start and end tokens), got {args.caption_max_length}"
-        )
-    if args.dataloader_num_workers < 0:
-        raise UserError(f"--dataloader_num_workers must be 0 or more, got {args.dataloader_num_workers}")
-    if args.streaming and args.shuffle_buffer_size < 1:
-        raise UserError(f"--shuffle_buffer_size must be at least 1, got {args.shuffle_buffer_size}")
-    if exists(args.max_train_steps) and args.max_train_steps < 1:
-        raise UserError(f"--max_train_steps must be at least 1, got {args.max_train_steps}")
-    if not 0 <= args.conditioning_dropout_prob < 1:
-        raise UserError(f"--conditioning_dropout_prob must be in [0, 1), got {args.conditioning_dropout_prob}")
-    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise UserError(
-            "--mixed_precision fp16 needs a CUDA GPU and none is visible; use --mixed_precision bf16 or no on CPU"
-        )
-    if args.mixed_precision == "bf16" and not torch.cuda.is_available() and not cpu_has_native_bf16():
-        logger.warning(
-            "--mixed_precision bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 is slower than fp32 here; --mixed_precision no is faster"
-        )
-    if args.enable_xformers_memory_efficient_attention:
-        import importlib.util
-
-        if importlib.util.find_spec("xformers") is None:
-            raise UserError(
-                "--enable_xformers_memory_efficient_attention: xformers is not installed; pip install xformers (GPU only) or drop the flag (PyTorch SDPA attention is used)"
-            )
-    if exists(args.model_config_name_or_path) and not Path(args.model_config_name_or_path).exists():
-        raise UserError(
-            f"--model_config_name_or_path {args.model_config_name_or_path} does not exist; pass a UNet config.json or a folder with one"
-        )
-    if (
-        exists(args.resume_from_checkpoint)
-        and args.resume_from_checkpoint != "latest"
-        and not Path(args.resume_from_checkpoint).is_dir()
-    ):
-        raise UserError(
-            f"--resume_from_checkpoint {args.resume_from_checkpoint} does not exist; pass a checkpoint-STEP folder or 'latest'"
-        )
-    if exists(args.max_train_time):
-        parse_duration(args.max_train_time)
-    if args.push_to_hub and args.logger == "wandb" and os.environ.get("WANDB_MODE") == "disabled":
-        logger.warning("--logger wandb with WANDB_MODE=disabled logs nothing")
-
-
 # ---------------------------------------------------------------------------------------------
-# Data: one batch source per kind of dataset, one caption parser, one policy for unreadable images
+# The run's configuration: one frozen object per flag group, each checked where it is built
+
+
+def require_at_least(minimum: int, **flags: int) -> None:
+    for flag, value in flags.items():
+        if value < minimum:
+            raise UserError(f"--{flag} must be at least {minimum}, got {value}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -479,10 +418,24 @@ class DataConfig:
     num_workers: int
     streaming: bool
     shuffle_buffer_size: int
+    caption_max_length: int | None
+    caption_cache: bool
     batch_size: int  # per process and micro-batch
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> DataConfig:
+        if not exists(args.dataset_name) and not exists(args.train_data_dir):
+            raise UserError("no data: pass --train_data_dir FOLDER (imagefolder) or --dataset_name NAME_OR_PATH")
+        if exists(args.train_data_dir) and not Path(args.train_data_dir).is_dir():
+            raise UserError(f"--train_data_dir {args.train_data_dir} is not a folder")
+        require_at_least(1, resolution=args.resolution, train_batch_size=args.train_batch_size)
+        require_at_least(0, dataloader_num_workers=args.dataloader_num_workers)
+        if args.streaming:
+            require_at_least(1, shuffle_buffer_size=args.shuffle_buffer_size)
+        if exists(args.caption_max_length) and args.caption_max_length < 2:
+            raise UserError(
+                f"--caption_max_length must be at least 2 (the start and end tokens), got {args.caption_max_length}"
+            )
         return cls(
             dataset_name=args.dataset_name,
             dataset_config_name=args.dataset_config_name,
@@ -497,6 +450,8 @@ class DataConfig:
             num_workers=args.dataloader_num_workers,
             streaming=args.streaming,
             shuffle_buffer_size=args.shuffle_buffer_size,
+            caption_max_length=args.caption_max_length,
+            caption_cache=args.caption_cache,
             batch_size=args.train_batch_size,
         )
 
@@ -508,6 +463,237 @@ class DataConfig:
     def base(self) -> Path:
         """Where a caption table's relative file paths point."""
         return Path(self.name)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The text encoder, the UNet and how they run."""
+
+    text_encoder: str
+    train_text_encoder: bool
+    unet_config: str | None
+    model_size: str
+    gradient_checkpointing: bool
+    xformers: bool
+    channels_last: bool
+    allow_tf32: bool
+    torch_compile: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ModelConfig:
+        if args.enable_xformers_memory_efficient_attention:
+            import importlib.util
+
+            if importlib.util.find_spec("xformers") is None:
+                raise UserError(
+                    "--enable_xformers_memory_efficient_attention: xformers is not installed; pip install xformers (GPU only) or drop the flag (PyTorch SDPA attention is used)"
+                )
+        if exists(args.model_config_name_or_path) and not Path(args.model_config_name_or_path).exists():
+            raise UserError(
+                f"--model_config_name_or_path {args.model_config_name_or_path} does not exist; pass a UNet config.json or a folder with one"
+            )
+        return cls(
+            text_encoder=args.text_encoder_name_or_path,
+            train_text_encoder=args.train_text_encoder,
+            unet_config=args.model_config_name_or_path,
+            model_size=args.model_size,
+            gradient_checkpointing=args.gradient_checkpointing,
+            xformers=args.enable_xformers_memory_efficient_attention,
+            channels_last=args.channels_last,
+            allow_tf32=args.allow_tf32,
+            torch_compile=args.torch_compile,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiffusionConfig:
+    """The noise schedule, what the UNet predicts and how its loss is weighted."""
+
+    num_train_timesteps: int
+    beta_schedule: str
+    prediction_type: str
+    rescale_betas_zero_snr: bool
+    snr_gamma: float
+    noise_offset: float
+    conditioning_dropout_prob: float
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> DiffusionConfig:
+        require_at_least(1, ddpm_num_steps=args.ddpm_num_steps)
+        if not 0 <= args.conditioning_dropout_prob < 1:
+            raise UserError(f"--conditioning_dropout_prob must be in [0, 1), got {args.conditioning_dropout_prob}")
+        return cls(
+            num_train_timesteps=args.ddpm_num_steps,
+            beta_schedule=args.ddpm_beta_schedule,
+            prediction_type=args.prediction_type,
+            rescale_betas_zero_snr=args.rescale_betas_zero_snr,
+            snr_gamma=args.snr_gamma,
+            noise_offset=args.noise_offset,
+            conditioning_dropout_prob=args.conditioning_dropout_prob,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """How long, how fast and in what precision the weights are trained, and their EMA."""
+
+    num_epochs: int
+    max_train_steps: int | None
+    max_train_seconds: float | None
+    gradient_accumulation_steps: int
+    learning_rate: float
+    lr_scheduler: str
+    lr_warmup_steps: int
+    adam_betas: tuple[float, float]
+    adam_weight_decay: float
+    adam_epsilon: float
+    max_grad_norm: float
+    use_ema: bool
+    ema_max_decay: float
+    ema_inv_gamma: float
+    ema_power: float
+    ema_offload: bool
+    mixed_precision: str
+    seed: int | None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> OptimConfig:
+        require_at_least(1, gradient_accumulation_steps=args.gradient_accumulation_steps)
+        if exists(args.max_train_steps):
+            require_at_least(1, max_train_steps=args.max_train_steps)
+        if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise UserError(
+                "--mixed_precision fp16 needs a CUDA GPU and none is visible; use --mixed_precision bf16 or no on CPU"
+            )
+        if args.mixed_precision == "bf16" and not torch.cuda.is_available() and not cpu_has_native_bf16():
+            logger.warning(
+                "--mixed_precision bf16: this CPU has no native bf16 (AVX512-BF16 or AMX), so bf16 is slower than fp32 here; --mixed_precision no is faster"
+            )
+        return cls(
+            num_epochs=args.num_epochs,
+            max_train_steps=args.max_train_steps,
+            max_train_seconds=parse_duration(args.max_train_time) if exists(args.max_train_time) else None,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            learning_rate=args.learning_rate,
+            lr_scheduler=args.lr_scheduler,
+            lr_warmup_steps=args.lr_warmup_steps,
+            adam_betas=(args.adam_beta1, args.adam_beta2),
+            adam_weight_decay=args.adam_weight_decay,
+            adam_epsilon=args.adam_epsilon,
+            max_grad_norm=args.max_grad_norm,
+            use_ema=args.use_ema,
+            ema_max_decay=args.ema_max_decay,
+            ema_inv_gamma=args.ema_inv_gamma,
+            ema_power=args.ema_power,
+            ema_offload=args.ema_offload,
+            mixed_precision=args.mixed_precision,
+            seed=args.seed,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class OutputConfig:
+    """What the run writes, when, and where: checkpoints, grids, the pipeline, logs, the Hub."""
+
+    output_dir: Path
+    overwrite_output_dir: bool
+    resume_from_checkpoint: str | None
+    checkpointing_steps: int
+    checkpoints_total_limit: int | None
+    save_model_epochs: int
+    save_images_epochs: int
+    validation_prompts: list[str] | None
+    eval_batch_size: int
+    num_inference_steps: int
+    guidance_scale: float
+    logger: str
+    logging_dir: str
+    logging_steps: int
+    push_to_hub: bool
+    hub_model_id: str | None
+    hub_token: str | None = field(repr=False)  # for the upload only: in no public flag, log or file
+    hub_private_repo: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> OutputConfig:
+        require_at_least(
+            1,
+            checkpointing_steps=args.checkpointing_steps,
+            save_model_epochs=args.save_model_epochs,
+            save_images_epochs=args.save_images_epochs,
+            eval_batch_size=args.eval_batch_size,
+            ddpm_num_inference_steps=args.ddpm_num_inference_steps,
+            logging_steps=args.logging_steps,
+        )
+        resume = args.resume_from_checkpoint
+        if exists(resume) and resume != "latest" and not Path(resume).is_dir():
+            raise UserError(
+                f"--resume_from_checkpoint {resume} does not exist; pass a checkpoint-STEP folder or 'latest'"
+            )
+        if args.logger == "wandb" and os.environ.get("WANDB_MODE") == "disabled":
+            logger.warning("--logger wandb with WANDB_MODE=disabled logs nothing")
+        return cls(
+            output_dir=Path(args.output_dir),
+            overwrite_output_dir=args.overwrite_output_dir,
+            resume_from_checkpoint=resume,
+            checkpointing_steps=args.checkpointing_steps,
+            checkpoints_total_limit=args.checkpoints_total_limit,
+            save_model_epochs=args.save_model_epochs,
+            save_images_epochs=args.save_images_epochs,
+            validation_prompts=args.validation_prompts,
+            eval_batch_size=args.eval_batch_size,
+            num_inference_steps=args.ddpm_num_inference_steps,
+            guidance_scale=args.guidance_scale,
+            logger=args.logger,
+            logging_dir=args.logging_dir,
+            logging_steps=args.logging_steps,
+            push_to_hub=args.push_to_hub,
+            hub_model_id=args.hub_model_id,
+            hub_token=args.hub_token,
+            hub_private_repo=args.hub_private_repo,
+        )
+
+
+SECRET_FLAGS = ("hub_token",)  # never written: not to the model card, the trackers or anywhere else
+
+
+def public_flags(args: argparse.Namespace) -> dict:
+    """The run's flags as anything the run writes may show them: secrets left out, paths as text."""
+    return {
+        key: (str(value) if isinstance(value, Path) else value)
+        for key, value in sorted(vars(args).items())
+        if key not in SECRET_FLAGS
+    }
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Every flag, checked, by concern; `args` goes no further than here."""
+
+    data: DataConfig
+    model: ModelConfig
+    diffusion: DiffusionConfig
+    optim: OptimConfig
+    output: OutputConfig
+    public_flags: dict  # for the model card and the trackers
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RunConfig:
+        """Cheap checks before any heavy work; a mistake gets one line naming the flag."""
+        if args.streaming and not exists(args.max_train_steps):
+            raise UserError("--streaming needs --max_train_steps: a stream has no length to count epochs from")
+        return cls(
+            data=DataConfig.from_args(args),
+            model=ModelConfig.from_args(args),
+            diffusion=DiffusionConfig.from_args(args),
+            optim=OptimConfig.from_args(args),
+            output=OutputConfig.from_args(args),
+            public_flags=public_flags(args),
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: one batch source per kind of dataset, one caption parser, one policy for unreadable images
 
 
 def resolve_split(dataset, name: str):
@@ -1295,14 +1481,14 @@ def build_unet(
         raise UserError(f"--model_config_name_or_path: the UNet config is not valid: {error}") from error
 
 
-def build_noise_scheduler(args: argparse.Namespace):
+def build_noise_scheduler(diffusion: DiffusionConfig):
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(
-        num_train_timesteps=args.ddpm_num_steps,
-        beta_schedule=args.ddpm_beta_schedule,
-        prediction_type=args.prediction_type,
-        rescale_betas_zero_snr=args.rescale_betas_zero_snr,
+        num_train_timesteps=diffusion.num_train_timesteps,
+        beta_schedule=diffusion.beta_schedule,
+        prediction_type=diffusion.prediction_type,
+        rescale_betas_zero_snr=diffusion.rescale_betas_zero_snr,
         clip_sample=False,
     )
 
@@ -1467,17 +1653,17 @@ def read_train_state(checkpoint: Path) -> TrainState:
     return TrainState(**json.loads((checkpoint / CHECKPOINT_MARKER).read_text()))
 
 
-def check_output_dir(args: argparse.Namespace) -> None:
+def check_output_dir(output: OutputConfig) -> None:
     """Refuse to silently mix a fresh run into an earlier run's checkpoints."""
-    earlier = list_checkpoints(args.output_dir)
-    if not earlier or exists(args.resume_from_checkpoint):
+    earlier = list_checkpoints(output.output_dir)
+    if not earlier or exists(output.resume_from_checkpoint):
         return
-    if not args.overwrite_output_dir:
+    if not output.overwrite_output_dir:
         raise UserError(
-            f"--output_dir {args.output_dir} already holds checkpoints of an earlier run; add --resume_from_checkpoint latest to continue it, --overwrite_output_dir to start over, or choose another --output_dir"
+            f"--output_dir {output.output_dir} already holds checkpoints of an earlier run; add --resume_from_checkpoint latest to continue it, --overwrite_output_dir to start over, or choose another --output_dir"
         )
     if is_main_process():
-        for path in earlier + [args.output_dir / "samples"]:
+        for path in earlier + [output.output_dir / "samples"]:
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -1666,18 +1852,6 @@ def finish_interrupted_export(output_dir: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
-SECRET_FLAGS = ("hub_token",)  # never written: not to the model card, the trackers or anywhere else
-
-
-def public_flags(args: argparse.Namespace) -> dict:
-    """The run's flags as anything the run writes may show them: secrets left out, paths as text."""
-    return {
-        key: (str(value) if isinstance(value, Path) else value)
-        for key, value in sorted(vars(args).items())
-        if key not in SECRET_FLAGS
-    }
-
-
 def tracker_config(flags: dict) -> dict:
     """The public flags trackers accept as hyperparameters (scalars only)."""
     return {key: value for key, value in flags.items() if isinstance(value, (int, float, str, bool))}
@@ -1719,17 +1893,17 @@ image = pipe("{prompts[0] if prompts and prompts[0] else "a prompt"}", guidance_
 """
 
 
-def push_to_hub(output_dir: Path, args: argparse.Namespace, step: int) -> str:
+def push_to_hub(output: OutputConfig, step: int) -> str:
     from huggingface_hub import create_repo, upload_folder
 
-    repo_id = args.hub_model_id or output_dir.name
-    repo_id = create_repo(repo_id, private=args.hub_private_repo, token=args.hub_token, exist_ok=True).repo_id
+    repo_id = output.hub_model_id or output.output_dir.name
+    repo_id = create_repo(repo_id, private=output.hub_private_repo, token=output.hub_token, exist_ok=True).repo_id
     upload_folder(
         repo_id=repo_id,
-        folder_path=str(output_dir),
-        token=args.hub_token,
+        folder_path=str(output.output_dir),
+        token=output.hub_token,
         commit_message=f"train_text_to_image.py: step {step}",
-        ignore_patterns=["checkpoint-*", ".checkpoint-*", ".pipeline.*", "caption_cache/*", f"{args.logging_dir}/*"],
+        ignore_patterns=["checkpoint-*", ".checkpoint-*", ".pipeline.*", "caption_cache/*", f"{output.logging_dir}/*"],
     )
     return repo_id
 
@@ -1960,12 +2134,12 @@ class Intervals:
         return step % self.checkpointing_steps == 0 or self.last(step)
 
 
-def build_optimizer(parameters, args, device: torch.device):
+def build_optimizer(parameters, optim: OptimConfig, device: torch.device):
     kwargs = dict(
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
+        lr=optim.learning_rate,
+        betas=optim.adam_betas,
+        weight_decay=optim.adam_weight_decay,
+        eps=optim.adam_epsilon,
     )
     # fused: one kernel for all parameters instead of one per tensor; on CPU (torch >= 2.4) 5x faster than
     # foreach for the seed UNet (0.39 -> 0.075 s a step, 144M parameters, 2 cores: foreach sqrt is a loop there)
@@ -1976,30 +2150,22 @@ def build_optimizer(parameters, args, device: torch.device):
     return torch.optim.AdamW(parameters, **kwargs)
 
 
-def build_ema(unet, args):
-    if not args.use_ema:
+def build_ema(unet, optim: OptimConfig):
+    if not optim.use_ema:
         return None
     from diffusers import UNet2DConditionModel
     from diffusers.training_utils import EMAModel
 
     return EMAModel(
         unet.parameters(),
-        decay=args.ema_max_decay,
+        decay=optim.ema_max_decay,
         use_ema_warmup=True,
-        inv_gamma=args.ema_inv_gamma,
-        power=args.ema_power,
+        inv_gamma=optim.ema_inv_gamma,
+        power=optim.ema_power,
         foreach=True,
         model_cls=UNet2DConditionModel,
         model_config=unet.config,
     )
-
-
-@dataclass(frozen=True, kw_only=True)
-class LossConfig:
-    snr_gamma: float
-    noise_offset: float
-    max_grad_norm: float
-    conditioning_dropout_prob: float
 
 
 class Trainer:
@@ -2020,14 +2186,16 @@ class Trainer:
         batches: IndexedBatches | StreamedBatches,
         conditioner: CachedEmbeddings | LiveEncoder,
         data: DataConfig,
-        loss: LossConfig,
+        diffusion: DiffusionConfig,
+        max_grad_norm: float,
         channels_last: bool,
     ):
         self.accelerator, self.unet, self.text_encoder = accelerator, unet, text_encoder
         self.trained = (unet, text_encoder) if trains_text_encoder else (unet,)
         self.noise_scheduler, self.optimizer, self.lr_scheduler = noise_scheduler, optimizer, lr_scheduler
         self.ema, self.ema_offload = ema, ema_offload
-        self.batches, self.conditioner, self.data, self.loss = batches, conditioner, data, loss
+        self.batches, self.conditioner, self.data, self.diffusion = batches, conditioner, data, diffusion
+        self.max_grad_norm = max_grad_norm
         self.channels_last = channels_last
         self.shard = Shard(accelerator.process_index, accelerator.num_processes, data.batch_size)
         self.accumulation = accelerator.gradient_accumulation_steps
@@ -2037,7 +2205,7 @@ class Trainer:
         examples = self.batches.examples(micro_index)
         draws = draw_batch(
             self.shard,
-            dropout_prob=self.loss.conditioning_dropout_prob,
+            dropout_prob=self.diffusion.conditioning_dropout_prob,
             center_crop=self.data.center_crop,
             random_flip=self.data.random_flip,
         )
@@ -2061,14 +2229,14 @@ class Trainer:
                         self.noise_scheduler,
                         pixels,
                         text,
-                        self.loss.snr_gamma,
-                        self.loss.noise_offset,
+                        self.diffusion.snr_gamma,
+                        self.diffusion.noise_offset,
                         self.shard,
                     )
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and self.loss.max_grad_norm > 0:
+                if accelerator.sync_gradients and self.max_grad_norm > 0:
                     parameters = [parameter for model in self.trained for parameter in model.parameters()]
-                    grad_norm = accelerator.clip_grad_norm_(parameters, self.loss.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(parameters, self.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach())
@@ -2089,22 +2257,22 @@ class Trainer:
         return self.shard.total * self.accumulation
 
 
-def make_accelerator(args: argparse.Namespace):
+def make_accelerator(optim: OptimConfig, output: OutputConfig):
     from datetime import timedelta
 
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
     project = ProjectConfiguration(
-        project_dir=str(args.output_dir), logging_dir=str(args.output_dir / args.logging_dir)
+        project_dir=str(output.output_dir), logging_dir=str(output.output_dir / output.logging_dir)
     )
     # non-main processes wait at a barrier while the main one samples grids and saves: allow it time
     timeout = InitProcessGroupKwargs(timeout=timedelta(hours=2))
     try:
         return Accelerator(
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            mixed_precision=args.mixed_precision,
-            log_with=None if args.logger == "none" else args.logger,
+            gradient_accumulation_steps=optim.gradient_accumulation_steps,
+            mixed_precision=optim.mixed_precision,
+            log_with=None if output.logger == "none" else output.logger,
             project_config=project,
             kwargs_handlers=[timeout],
         )
@@ -2121,7 +2289,7 @@ def check_launch(accelerator) -> None:
         )
 
 
-def check_distributed_type(accelerator, args: argparse.Namespace) -> None:
+def check_distributed_type(accelerator, config: RunConfig) -> None:
     """Refuse the accelerate setups the trainer cannot run correctly, and tell DeepSpeed the batch size."""
     from accelerate.utils import DistributedType
 
@@ -2132,25 +2300,25 @@ def check_distributed_type(accelerator, args: argparse.Namespace) -> None:
             "(examples/accelerate/multi_gpu.yaml) or DeepSpeed ZeRO-2 (examples/accelerate/deepspeed_zero2.yaml)"
         )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        if args.train_text_encoder:
+        if config.model.train_text_encoder:
             raise UserError("--train_text_encoder with DeepSpeed is not supported (one engine per model); use DDP")
         # no DataLoader goes through accelerator.prepare(), so DeepSpeed cannot read the batch size from one;
         # the flags win over the config file, so the step arithmetic and clipping are the ones asked for
         accelerator.state.deepspeed_plugin.deepspeed_config.update(
-            train_micro_batch_size_per_gpu=args.train_batch_size,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
-            gradient_clipping=args.max_grad_norm,
+            train_micro_batch_size_per_gpu=config.data.batch_size,
+            gradient_accumulation_steps=config.optim.gradient_accumulation_steps,
+            gradient_clipping=config.optim.max_grad_norm,
         )
 
 
-def configure_unet(unet, args) -> None:
-    if args.gradient_checkpointing:
+def configure_unet(unet, model: ModelConfig) -> None:
+    if model.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    if args.enable_xformers_memory_efficient_attention:
+    if model.xformers:
         unet.enable_xformers_memory_efficient_attention()
-    if args.channels_last:
+    if model.channels_last:
         unet.to(memory_format=torch.channels_last)
-    if args.allow_tf32:
+    if model.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
@@ -2166,51 +2334,52 @@ class TrainingData:
     schedule: Schedule
 
 
-def prepare_data(args, config: DataConfig, accelerator, state: TrainState, tokenizer, text_encoder) -> TrainingData:
+def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, text_encoder) -> TrainingData:
     """The batch source of the dataset's kind and the conditioner that embeds its captions."""
-    shard_start = state.step * args.gradient_accumulation_steps
-    if config.streaming:
-        batches = open_stream(config, accelerator.process_index, accelerator.num_processes, state.seed, shard_start)
+    data, optim = config.data, config.optim
+    shard_start = state.step * optim.gradient_accumulation_steps
+    if data.streaming:
+        batches = open_stream(data, accelerator.process_index, accelerator.num_processes, state.seed, shard_start)
         captions = batches.sample_captions(STREAM_CAPTION_SAMPLE)
-        text_max_length = caption_max_length(tokenizer, None, args.caption_max_length)
+        text_max_length = caption_max_length(tokenizer, None, data.caption_max_length)
         schedule = stream_schedule(
-            checkpointing_steps=args.checkpointing_steps,
-            accumulation=args.gradient_accumulation_steps,
-            max_steps=args.max_train_steps,
+            checkpointing_steps=config.output.checkpointing_steps,
+            accumulation=optim.gradient_accumulation_steps,
+            max_steps=optim.max_train_steps,
         )
     else:
         known = state.unreadable_rows if state.step > 0 else None
-        table = read_image_table(config, known, accelerator.is_local_main_process)
+        table = read_image_table(data, known, accelerator.is_local_main_process)
         state.unreadable_rows, state.skipped_images = table.unreadable_rows, len(table.unreadable_rows)
         captions = table.captions
-        text_max_length = caption_max_length(tokenizer, captions, args.caption_max_length)
+        text_max_length = caption_max_length(tokenizer, captions, data.caption_max_length)
         schedule = plan_schedule(
             len(table.usable_rows),
-            batch_size=config.batch_size,
+            batch_size=data.batch_size,
             num_processes=accelerator.num_processes,
-            accumulation=args.gradient_accumulation_steps,
-            max_steps=args.max_train_steps,
-            num_epochs=args.num_epochs,
+            accumulation=optim.gradient_accumulation_steps,
+            max_steps=optim.max_train_steps,
+            num_epochs=optim.num_epochs,
         )
-        shard = Shard(accelerator.process_index, accelerator.num_processes, config.batch_size)
+        shard = Shard(accelerator.process_index, accelerator.num_processes, data.batch_size)
         batches = IndexedBatches(
             table,
             seed=state.seed,
             shard=shard,
             batches_per_epoch=schedule.batches_per_epoch,
-            num_workers=config.num_workers,
+            num_workers=data.num_workers,
         )
-    if config.streaming or args.train_text_encoder or not args.caption_cache:
+    if data.streaming or config.model.train_text_encoder or not data.caption_cache:
         conditioner = LiveEncoder(
             tokenizer=tokenizer,
             encoder=text_encoder,
             max_length=text_max_length,
-            trains=args.train_text_encoder,
+            trains=config.model.train_text_encoder,
             device=accelerator.device,
         )
     else:
         cache_file = caption_cache_path(
-            args.output_dir, args.text_encoder_name_or_path, text_encoder, captions, text_max_length
+            config.output.output_dir, config.model.text_encoder, text_encoder, captions, text_max_length
         )
         with accelerator.main_process_first():  # the others then read the main process's cache file
             table = encode_captions_once(
@@ -2222,11 +2391,11 @@ def prepare_data(args, config: DataConfig, accelerator, state: TrainState, token
     )
 
 
-def open_state(args: argparse.Namespace, accelerator) -> tuple[Path | None, TrainState]:
+def open_state(config: RunConfig, accelerator) -> tuple[Path | None, TrainState]:
     """The checkpoint to resume from (or None) and the loop state: the checkpoint's, or a fresh one."""
-    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    resume = resolve_resume_checkpoint(config.output.resume_from_checkpoint, config.output.output_dir)
     if not exists(resume):
-        seed = args.seed if exists(args.seed) else random.randrange(2**31)
+        seed = config.optim.seed if exists(config.optim.seed) else random.randrange(2**31)
         return None, TrainState(seed=seed, num_processes=accelerator.num_processes)
     state = read_train_state(resume)
     if state.num_processes != accelerator.num_processes:
@@ -2249,39 +2418,42 @@ class Run:
     plan: str  # the run plan, logged once
 
 
-def setup_run(args: argparse.Namespace) -> Run:
+def setup_run(config: RunConfig) -> Run:
     """Data, models, optimizer, EMA and accelerate, restored from a checkpoint when resuming."""
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
+    model, optim, output = config.model, config.optim, config.output
     # the Rust tokenizers' thread pool, once woken by a batch encode, kept competing with torch's threads:
     # training steps ran 2x slower on a 2-core CPU after the captions were encoded (measured)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    accelerator = make_accelerator(args)
+    accelerator = make_accelerator(optim, output)
     check_launch(accelerator)
-    check_distributed_type(accelerator, args)
-    resume, state = open_state(args, accelerator)
+    check_distributed_type(accelerator, config)
+    resume, state = open_state(config, accelerator)
     set_seed(state.seed)
 
-    config = DataConfig.from_args(args)
-    logger.info("preparing %s and the text encoder %s", config.name, args.text_encoder_name_or_path)
-    tokenizer, text_encoder = build_text_encoder(args.text_encoder_name_or_path, args.cache_dir)
-    text_encoder.requires_grad_(args.train_text_encoder)
+    logger.info("preparing %s and the text encoder %s", config.data.name, model.text_encoder)
+    tokenizer, text_encoder = build_text_encoder(model.text_encoder, config.data.cache_dir)
+    text_encoder.requires_grad_(model.train_text_encoder)
     text_encoder.to(accelerator.device)
-    data = prepare_data(args, config, accelerator, state, tokenizer, text_encoder)
-    unet = build_unet(args.model_config_name_or_path, args.resolution, text_hidden_size(text_encoder), args.model_size)
-    configure_unet(unet, args)
-    ema = build_ema(unet, args)  # from the CPU copy: with --ema_offload the EMA never touches the GPU
+    data = prepare_data(config, accelerator, state, tokenizer, text_encoder)
+    unet = build_unet(model.unet_config, config.data.resolution, text_hidden_size(text_encoder), model.model_size)
+    configure_unet(unet, model)
+    ema = build_ema(unet, optim)  # from the CPU copy: with --ema_offload the EMA never touches the GPU
     # on the device before the optimizer: torch 2.1-2.3 refuse fused AdamW over CPU parameters at construction
     unet.to(accelerator.device)
-    trained = list(unet.parameters()) + (list(text_encoder.parameters()) if args.train_text_encoder else [])
-    optimizer = build_optimizer(trained, args, accelerator.device)
+    trained = list(unet.parameters()) + (list(text_encoder.parameters()) if model.train_text_encoder else [])
+    optimizer = build_optimizer(trained, optim, accelerator.device)
     lr_scheduler = get_scheduler(
-        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=data.schedule.max_steps
+        optim.lr_scheduler,
+        optimizer,
+        num_warmup_steps=optim.lr_warmup_steps,
+        num_training_steps=data.schedule.max_steps,
     )
-    if args.torch_compile:
+    if model.torch_compile:
         unet = torch.compile(unet)
-    if args.train_text_encoder:
+    if model.train_text_encoder:
         unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
         data.conditioner.encoder = text_encoder  # the prepared (DDP) one: its gradients are synced
     else:
@@ -2296,63 +2468,58 @@ def setup_run(args: argparse.Namespace) -> Run:
     if exists(ema):
         # after load_state: accelerate loads custom objects with map_location="cpu" and EMAModel.load_state_dict
         # replaces its shadow tensors, so placing it before would leave a resumed EMA on the CPU
-        ema.to(accelerator.device if not args.ema_offload else "cpu")
-    prompts = choose_validation_prompts(args.validation_prompts, data.captions, args.eval_batch_size, state.seed)
+        ema.to(accelerator.device if not optim.ema_offload else "cpu")
+    prompts = choose_validation_prompts(output.validation_prompts, data.captions, output.eval_batch_size, state.seed)
     prompt_embeddings = None
     if isinstance(data.conditioner, CachedEmbeddings):
         prompt_embeddings = encode_grid_prompts(tokenizer, text_encoder, prompts, data)
         # training reads the cached table only: free the frozen encoder (~0.5 GB for CLIP-L), reloaded to save
         text_encoder = None
-    noise_scheduler = build_noise_scheduler(args)
+    noise_scheduler = build_noise_scheduler(config.diffusion)
     trainer = Trainer(
         accelerator=accelerator,
         unet=unet,
         text_encoder=text_encoder,
-        trains_text_encoder=args.train_text_encoder,
+        trains_text_encoder=model.train_text_encoder,
         noise_scheduler=noise_scheduler,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
         ema=ema,
-        ema_offload=args.ema_offload,
+        ema_offload=optim.ema_offload,
         batches=data.batches,
         conditioner=data.conditioner,
-        data=config,
-        loss=LossConfig(
-            snr_gamma=args.snr_gamma,
-            noise_offset=args.noise_offset,
-            max_grad_norm=args.max_grad_norm,
-            conditioning_dropout_prob=args.conditioning_dropout_prob,
-        ),
-        channels_last=args.channels_last,
+        data=config.data,
+        diffusion=config.diffusion,
+        max_grad_norm=optim.max_grad_norm,
+        channels_last=model.channels_last,
     )
     outputs = Outputs(
         accelerator=accelerator,
         unet=unet,
         ema=ema,
         text_encoder=text_encoder,
-        text_encoder_source=(args.text_encoder_name_or_path, args.cache_dir),
+        text_encoder_source=(model.text_encoder, config.data.cache_dir),
         tokenizer=tokenizer,
         noise_scheduler=noise_scheduler,
         text_max_length=data.text_max_length,
         grids=GridConfig(
             prompts=prompts,
             prompt_embeddings=prompt_embeddings,
-            count=args.eval_batch_size,
-            num_inference_steps=args.ddpm_num_inference_steps,
-            guidance_scale=args.guidance_scale,
+            count=output.eval_batch_size,
+            num_inference_steps=output.num_inference_steps,
+            guidance_scale=output.guidance_scale,
             seed=state.seed,
         ),
-        output_dir=args.output_dir,
-        public_flags=public_flags(args),
+        output_dir=output.output_dir,
+        public_flags=config.public_flags,
     )
     intervals = Intervals(
         schedule=data.schedule,
-        logging_steps=args.logging_steps,
-        checkpointing_steps=args.checkpointing_steps,
-        grid_epochs=args.save_images_epochs,
-        export_epochs=args.save_model_epochs,
+        logging_steps=output.logging_steps,
+        checkpointing_steps=output.checkpointing_steps,
+        grid_epochs=output.save_images_epochs,
+        export_epochs=output.save_model_epochs,
     )
-    plan = run_plan(data, trainer, unet, streaming=config.streaming, shuffle_buffer_size=config.shuffle_buffer_size)
     return Run(
         accelerator=accelerator,
         trainer=trainer,
@@ -2360,7 +2527,7 @@ def setup_run(args: argparse.Namespace) -> Run:
         intervals=intervals,
         state=state,
         text_max_length=data.text_max_length,
-        plan=plan,
+        plan=run_plan(data, trainer, unet, streaming=config.data.streaming),
     )
 
 
@@ -2373,7 +2540,7 @@ def encode_grid_prompts(tokenizer, text_encoder, prompts: list[str], data: Train
     return prompt_embeddings, data.conditioner.embed([""])
 
 
-def run_plan(data: TrainingData, trainer: Trainer, unet, *, streaming: bool, shuffle_buffer_size: int) -> str:
+def run_plan(data: TrainingData, trainer: Trainer, unet, *, streaming: bool) -> str:
     schedule, accelerator = data.schedule, trainer.accelerator
     unet_params = sum(parameter.numel() for parameter in unet.parameters()) / 1e6
     if streaming:
@@ -2522,23 +2689,24 @@ def summary_line(run: Run, images: int, seconds: float, reason: str) -> str:
 
 
 def run_training(args: argparse.Namespace) -> int:
-    validate_args(args)
-    check_output_dir(args)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    stop = StopRequest(parse_duration(args.max_train_time) if exists(args.max_train_time) else None)
+    config = RunConfig.from_args(args)
+    output = config.output
+    check_output_dir(output)
+    output.output_dir.mkdir(parents=True, exist_ok=True)
+    stop = StopRequest(config.optim.max_train_seconds)
     stop.install()  # from here a SIGTERM/SIGINT ends the run cleanly, during setup too
     try:
-        run = setup_run(args)
+        run = setup_run(config)
         stop.start(run.state.step)
         if run.accelerator.is_main_process:
-            for stale in args.output_dir.glob(".checkpoint-*.tmp"):
+            for stale in output.output_dir.glob(".checkpoint-*.tmp"):
                 shutil.rmtree(stale, ignore_errors=True)
-            finish_interrupted_export(args.output_dir)
-            run.accelerator.init_trackers("train_text_to_image", config=tracker_config(run.outputs.public_flags))
+            finish_interrupted_export(output.output_dir)
+            run.accelerator.init_trackers("train_text_to_image", config=tracker_config(config.public_flags))
         logger.info("%s", run.plan)
         started = time.perf_counter()
         try:
-            reason = train(run, stop, args.checkpoints_total_limit)
+            reason = train(run, stop, output.checkpoints_total_limit)
         finally:
             run.accelerator.end_training()
     except StoppedDuringSetup as stopped:
@@ -2553,13 +2721,13 @@ def run_training(args: argparse.Namespace) -> int:
     if reason != "done":
         if run.accelerator.is_main_process:
             print(
-                f"stopped by {reason} at step {run.state.step}; the pipeline in {args.output_dir} holds that step's weights; resume with the same command plus --resume_from_checkpoint latest",
+                f"stopped by {reason} at step {run.state.step}; the pipeline in {output.output_dir} holds that step's weights; resume with the same command plus --resume_from_checkpoint latest",
                 file=sys.stderr,
                 flush=True,
             )
         return 0
-    if args.push_to_hub and run.accelerator.is_main_process:
-        print(f"uploaded to https://huggingface.co/{push_to_hub(args.output_dir, args, run.state.step)}")
+    if output.push_to_hub and run.accelerator.is_main_process:
+        print(f"uploaded to https://huggingface.co/{push_to_hub(output, run.state.step)}")
     return 0
 
 

@@ -161,9 +161,9 @@ def set_up_training(argv: list[str]):
     import train_text_to_image as trainer
 
     args = trainer.parse_args(argv)
-    trainer.validate_args(args)
+    config = trainer.RunConfig.from_args(args)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    return trainer.setup_run(args)
+    return trainer.setup_run(config)
 
 
 def time_optimizer_step(run) -> float:

@@ -200,9 +200,11 @@ def test_noise_offset_and_zero_terminal_snr_change_the_noise(tiny_unet_config_fi
     from diffusers import UNet2DConditionModel
 
     args = trainer.parse_args(["--dataset_name", "x", "--rescale_betas_zero_snr", "--ddpm_num_steps", "100"])
-    zero_snr = trainer.build_noise_scheduler(args)
+    zero_snr = trainer.build_noise_scheduler(trainer.DiffusionConfig.from_args(args))
     assert zero_snr.alphas_cumprod[-1] < 1e-6 and zero_snr.config.rescale_betas_zero_snr
-    plain = trainer.build_noise_scheduler(trainer.parse_args(["--dataset_name", "x", "--ddpm_num_steps", "100"]))
+    plain = trainer.build_noise_scheduler(
+        trainer.DiffusionConfig.from_args(trainer.parse_args(["--dataset_name", "x", "--ddpm_num_steps", "100"]))
+    )
     assert plain.alphas_cumprod[-1] > 1e-4
     unet = UNet2DConditionModel.from_config(json.loads(tiny_unet_config_file.read_text()))
     clean, text = torch.zeros(4, 3, 16, 16), torch.randn(4, 5, 64)
@@ -232,7 +234,7 @@ def test_memory_flags_train_the_same_model(argv, tmp_path, flag, same_weights):
 def test_memory_flags_reach_the_model(argv):
     args = trainer.parse_args(argv("--gradient_checkpointing", "--channels_last", "--use_ema", "--ema_offload"))
     args.output_dir.mkdir(parents=True)
-    run = trainer.setup_run(args)
+    run = trainer.setup_run(trainer.RunConfig.from_args(args))
     unet = run.accelerator.unwrap_model(run.trainer.unet)
     assert unet.is_gradient_checkpointing
     assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
@@ -340,3 +342,12 @@ def test_the_progress_gif_grows_by_appending_each_grid(tmp_path):
         assert np.array_equal(np.asarray(frame.convert("RGB")), expected) and frame.info["duration"] == 500
     trainer.append_to_gif(gif, Image.new("RGB", (10, 10)))  # another grid size starts a new GIF
     assert Image.open(gif).n_frames == 1
+
+
+def test_configs_are_frozen_and_keep_the_token_out_of_their_repr(argv):
+    import dataclasses
+
+    config = trainer.RunConfig.from_args(trainer.parse_args(argv("--hub_token", "hf_SeCrEt0123")))
+    assert config.output.hub_token == "hf_SeCrEt0123" and "hf_SeCrEt0123" not in repr(config)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.optim.learning_rate = 1.0  # type: ignore[misc]

@@ -139,7 +139,9 @@ def test_launcher_reads_the_configs_as_intended():
 def test_loss_runs_on_a_unet_held_in_bf16_as_deepspeed_holds_it(tiny_unet_config_file):
     """DeepSpeed casts the model to bf16 and accelerate does not autocast then: the loss feeds it bf16 inputs."""
     unet = trainer.build_unet(str(tiny_unet_config_file), 16, 64).to(torch.bfloat16)
-    scheduler = trainer.build_noise_scheduler(trainer.parse_args(["--train_data_dir", "d", "--ddpm_num_steps", "100"]))
+    scheduler = trainer.build_noise_scheduler(
+        trainer.DiffusionConfig.from_args(trainer.parse_args(["--train_data_dir", "d", "--ddpm_num_steps", "100"]))
+    )
     loss = trainer.diffusion_loss(unet, scheduler, torch.rand(2, 3, 16, 16) * 2 - 1, torch.randn(2, 8, 64), 5.0, 0.0)
     loss.backward()
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
@@ -157,23 +159,22 @@ def fake_accelerator(distributed_type: str, deepspeed_config: dict | None = None
     )
 
 
+def run_config(*argv: str):
+    return trainer.RunConfig.from_args(trainer.parse_args(["--train_data_dir", str(Path(__file__).parent), *argv]))
+
+
 def test_fsdp_is_refused_with_what_to_use_instead():
-    args = trainer.parse_args(["--train_data_dir", "d"])
     with pytest.raises(trainer.UserError, match="FSDP is not supported.*multi_gpu.yaml.*deepspeed_zero2.yaml"):
-        trainer.check_distributed_type(fake_accelerator("FSDP"), args)
+        trainer.check_distributed_type(fake_accelerator("FSDP"), run_config())
 
 
 def test_deepspeed_gets_the_flags_batch_size_accumulation_and_clipping():
     config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1, "gradient_clipping": 1.0}
-    argv = ["--train_data_dir", "d", "--train_batch_size", "6", "--gradient_accumulation_steps", "4"]
-    trainer.check_distributed_type(
-        fake_accelerator("DEEPSPEED", config), trainer.parse_args([*argv, "--max_grad_norm", "0.5"])
-    )
+    argv = ["--train_batch_size", "6", "--gradient_accumulation_steps", "4"]
+    trainer.check_distributed_type(fake_accelerator("DEEPSPEED", config), run_config(*argv, "--max_grad_norm", "0.5"))
     assert config == {"train_micro_batch_size_per_gpu": 6, "gradient_accumulation_steps": 4, "gradient_clipping": 0.5}
     with pytest.raises(trainer.UserError, match="--train_text_encoder with DeepSpeed is not supported"):
-        trainer.check_distributed_type(
-            fake_accelerator("DEEPSPEED", {}), trainer.parse_args([*argv, "--train_text_encoder"])
-        )
+        trainer.check_distributed_type(fake_accelerator("DEEPSPEED", {}), run_config(*argv, "--train_text_encoder"))
 
 
 def test_deepspeed_launch_without_deepspeed_installed_says_so(flags, tmp_path):

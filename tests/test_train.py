@@ -144,7 +144,7 @@ def test_loss_is_finite_and_bounded_for_every_prediction_type_and_schedule(
     args = trainer.parse_args(
         ["--train_data_dir", ".", "--prediction_type", prediction_type, "--ddpm_beta_schedule", beta_schedule]
     )
-    scheduler = trainer.build_noise_scheduler(args)
+    scheduler = trainer.build_noise_scheduler(trainer.DiffusionConfig.from_args(args))
     unet = trainer.build_unet(str(tiny_unet_config_file), 16, 64)
     torch.manual_seed(0)
     clean = torch.rand(8, 3, 16, 16) * 2 - 1
@@ -530,7 +530,7 @@ def test_fp16_on_cpu_is_refused(argv, capsys):
 def test_bf16_on_a_cpu_that_emulates_it_warns(argv, monkeypatch, caplog, native, warned):
     monkeypatch.setattr(trainer.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: native)
-    trainer.validate_args(trainer.parse_args(argv("--mixed_precision", "bf16")))
+    trainer.OptimConfig.from_args(trainer.parse_args(argv("--mixed_precision", "bf16")))
     assert ("this CPU has no native bf16" in caplog.text) == warned
 
 
@@ -758,7 +758,7 @@ def test_captions_are_padded_to_the_longest_or_to_caption_max_length(argv, caplo
     flags = ("--caption_max_length", requested) if requested else ()
     args = trainer.parse_args(argv(*flags))
     args.output_dir.mkdir(parents=True)
-    run = trainer.setup_run(args)
+    run = trainer.setup_run(trainer.RunConfig.from_args(args))
     assert run.text_max_length == expected  # "a red square": start, 3 words, end
     assert run.trainer.conditioner.table.shape[1] == expected
     assert len(run.trainer.batches.table.cache) == 16  # decoded once
@@ -775,7 +775,7 @@ def test_frozen_encoder_is_freed_after_caching_and_grids_match_the_encoder(argv,
 
     args = trainer.parse_args(argv("--validation_prompts", "a red square", "a blue circle"))
     args.output_dir.mkdir(parents=True)
-    run = trainer.setup_run(args)
+    run = trainer.setup_run(trainer.RunConfig.from_args(args))
     assert run.trainer.text_encoder is None and run.outputs.text_encoder is None  # only the cached table trains
     tokenizer, encoder = trainer.build_text_encoder(str(tiny_text_encoder_dir), None)
     unet = run.accelerator.unwrap_model(run.trainer.unet)
