@@ -351,3 +351,14 @@ def test_configs_are_frozen_and_keep_the_token_out_of_their_repr(argv):
     assert config.output.hub_token == "hf_SeCrEt0123" and "hf_SeCrEt0123" not in repr(config)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.optim.learning_rate = 1.0  # type: ignore[misc]
+
+
+def test_the_default_ema_averages_the_last_twentieth_of_the_steps_up_to_its_ceiling(argv):
+    config = trainer.RunConfig.from_args(trainer.parse_args(argv("--use_ema")))
+    model = torch.nn.Linear(2, 2)
+    model.config = {}  # build_ema keeps the UNet's config for saving
+    ema = trainer.build_ema(model, config.optim)
+    for step in (600, 1600, 10_000):
+        window = 1 / (1 - ema.get_decay(step + 1))  # steps an exponential average effectively spans
+        assert window == pytest.approx(step / 20 + 1)
+    assert ema.get_decay(10_000_000) == config.optim.ema_max_decay == 0.9999
