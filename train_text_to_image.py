@@ -27,7 +27,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +59,7 @@ IMAGE_ERRORS = (OSError, ValueError, SyntaxError)  # what PIL raises for corrupt
 # With several processes, agreeing to stop is a collective and so a host-device sync: every few steps, not every step
 STOP_CHECK_STEPS = 10
 DISK_BYTES_PER_SECOND = 100e6  # a slow notebook disk: the estimate of a save's time before one is measured
+CPU = torch.device("cpu")
 MIN_USEFUL_LEVEL_SIZE = 4  # px: below it a UNet level sees (almost) one pixel
 
 
@@ -68,6 +69,13 @@ class UserError(Exception):
 
 def exists(value) -> bool:
     return value is not None
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device`; to a GPU from pinned memory without blocking, so the host runs ahead."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def is_main_process() -> bool:
@@ -494,6 +502,11 @@ class ModelConfig:
                 raise UserError(
                     "--enable_xformers_memory_efficient_attention: xformers is not installed; pip install xformers (GPU only) or drop the flag (PyTorch SDPA attention is used)"
                 )
+        if args.torch_compile and torch.cuda.is_available() and torch.cuda.get_device_capability() < (7, 0):
+            major, minor = torch.cuda.get_device_capability()
+            raise UserError(
+                f"--torch_compile needs a GPU of compute capability 7.0 or newer (Triton); {torch.cuda.get_device_name()} is {major}.{minor}: drop --torch_compile"
+            )
         if exists(args.model_config_name_or_path) and not Path(args.model_config_name_or_path).exists():
             raise UserError(
                 f"--model_config_name_or_path {args.model_config_name_or_path} does not exist; pass a UNet config.json or a folder with one"
@@ -570,6 +583,11 @@ class OptimConfig:
         if args.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise UserError(
                 "--mixed_precision fp16 needs a CUDA GPU and none is visible; use --mixed_precision bf16 or no on CPU"
+            )
+        if args.mixed_precision == "bf16" and torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 0):
+            logger.warning(
+                "--mixed_precision bf16: %s has no native bf16 (compute capability below 8.0, e.g. T4, V100, P100), so it is emulated and slow; use --mixed_precision fp16",
+                torch.cuda.get_device_name(),
             )
         if args.mixed_precision == "bf16" and not torch.cuda.is_available() and not cpu_has_native_bf16():
             logger.warning(
@@ -1044,13 +1062,20 @@ class IndexedBatches:
         self.batches_per_epoch, self.num_workers = batches_per_epoch, num_workers
         self.ahead: Iterator | None = None  # worker-decoded micro-batches
         self.ahead_index = -1  # the micro-batch index `ahead` yields next
+        # epoch -> its row order: one shuffle per epoch, not per micro-batch; two kept, as the decoding
+        # workers' sampler runs into the next epoch while the step still reads the current one
+        self.orders: dict[int, torch.Tensor] = {}
+
+    def epoch_rows(self, epoch: int) -> torch.Tensor:
+        if epoch not in self.orders:
+            self.orders = {key: value for key, value in self.orders.items() if key == epoch - 1}
+            self.orders[epoch] = epoch_order(self.table.usable_rows, self.seed, epoch)
+        return self.orders[epoch]
 
     def rows(self, micro_index: int) -> list[int]:
         epoch, position = divmod(micro_index, self.batches_per_epoch)
         total = self.shard.total
-        return self.shard.of(
-            epoch_order(self.table.usable_rows, self.seed, epoch)[position * total : (position + 1) * total]
-        ).tolist()
+        return self.shard.of(self.epoch_rows(epoch)[position * total : (position + 1) * total]).tolist()
 
     def examples(self, micro_index: int) -> Examples:
         rows = self.rows(micro_index)
@@ -1228,9 +1253,14 @@ def choose_captions(caption_options: list[list[str]], draws: BatchDraws) -> list
 
 
 def crop_and_flip(
-    images: list[torch.Tensor], resolution: int, crop_at: torch.Tensor, flip: torch.Tensor | None
+    images: list[torch.Tensor],
+    resolution: int,
+    crop_at: torch.Tensor,
+    flip: torch.Tensor | None,
+    device: torch.device = CPU,
 ) -> torch.Tensor:
-    """A float batch in [-1, 1]; crop_at holds (top, left) as fractions of the spare pixels."""
+    """A float batch in [-1, 1] on `device`; crop_at holds (top, left) as fractions of the spare pixels.
+    The batch crosses to the device as uint8 (a quarter of the float bytes) and is scaled there."""
     crops = []
     for image, (top_share, left_share) in zip(images, crop_at.tolist(), strict=True):
         spare_h, spare_w = image.shape[1] - resolution, image.shape[2] - resolution
@@ -1239,7 +1269,7 @@ def crop_and_flip(
     batch = torch.stack(crops)
     if exists(flip):
         batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
-    return batch.float().div_(127.5).sub_(1.0)
+    return to_device(batch, device).float().div_(127.5).sub_(1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1289,6 +1319,14 @@ def build_text_encoder(name_or_path: str, cache_dir: str | None):
     return tokenizer, encoder
 
 
+def freeze_what_last_hidden_state_skips(encoder) -> None:
+    """Training reads last_hidden_state only; a BERT/RoBERTa pooler after it never gets a gradient, which
+    DDP reports as an error at the second step. Frozen, it keeps its loaded weights."""
+    pooler = getattr(encoder, "pooler", None)
+    if isinstance(pooler, torch.nn.Module):
+        pooler.requires_grad_(False)
+
+
 def text_hidden_size(encoder) -> int:
     config = encoder.config
     return getattr(config, "hidden_size", None) or config.d_model
@@ -1334,25 +1372,29 @@ def caption_cache_path(output_dir: Path, encoder_name: str, encoder, captions: l
 def encode_captions_once(
     tokenizer, encoder, captions: list[str], max_length: int, cache_file: Path | None, device, batch_size: int = 64
 ) -> torch.Tensor:
-    """Embeddings [num_captions, max_length, hidden] of every distinct caption, cached on disk."""
+    """Embeddings [num_captions, max_length, hidden] of every distinct caption, in CPU memory, cached on disk.
+
+    The encoder runs on `device`; the table stays on the CPU: it grows with the captions (~231 KiB per
+    77-token CLIP-L caption, 11 GiB for 50k) and a batch needs only its own rows on the GPU.
+    """
     from tqdm.auto import tqdm
 
     from pipeline_text_to_image import encode_text
 
     if exists(cache_file) and cache_file.exists():
         logger.info("caption embeddings loaded from %s", cache_file)
-        return torch.load(cache_file, map_location="cpu", weights_only=True).to(device)
+        return torch.load(cache_file, map_location="cpu", weights_only=True)
     encoder.eval()
     # filled in place, batch by batch: concatenating chunks would hold the table twice at the peak
-    embeddings = torch.empty(len(captions), max_length, text_hidden_size(encoder), device=device)
+    embeddings = torch.empty(len(captions), max_length, text_hidden_size(encoder))
     starts = range(0, len(captions), batch_size)
     for start in tqdm(starts, desc="encoding captions", disable=not is_main_process() or len(starts) < 2):
         batch = captions[start : start + batch_size]
-        embeddings[start : start + len(batch)] = encode_text(tokenizer, encoder, batch, max_length)
+        embeddings[start : start + len(batch)] = encode_text(tokenizer, encoder, batch, max_length, device).cpu()
     if exists(cache_file) and is_main_process():
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         temporary = cache_file.with_suffix(".tmp")
-        torch.save(embeddings.cpu(), temporary)
+        torch.save(embeddings, temporary)
         temporary.replace(cache_file)
     return embeddings
 
@@ -1360,13 +1402,13 @@ def encode_captions_once(
 class CachedEmbeddings:
     """A frozen encoder's embedding of every distinct caption, computed once: a batch is a table lookup."""
 
-    def __init__(self, captions: list[str], table: torch.Tensor):
+    def __init__(self, captions: list[str], table: torch.Tensor, device):
         self.row_of = {text: row for row, text in enumerate(captions)}
-        self.table = table  # [captions, tokens, hidden]
+        self.table, self.device = table, torch.device(device)  # [captions, tokens, hidden] in CPU memory
 
     def embed(self, texts: list[str]) -> torch.Tensor:
-        rows = torch.tensor([self.row_of[text] for text in texts], device=self.table.device)
-        return self.table[rows]
+        """The texts' rows, gathered on the CPU and copied to the device without waiting for it."""
+        return to_device(self.table[[self.row_of[text] for text in texts]], self.device)
 
 
 class LiveEncoder:
@@ -1562,6 +1604,7 @@ class TrainState:
     num_processes: int = 1
     skipped_images: int = 0
     unreadable_rows: list[int] = field(default_factory=list)  # a resumed per-batch run need not check again
+    torch_compile: bool | None = None  # compiled weights are saved under "_orig_mod." names (None: not recorded)
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -1969,6 +2012,9 @@ class Outputs:
         with main_process_with_ema(self.accelerator, self.unet, self.ema) as unet:
             if exists(unet):
                 text_encoder = unwrap(self.accelerator, self.text_encoder) if exists(self.text_encoder) else None
+                encoder_was_training = exists(text_encoder) and text_encoder.training
+                if exists(text_encoder):  # a trained T5/BERT has dropout: grids are drawn without it
+                    text_encoder.eval()
                 unet.eval()
                 with self.accelerator.autocast():
                     images, captions = sample_images(
@@ -1981,6 +2027,8 @@ class Outputs:
                         self.grids.prompt_embeddings,
                     )
                 unet.train()
+                if encoder_was_training:
+                    text_encoder.train()
                 grid = write_grid(images, captions, self.output_dir / "samples", state.step, epoch)
                 log_grid(self.accelerator, grid, state.step)
         return grid
@@ -2215,8 +2263,9 @@ class Trainer:
             center_crop=self.data.center_crop,
             random_flip=self.data.random_flip,
         )
-        pixels = crop_and_flip(examples.images, self.data.resolution, draws.crop_at, draws.flip)
-        pixels = pixels.to(self.accelerator.device, non_blocking=True)
+        pixels = crop_and_flip(
+            examples.images, self.data.resolution, draws.crop_at, draws.flip, self.accelerator.device
+        )
         if self.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         return pixels, choose_captions(examples.caption_options, draws)
@@ -2391,7 +2440,7 @@ def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, t
             embeddings = encode_captions_once(
                 tokenizer, text_encoder, captions, text_max_length, cache_file, accelerator.device
             )
-        conditioner = CachedEmbeddings(captions, embeddings)
+        conditioner = CachedEmbeddings(captions, embeddings, accelerator.device)
     return TrainingData(
         batches=batches, conditioner=conditioner, captions=captions, text_max_length=text_max_length, schedule=schedule
     )
@@ -2402,8 +2451,15 @@ def open_state(config: RunConfig, accelerator) -> tuple[Path | None, TrainState]
     resume = resolve_resume_checkpoint(config.output.resume_from_checkpoint, config.output.output_dir)
     if not exists(resume):
         seed = config.optim.seed if exists(config.optim.seed) else random.randrange(2**31)
-        return None, TrainState(seed=seed, num_processes=accelerator.num_processes)
+        return None, TrainState(
+            seed=seed, num_processes=accelerator.num_processes, torch_compile=config.model.torch_compile
+        )
     state = read_train_state(resume)
+    if exists(state.torch_compile) and state.torch_compile != config.model.torch_compile:
+        have, want = ("with", "add") if state.torch_compile else ("without", "drop")
+        raise UserError(
+            f"{resume} was written {have} --torch_compile (its weights are saved under other names); {want} --torch_compile to resume it"
+        )
     if state.num_processes != accelerator.num_processes:
         raise UserError(
             f"{resume} was written by {state.num_processes} processes; resume it with the same --num_processes {state.num_processes} (this launch has {accelerator.num_processes})"
@@ -2442,6 +2498,7 @@ def setup_run(config: RunConfig) -> Run:
     logger.info("preparing %s and the text encoder %s", config.data.name, model.text_encoder)
     tokenizer, text_encoder = build_text_encoder(model.text_encoder, config.data.cache_dir)
     text_encoder.requires_grad_(model.train_text_encoder)
+    freeze_what_last_hidden_state_skips(text_encoder)
     text_encoder.to(accelerator.device)
     data = prepare_data(config, accelerator, state, tokenizer, text_encoder)
     unet = build_unet(model.unet_config, config.data.resolution, text_hidden_size(text_encoder), model.model_size)
@@ -2566,8 +2623,14 @@ def run_plan(data: TrainingData, trainer: Trainer, unet, *, streaming: bool) -> 
 
 @dataclass
 class Meter:
-    """Loss and throughput between log lines; .item() only here, once per logging interval."""
+    """Loss and throughput between log lines; .item() only here, once per logging interval.
 
+    The loss is averaged over all processes (`mean_over_processes`) before it is logged or checked,
+    so every process sees a NaN any one of them had and all stop together, at the same step, rather
+    than one aborting while the others wait in a collective until a timeout.
+    """
+
+    mean_over_processes: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss
     loss_sum: torch.Tensor | None = None
     steps: int = 0
     images: int = 0
@@ -2579,19 +2642,29 @@ class Meter:
         self.steps += 1
         self.images += images
 
-    def check_finite(self, step: int, output_dir: Path) -> None:
-        if exists(self.loss_sum):
-            check_finite_loss(self.loss_sum, step, self.since_step, output_dir)
+    def check_finite(self, step: int, output_dir: Path) -> torch.Tensor | None:
+        """The loss summed since the last log line, averaged over processes; an error if it is NaN/inf anywhere."""
+        if not exists(self.loss_sum):
+            return None
+        loss_sum = self.mean_over_processes(self.loss_sum)
+        check_finite_loss(loss_sum, step, self.since_step, output_dir)
+        return loss_sum
 
     def flush(self, step: int, output_dir: Path) -> dict:
-        self.check_finite(step, output_dir)
+        loss_sum = self.check_finite(step, output_dir)
         now = time.perf_counter()
         logs = {
-            "loss": self.loss_sum.item() / self.steps,
+            "loss": loss_sum.item() / self.steps,
             "images_per_second": self.images / max(now - self.since_time, 1e-9),
         }
         self.loss_sum, self.steps, self.images, self.since_step, self.since_time = None, 0, 0, step, now
         return logs
+
+
+def mean_over_processes(accelerator) -> Callable[[torch.Tensor], torch.Tensor]:
+    if accelerator.num_processes == 1:
+        return lambda tensor: tensor
+    return lambda tensor: accelerator.reduce(tensor.detach().clone(), reduction="mean")
 
 
 def log_step(run: Run, meter: Meter, grad_norm, progress) -> None:
@@ -2642,7 +2715,11 @@ def train(run: Run, stop: StopRequest, checkpoints_total_limit: int | None) -> s
 
     trainer, outputs, intervals, state = run.trainer, run.outputs, run.intervals, run.state
     schedule, output_dir = intervals.schedule, outputs.output_dir
-    meter, grad_norm, grid = Meter(since_step=state.step), None, None
+    meter, grad_norm, grid = (
+        Meter(mean_over_processes=mean_over_processes(run.accelerator), since_step=state.step),
+        None,
+        None,
+    )
     cost, started, start_step = stop_cost(run), time.monotonic(), state.step
     progress = tqdm(
         total=schedule.max_steps,

@@ -199,11 +199,15 @@ def test_validation_prompts_from_a_file_are_the_grids_captions(argv, tmp_path):
 def test_noise_offset_and_zero_terminal_snr_change_the_noise(tiny_unet_config_file):
     from diffusers import UNet2DConditionModel
 
-    args = trainer.parse_args(["--dataset_name", "x", "--rescale_betas_zero_snr", "--ddpm_num_steps", "100"])
+    args = trainer.parse_args(
+        ["--dataset_name", "x", "--rescale_betas_zero_snr", "--ddpm_num_steps", "100", "--ddpm_beta_schedule", "linear"]
+    )
     zero_snr = trainer.build_noise_scheduler(trainer.DiffusionConfig.from_args(args))
     assert zero_snr.alphas_cumprod[-1] < 1e-6 and zero_snr.config.rescale_betas_zero_snr
     plain = trainer.build_noise_scheduler(
-        trainer.DiffusionConfig.from_args(trainer.parse_args(["--dataset_name", "x", "--ddpm_num_steps", "100"]))
+        trainer.DiffusionConfig.from_args(
+            trainer.parse_args(["--dataset_name", "x", "--ddpm_num_steps", "100", "--ddpm_beta_schedule", "linear"])
+        )
     )
     assert plain.alphas_cumprod[-1] > 1e-4
     unet = UNet2DConditionModel.from_config(json.loads(tiny_unet_config_file.read_text()))
