@@ -433,41 +433,108 @@ def format_table(train: list[str], sample: list[str], args, seconds: float, load
     )
 
 
-def model_size_rows(resolution: int, text_width: int, batch: int, steps: int) -> list[str]:
-    """Parameters and training img/s (forward + backward + AdamW, fp32) of each --model_size UNet."""
+# Dense peak TFLOP/s of the cards our users train on, at the precision the trainer runs them in (fp16/bf16
+# tensor cores; spec sheets, no sparsity). A card not named here gets "unknown" for MFU.
+GPU_PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "L4": 121.0, "T4": 65.0}
+
+
+def gpu_peak_flops(name: str) -> float | None:
+    return next((tflops * 1e12 for card, tflops in GPU_PEAK_TFLOPS.items() if card in name), None)
+
+
+def measured_cpu_peak_flops(dtype, repeats: int = 5) -> float:
+    """The faster of a large matmul and a large 3x3 convolution on this CPU in this run: the ceiling a model's
+    FLOP/s is divided by. Both, because torch's CPU matmul and oneDNN's convolution reach different speeds
+    (on a 2-core AVX512 EPYC: 0.2 and 0.43 TFLOP/s fp32), and a UNet is mostly convolutions."""
+    import torch
+
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False).to(dtype)
+    features = torch.randn(8, 256, 32, 32, dtype=dtype)
+    kernels = [
+        (lambda: a @ b, 2 * 2048**3),
+        (lambda: conv(features), 2 * 8 * 256 * 256 * 9 * 32 * 32),
+    ]
+    best = 0.0
+    with torch.no_grad():
+        for kernel, flops in kernels:
+            kernel()  # warm-up
+            for _ in range(repeats):
+                started = time.perf_counter()
+                kernel()
+                best = max(best, flops / (time.perf_counter() - started))
+    return best
+
+
+def training_flops_per_image(unet, pixels, timesteps, text) -> float:
+    """FLOPs of one forward + backward of the UNet (torch's FlopCounterMode: matmuls and convolutions), per image."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        unet(pixels, timesteps, encoder_hidden_states=text).sample.float().square().mean().backward()
+    unet.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / len(pixels)
+
+
+def model_size_rows(resolution: int, text_width: int, batch: int, steps: int, precision: str, peak: float | None):
+    """Parameters, training img/s (forward + backward + AdamW), FLOPs per image, achieved FLOP/s and MFU."""
     import torch
 
     import train_text_to_image as trainer
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     rows = []
     for size in trainer.MODEL_SIZES:
-        unet = trainer.build_unet(None, resolution, text_width, size)
+        unet = trainer.build_unet(None, resolution, text_width, size).to(device)
         optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)  # as the trainer's on torch >= 2.4
-        pixels, text = torch.randn(batch, 3, resolution, resolution), torch.randn(batch, 8, text_width)
-        timesteps = torch.randint(0, 1000, (batch,))
+        pixels = torch.randn(batch, 3, resolution, resolution, device=device)
+        text = torch.randn(batch, 8, text_width, device=device)
+        timesteps = torch.randint(0, 1000, (batch,), device=device)
+        autocast = torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32")
+        with autocast:
+            flops = training_flops_per_image(unet, pixels, timesteps, text)
         seconds = []
         for _ in range(steps + 1):  # the first step warms up allocators and kernels
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             started = time.perf_counter()
-            unet(pixels, timesteps, encoder_hidden_states=text).sample.square().mean().backward()
+            with autocast:
+                loss = unet(pixels, timesteps, encoder_hidden_states=text).sample.float().square().mean()
+            loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             seconds.append(time.perf_counter() - started)
         parameters = sum(parameter.numel() for parameter in unet.parameters()) / 1e6
         rate = batch / statistics.median(seconds[1:])
-        rows.append(f"| {size} | {parameters:.1f}M | {rate:.1f} |")
+        achieved = flops * rate
+        mfu = f"{achieved / peak:.1%}" if peak else "unknown"
+        rows.append(f"| {size} | {parameters:.1f}M | {rate:.1f} | {flops / 1e9:.2f} | {achieved / 1e12:.3f} | {mfu} |")
     return rows
 
 
-def model_sizes_table(resolution: int, text_width: int, batch: int, steps: int) -> str:
+def model_sizes_table(resolution: int, text_width: int, batch: int, steps: int, precision: str | None = None) -> str:
     import torch
 
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        precision = precision or ("bf16" if torch.cuda.get_device_capability() >= (8, 0) else "fp16")
+        peak = gpu_peak_flops(name) if precision != "fp32" else None
+        device = f"CUDA {name}; peak {'unknown' if peak is None else f'{peak / 1e12:.0f} TFLOP/s dense {precision}'}"
+    else:
+        precision = precision or "fp32"
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        peak = measured_cpu_peak_flops(dtype)
+        device = f"no GPU; peak {peak / 1e12:.3f} TFLOP/s {precision} (the faster of a matmul and a conv, measured in this run)"
     header = [
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores ({torch.get_num_threads()} torch threads); torch {torch.__version__}",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores ({torch.get_num_threads()} torch threads), {device}; torch {torch.__version__}",
         "",
-        f"| --model_size at {resolution} px, {text_width}-wide text encoder | parameters | img/s (batch {batch}, fp32, median of {steps} steps) |",
-        "|---|---|---|",
+        f"| --model_size at {resolution} px, {text_width}-wide text encoder | parameters | img/s (batch {batch}, {precision}, median of {steps} steps) | GFLOP/image (fwd+bwd) | achieved TFLOP/s | MFU |",
+        "|---|---|---|---|---|---|",
     ]
-    return "\n".join(header + model_size_rows(resolution, text_width, batch, steps))
+    return "\n".join(header + model_size_rows(resolution, text_width, batch, steps, precision, peak))
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -480,13 +547,18 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--resolution", type=int, default=32, help="With --model_sizes: the image side.")
     parser.add_argument("--text_width", type=int, default=768, help="With --model_sizes: encoder width (CLIP-L 768).")
     parser.add_argument("--batch", type=int, default=8, help="With --model_sizes: images per step.")
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        help="With --model_sizes: autocast dtype (default: fp32 on CPU, bf16 on Ampere+ GPUs, else fp16).",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker_main(json.loads(args.worker))
         return ""
     if args.model_sizes:
-        table = model_sizes_table(args.resolution, args.text_width, args.batch, args.steps)
+        table = model_sizes_table(args.resolution, args.text_width, args.batch, args.steps, args.precision)
         print(table)
         return table
     if args.quick:

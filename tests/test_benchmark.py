@@ -37,3 +37,20 @@ def test_quick_benchmark_prints_every_row_with_numbers(tmp_path):
     assert all(float(row["rate"]) > 0 and int(row["rss"]) > 0 for row in rows.values())
     assert rows["(a) seed config, no caching, captions padded to 77 tokens (the seed's way)"]["ratio"] == "1.00"
     assert output.read_text().strip() == result.stdout.strip()
+
+
+def test_model_sizes_table_gives_flops_per_image_achieved_flops_and_mfu():
+    import benchmark
+
+    table = benchmark.model_sizes_table(resolution=16, text_width=64, batch=2, steps=1)
+    assert "peak" in table.splitlines()[0] and "TFLOP/s fp32" in table.splitlines()[0]
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "M |" in line]
+    assert [row[0].strip("| ") for row in rows] == ["tiny", "small", "base", "large"]
+    flops = [float(row[3]) for row in rows]
+    assert flops == sorted(set(flops))  # bigger UNets cost more per image
+    for row in rows:
+        achieved, mfu = float(row[4]), row[5].strip(" |")
+        assert achieved > 0 and mfu.endswith("%") and float(mfu[:-1]) > 0
+    assert (
+        benchmark.gpu_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12 and benchmark.gpu_peak_flops("Tesla P100") is None
+    )
