@@ -103,3 +103,32 @@ def test_adherence_curve_trains_scores_each_checkpoint_and_plots(tmp_path):
     assert Image.open(tmp_path / "c.png").size == (640, 360)
     assert not list((tmp_path / "after-seed0" / "model").glob("checkpoint-*"))  # scored, then removed
     assert "| after | 0 |" in (tmp_path / "table.md").read_text()
+
+
+def test_gpu_check_dry_run_takes_every_step_on_cpu_and_writes_its_table(tmp_path):
+    import subprocess
+
+    output = tmp_path / "gpu_check.md"
+    result = subprocess.run(
+        ["bash", str(REPO / "examples" / "gpu_check.sh"), "--cpu", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {
+        line.split(" | ")[0].strip("| "): line.split(" | ")[1]
+        for line in output.read_text().splitlines()
+        if line.startswith("| ") and " | " in line
+    }
+    assert rows.pop("check") == "result"
+    assert [name for name, result in rows.items() if result == "ok"] == [
+        "train (CPU: fp32)",
+        "train fp32 --channels_last",
+        "train 2 steps with --use_ema, checkpoint",
+        "resume --use_ema, 1 more step",
+        "pipeline (CPU: float32, no offload)",
+        "MFU at 16 px, batch 2 (gpu_check-mfu-16px.md)",
+    ]
+    assert set(rows.values()) == {"ok", "skipped"}
+    assert (tmp_path / "gpu_check-mfu-16px.md").read_text().count("M |") == 4

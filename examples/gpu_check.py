@@ -1,0 +1,222 @@
+"""Everything only a GPU can show, in one call: a table of what ran, what failed and how fast.
+
+    bash examples/gpu_check.sh                      # on the GPU machine: ~5-8 minutes on one H100
+    bash examples/gpu_check.sh --cpu                # the same steps on CPU, smaller: a dry run (CI)
+
+Rows: training steps in fp16 and bf16, with --channels_last and with --torch_compile; train 2 steps,
+checkpoint, resume with --use_ema and take a step (the EMA must follow the UNet to the GPU after
+the checkpoint is loaded); a 2-process DDP run when there are two GPUs; xformers when installed;
+the saved pipeline in float16 with enable_model_cpu_offload(); and the benchmark's MFU table at
+32 and 64 px for the default UNet sizes. Needs no network: the data and the text encoder are
+drawn and built here, as the quickstart does. The table goes to stdout and to --output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parent
+REPO = EXAMPLES.parent
+TRAINER = REPO / "train_text_to_image.py"
+
+
+@dataclass
+class Row:
+    check: str
+    result: str  # ok, FAILED or skipped
+    detail: str
+    seconds: float
+
+
+def run(command: list[str], environment: dict | None = None, timeout: int = 600) -> tuple[bool, str, float]:
+    """(succeeded, the output's last lines, seconds) of one subprocess."""
+    started = time.perf_counter()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", **(environment or {}))
+    try:
+        result = subprocess.run(
+            [str(part) for part in command], capture_output=True, text=True, env=env, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return False, f"timed out after {timeout} s", time.perf_counter() - started
+    output = (result.stdout + result.stderr).strip().splitlines()
+    return result.returncode == 0, "\n".join(output[-30:]), time.perf_counter() - started
+
+
+def summary(output: str) -> str:
+    """The trainer's closing 'img/s' figure, or the last line of an error."""
+    rate = re.search(r"([\d.]+) img/s", output)
+    if rate:
+        return f"{rate.group(1)} img/s"
+    errors = [line for line in output.splitlines() if "error" in line.lower()]
+    return (errors or output.splitlines() or ["no output"])[-1][:160]
+
+
+def prepare(work: Path, resolution: int, count: int) -> tuple[Path, Path]:
+    data, encoder = work / "shapes", work / "text-encoder"
+    make_data = [sys.executable, EXAMPLES / "make_shapes_dataset.py", "--output_dir", data]
+    ok, output, _ = run([*make_data, "--resolution", str(resolution), "--count", str(count)])
+    if not ok:
+        sys.exit(f"error: could not draw the shapes dataset:\n{output}")
+    make_encoder = [sys.executable, EXAMPLES / "make_text_encoder.py", "--captions", data / "metadata.jsonl"]
+    make_encoder += ["--output_dir", encoder, "--hidden_size", "128", "--num_layers", "2", "--num_heads", "4"]
+    ok, output, _ = run([*make_encoder, "--max_length", "16"])
+    if not ok:
+        sys.exit(f"error: could not build the text encoder:\n{output}")
+    return data, encoder
+
+
+def trainer_flags(data: Path, encoder: Path, output: Path, resolution: int, batch: int, steps: int) -> list:
+    return [
+        "--train_data_dir", data, "--text_encoder_name_or_path", encoder, "--output_dir", output,
+        "--resolution", resolution, "--model_size", "tiny", "--train_batch_size", batch,
+        "--max_train_steps", steps, "--checkpointing_steps", steps, "--save_images_epochs", 1000,
+        "--save_model_epochs", 1000, "--eval_batch_size", 4, "--ddpm_num_inference_steps", 4,
+        "--logger", "none", "--seed", 0, "--overwrite_output_dir",
+    ]  # fmt: skip
+
+
+def train_row(name: str, flags: list, extra: list, skip: str | None = None) -> Row:
+    if skip:
+        return Row(name, "skipped", skip, 0.0)
+    ok, output, seconds = run([sys.executable, TRAINER, *flags, *extra])
+    return Row(name, "ok" if ok else "FAILED", summary(output), seconds)
+
+
+def resume_rows(flags_for, on_gpu: bool) -> list[Row]:
+    """2 steps with EMA and a checkpoint, then resume and take one more: item 1 of issue 13 on a GPU."""
+    precision = ["--mixed_precision", "bf16" if on_gpu else "no"]
+    first = train_row("train 2 steps with --use_ema, checkpoint", flags_for(2), ["--use_ema", *precision])
+    ok, output, seconds = run(
+        [sys.executable, TRAINER, *flags_for(3), "--use_ema", *precision, "--resume_from_checkpoint", "latest"]
+    )
+    resumed = "resumed from" in output and ok
+    second = Row("resume --use_ema, 1 more step", "ok" if resumed else "FAILED", summary(output), seconds)
+    return [first, second]
+
+
+def ddp_row(flags: list, gpus: int) -> Row:
+    if gpus < 2:
+        why = "one GPU" if gpus == 1 else "needs two GPUs"
+        return Row("2-process DDP", "skipped", f"{why} (tests/test_distributed.py runs it on CPU)", 0.0)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "bf16", "--dynamo_backend", "no", TRAINER]
+    ok, output, seconds = run([*launch, *flags])
+    return Row("2-process DDP, bf16", "ok" if ok else "FAILED", summary(output), seconds)
+
+
+PIPELINE_CHECK = """
+import sys, torch
+from pipeline_text_to_image import TextToImagePipeline
+on_gpu = torch.cuda.is_available()
+pipe = TextToImagePipeline.from_pretrained(sys.argv[1], torch_dtype=torch.float16 if on_gpu else torch.float32)
+if on_gpu:
+    pipe.enable_model_cpu_offload()
+images = pipe(["a large red circle", "a small blue square"], num_inference_steps=8, output_type="np").images
+assert images.shape[0] == 2 and images.min() >= 0 and images.max() <= 1, images.shape
+print("2 images", images.shape[1:], "float16 + cpu offload" if on_gpu else "float32 (CPU)")
+"""
+
+
+def pipeline_row(model: Path, on_gpu: bool) -> Row:
+    ok, output, seconds = run([sys.executable, "-c", PIPELINE_CHECK, model], environment={"PYTHONPATH": str(REPO)})
+    name = (
+        "pipeline: torch_dtype float16, enable_model_cpu_offload()" if on_gpu else "pipeline (CPU: float32, no offload)"
+    )
+    lines = output.splitlines()
+    detail = next((line for line in lines if line.startswith("2 images")), lines[-1] if lines else "")
+    return Row(name, "ok" if ok else "FAILED", detail[:160], seconds)
+
+
+def mfu_rows(resolution: int, batch: int, steps: int, output: Path) -> Row:
+    command = [sys.executable, EXAMPLES / "benchmark.py", "--model_sizes", "--resolution", resolution]
+    ok, text, seconds = run([*command, "--batch", batch, "--steps", steps])
+    if ok:
+        output.write_text(text + "\n")
+        cells = [line.split(" | ") for line in text.splitlines() if line.startswith("| ") and "M |" in line]
+        detail = ", ".join(f"{cell[0].strip('| ')} {cell[5].strip(' |')}" for cell in cells)
+        return Row(f"MFU at {resolution} px, batch {batch} ({output.name})", "ok", detail, seconds)
+    return Row(f"MFU at {resolution} px", "FAILED", text.splitlines()[-1][:160] if text else "", seconds)
+
+
+def format_table(rows: list[Row], device: str) -> str:
+    lines = [f"gpu_check on {device}", "", "| check | result | detail | seconds |", "|---|---|---|---|"]
+    lines += [f"| {row.check} | {row.result} | {row.detail} | {row.seconds:.0f} |" for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--cpu", action="store_true", help="A dry run on CPU: same steps, tiny sizes, GPU-only rows skipped."
+    )
+    parser.add_argument("--output", type=Path, default=Path("gpu_check.md"), help="Where the table is written.")
+    parser.add_argument("--work_dir", type=Path, help="Keep the data and runs here (default: a temporary folder).")
+    args = parser.parse_args(argv)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+
+    import torch
+
+    on_gpu = torch.cuda.is_available() and not args.cpu
+    if not on_gpu and not args.cpu:
+        sys.exit("error: no CUDA GPU is visible; run with --cpu for the dry run")
+    device = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})" if on_gpu else "CPU (dry run)"
+    resolution, batch, steps = (32, 64, 30) if on_gpu else (16, 4, 2)
+    gpus = torch.cuda.device_count() if on_gpu else 0
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as temporary:
+        work = args.work_dir or Path(temporary)
+        work.mkdir(parents=True, exist_ok=True)
+        data, encoder = prepare(work, resolution, 512 if on_gpu else 32)
+
+        def flags_for(count: int, name: str = "run") -> list:
+            return trainer_flags(data, encoder, work / name, resolution, batch, count)
+
+        no_gpu = None if on_gpu else "needs a GPU"
+        native_bf16 = on_gpu and torch.cuda.get_device_capability() >= (8, 0)
+        compile_ok = on_gpu and torch.cuda.get_device_capability() >= (7, 0)
+        # the dry run takes the same steps in fp32: CPU has no fp16, and its bf16 may be emulated
+        half = "bf16" if native_bf16 else "fp16"
+        rows = [
+            train_row("train fp16", flags_for(steps, "fp16"), ["--mixed_precision", "fp16"], no_gpu),
+            train_row("train bf16" if on_gpu else "train (CPU: fp32)", flags_for(steps, "bf16"),
+                      ["--mixed_precision", "bf16" if on_gpu else "no"],
+                      None if native_bf16 or not on_gpu else "no native bf16 (compute capability < 8.0)"),
+            train_row(f"train {half if on_gpu else 'fp32'} --channels_last", flags_for(steps, "channels_last"),
+                      ["--mixed_precision", half if on_gpu else "no", "--channels_last"]),
+            train_row(f"train {half} --torch_compile", flags_for(steps, "compile"),
+                      ["--mixed_precision", half, "--torch_compile"],
+                      None if compile_ok else "needs a GPU of compute capability >= 7.0"),
+            *resume_rows(lambda count: flags_for(count, "resume"), on_gpu),
+            ddp_row(flags_for(steps, "ddp"), gpus),
+        ]  # fmt: skip
+        xformers = __import__("importlib").util.find_spec("xformers") is not None
+        rows.append(
+            train_row(
+                "train with xformers attention",
+                flags_for(steps, "xformers"),
+                ["--enable_xformers_memory_efficient_attention", "--mixed_precision", "fp16"],
+                None if xformers and on_gpu else "xformers not installed" if on_gpu else "needs a GPU",
+            )
+        )
+        rows.append(pipeline_row(work / "resume", on_gpu))
+        mfu_settings = [(32, 128, 10), (64, 64, 10)] if on_gpu else [(16, 2, 1)]
+        for size, mfu_batch, mfu_steps in mfu_settings:
+            rows.append(
+                mfu_rows(size, mfu_batch, mfu_steps, args.output.with_name(f"{args.output.stem}-mfu-{size}px.md"))
+            )
+    table = format_table(rows, device) + f"\n\nWhole check: {time.perf_counter() - started:.0f} s."
+    print(table)
+    args.output.write_text(table + "\n")
+    return 1 if any(row.result == "FAILED" for row in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
