@@ -342,7 +342,9 @@ class TextToImagePipeline(DiffusionPipeline):
         guided = self.do_classifier_free_guidance
         model_input = torch.cat([latents] * 2) if guided else latents
         model_input = self.scheduler.scale_model_input(model_input, timestep)
-        output = self.unet(model_input, timestep, encoder_hidden_states=embeddings).sample
+        # in the latents' precision from here on: under autocast (the trainer's grids, torch.compile) the UNet
+        # returns bf16/fp16, and guidance and the sampler's update would otherwise run at that precision
+        output = self.unet(model_input, timestep, encoder_hidden_states=embeddings).sample.to(latents.dtype)
         if guided:
             unconditional, conditional = output.chunk(2)
             output = unconditional + self.guidance_scale * (conditional - unconditional)
@@ -486,11 +488,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_pipeline(model: Path, scheduler: str | None, device: str, dtype: torch.dtype | None) -> TextToImagePipeline:
     """The saved pipeline on `device`, optionally cast and with another sampler swapped in."""
-    pipe = TextToImagePipeline.from_pretrained(model)
+    # loaded in the dtype, not cast after: transformers keeps the layers a model needs in fp32 (T5's) only then;
+    # torch_dtype is what every diffusers version reads (0.42 also accepts `dtype`)
+    pipe = TextToImagePipeline.from_pretrained(model, **({"torch_dtype": dtype} if dtype is not None else {}))
     if scheduler is not None:
         pipe.scheduler = make_sampling_scheduler(scheduler, pipe.scheduler.config)
-    # Casting after loading works on every diffusers version (0.42 renamed from_pretrained's torch_dtype to dtype).
-    return pipe.to(device, dtype) if dtype is not None else pipe.to(device)
+    return pipe.to(device)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1958,13 +1958,28 @@ def push_to_hub(output: OutputConfig, step: int) -> str:
 
 
 @contextlib.contextmanager
-def main_process_with_ema(accelerator, unet, ema) -> Iterator[torch.nn.Module | None]:
-    """The bare UNet holding its EMA weights, on the main process (None on the others, which wait)."""
+def unet_with_ema(unet, ema, fp32: bool) -> Iterator[torch.nn.Module]:
+    """The UNet holding its EMA weights. With `fp32` (to save), a UNet held in bf16/fp16 (DeepSpeed holds it
+    so) gives an fp32 copy that the EMA's fp32 weights go into unrounded; otherwise it lends its parameters."""
+    if not fp32 or next(unet.parameters()).dtype == torch.float32:
+        with ema_weights(ema, unet):
+            yield unet
+        return
+    copy = type(unet).from_config(unet.config)
+    copy.load_state_dict({name: tensor.float() for name, tensor in unet.state_dict().items()})
+    if exists(ema):
+        ema.copy_to(copy.parameters())
+    yield copy
+
+
+@contextlib.contextmanager
+def main_process_with_ema(accelerator, unet, ema, fp32: bool = False) -> Iterator[torch.nn.Module | None]:
+    """The bare UNet holding its EMA weights (`fp32`: see unet_with_ema), on the main process (None on the
+    others, which wait)."""
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        bare = unwrap(accelerator, unet)
-        with ema_weights(ema, bare):
-            yield bare
+        with unet_with_ema(unwrap(accelerator, unet), ema, fp32) as held:
+            yield held
     else:
         yield None
     accelerator.wait_for_everyone()
@@ -2034,7 +2049,7 @@ class Outputs:
         return grid
 
     def export(self, state: TrainState, grid: Path | None) -> None:
-        with main_process_with_ema(self.accelerator, self.unet, self.ema) as unet:
+        with main_process_with_ema(self.accelerator, self.unet, self.ema, fp32=True) as unet:
             if exists(unet):
                 if exists(self.text_encoder):
                     text_encoder = unwrap(self.accelerator, self.text_encoder)

@@ -158,3 +158,18 @@ def test_ddp_trains_a_bert_encoder_whose_pooler_gets_no_gradient(tiny_imagefolde
     tokenizer, encoder = trainer.build_text_encoder(str(bert), None)
     trainer.freeze_what_last_hidden_state_skips(encoder)
     assert not any(parameter.requires_grad for parameter in encoder.pooler.parameters())
+
+
+def test_a_unet_held_in_bf16_is_saved_in_fp32_with_the_unrounded_ema_weights(tiny_unet_config_file):
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+
+    unet = UNet2DConditionModel.from_config(json.loads(tiny_unet_config_file.read_text()))
+    ema = EMAModel(unet.parameters(), model_cls=UNet2DConditionModel, model_config=unet.config)
+    for shadow in ema.shadow_params:
+        shadow.add_(1e-4)  # a difference bf16 cannot hold at these magnitudes
+    unet.to(torch.bfloat16)  # as DeepSpeed holds it
+    with trainer.unet_with_ema(unet, ema, fp32=True) as saved:
+        assert all(parameter.dtype == torch.float32 for parameter in saved.parameters())
+        assert all(torch.equal(p, s) for p, s in zip(saved.parameters(), ema.shadow_params, strict=True))
+    assert next(unet.parameters()).dtype == torch.bfloat16  # the training copy is untouched
