@@ -336,3 +336,28 @@ def test_cli_names_a_model_folder_without_model_index_json(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--model", str(tmp_path), "--prompt", "a red square"])
     assert f"--model {tmp_path} has no model_index.json" in capsys.readouterr().err
+
+
+def test_under_autocast_guidance_and_the_sampler_update_run_in_the_latents_precision(pipe):
+    pipe._guidance_scale = 3.0  # as __call__ sets it
+    latents = torch.randn(1, 3, 16, 16)
+    embeddings = torch.randn(2, 5, 64)
+    pipe.scheduler.set_timesteps(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output, denoised = pipe.predict(latents, pipe.scheduler.timesteps[0], embeddings, clip_denoised=True)
+    assert output.dtype == denoised.dtype == torch.float32  # the UNet's own output is bf16 here
+
+
+def test_the_cli_loads_the_pipeline_in_the_asked_dtype_rather_than_casting_it_after(saved_pipeline, monkeypatch):
+    import pipeline_text_to_image as module
+
+    asked = {}
+    load = module.TextToImagePipeline.from_pretrained
+
+    def spy(path, **kwargs):
+        asked.update(kwargs)
+        return load(path, **kwargs)
+
+    monkeypatch.setattr(module.TextToImagePipeline, "from_pretrained", spy)
+    loaded = module.load_pipeline(saved_pipeline, None, "cpu", torch.float16)
+    assert asked == {"torch_dtype": torch.float16} and loaded.unet.dtype == torch.float16
