@@ -100,6 +100,11 @@ RECIPES = {
     },
     # the trainer's defaults after this issue (v, cosine betas, constant LR, EMA over ~5% of the steps) at lr 1e-3
     "new defaults": {"flags": ["--lr_warmup_steps", "100", "--learning_rate", "1e-3"], "unet": None},
+    # the plain v loss: min-SNR-5 weights the x0 error of the noisiest steps, where content is decided, by SNR ~ 0
+    "new defaults, no min-SNR": {
+        "flags": ["--lr_warmup_steps", "100", "--learning_rate", "1e-3", "--snr_gamma", "0"],
+        "unet": None,
+    },
     "after, lr 1e-3, ema power 0.5, cosine betas": {
         "flags": ["--lr_warmup_steps", "100", "--learning_rate", "1e-3", "--ema_power", "0.5"]
         + ["--ddpm_beta_schedule", "squaredcos_cap_v2"],

@@ -366,3 +366,17 @@ def test_the_default_ema_averages_the_last_twentieth_of_the_steps_up_to_its_ceil
         window = 1 / (1 - ema.get_decay(step + 1))  # steps an exponential average effectively spans
         assert window == pytest.approx(step / 20 + 1)
     assert ema.get_decay(10_000_000) == config.optim.ema_max_decay == 0.9999
+
+
+def test_a_micro_batch_draws_caption_choice_dropout_crop_then_flip_for_the_whole_global_batch():
+    shard = trainer.Shard(index=1, count=2, size=3)  # the second of two processes
+    torch.manual_seed(7)
+    draws = trainer.draw_batch(shard, dropout_prob=0.5, center_crop=False, random_flip=True)
+    torch.manual_seed(7)
+    choice, dropped, crop, flip = torch.rand(6), torch.rand(6) < 0.5, torch.rand(6, 2), torch.rand(6) < 0.5
+    assert torch.equal(draws.caption_choice, choice[3:]) and torch.equal(draws.dropped, dropped[3:])
+    assert torch.equal(draws.crop_at, crop[3:]) and torch.equal(draws.flip, flip[3:])
+    after = torch.rand(1)  # the loss draws next: the batch took exactly these numbers
+    torch.manual_seed(7)
+    torch.rand(6 * 5)
+    assert torch.equal(after, torch.rand(1))
