@@ -2495,27 +2495,22 @@ class Run:
     plan: str  # the run plan, logged once
 
 
-def setup_run(config: RunConfig) -> Run:
-    """Data, models, optimizer, EMA and accelerate, restored from a checkpoint when resuming."""
-    from accelerate.utils import set_seed
+@dataclass(frozen=True, kw_only=True)
+class PreparedModels:
+    """The models, optimizer and schedules as accelerate prepared them, restored when resuming."""
+
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    ema: object | None
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+
+
+def prepare_models(config: RunConfig, accelerator, text_encoder, data: TrainingData, state, resume) -> PreparedModels:
+    """UNet, EMA, optimizer and LR schedule, handed to accelerate and loaded from `resume` when given."""
     from diffusers.optimization import get_scheduler
 
-    model, optim, output = config.model, config.optim, config.output
-    # the Rust tokenizers' thread pool, once woken by a batch encode, kept competing with torch's threads:
-    # training steps ran 2x slower on a 2-core CPU after the captions were encoded (measured)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    accelerator = make_accelerator(optim, output)
-    check_launch(accelerator)
-    check_distributed_type(accelerator, config)
-    resume, state = open_state(config, accelerator)
-    set_seed(state.seed)
-
-    logger.info("preparing %s and the text encoder %s", config.data.name, model.text_encoder)
-    tokenizer, text_encoder = build_text_encoder(model.text_encoder, config.data.cache_dir)
-    text_encoder.requires_grad_(model.train_text_encoder)
-    freeze_what_last_hidden_state_skips(text_encoder)
-    text_encoder.to(accelerator.device)
-    data = prepare_data(config, accelerator, state, tokenizer, text_encoder)
+    model, optim = config.model, config.optim
     unet = build_unet(model.unet_config, config.data.resolution, text_hidden_size(text_encoder), model.model_size)
     configure_unet(unet, model)
     ema = build_ema(unet, optim)  # from the CPU copy: with --ema_offload the EMA never touches the GPU
@@ -2547,6 +2542,31 @@ def setup_run(config: RunConfig) -> Run:
         # after load_state: accelerate loads custom objects with map_location="cpu" and EMAModel.load_state_dict
         # replaces its shadow tensors, so placing it before would leave a resumed EMA on the CPU
         ema.to(accelerator.device if not optim.ema_offload else "cpu")
+    return PreparedModels(unet=unet, text_encoder=text_encoder, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler)
+
+
+def setup_run(config: RunConfig) -> Run:
+    """Data, models, optimizer, EMA and accelerate, restored from a checkpoint when resuming."""
+    from accelerate.utils import set_seed
+
+    model, output = config.model, config.output
+    # the Rust tokenizers' thread pool, once woken by a batch encode, kept competing with torch's threads:
+    # training steps ran 2x slower on a 2-core CPU after the captions were encoded (measured)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    accelerator = make_accelerator(config.optim, output)
+    check_launch(accelerator)
+    check_distributed_type(accelerator, config)
+    resume, state = open_state(config, accelerator)
+    set_seed(state.seed)
+
+    logger.info("preparing %s and the text encoder %s", config.data.name, model.text_encoder)
+    tokenizer, text_encoder = build_text_encoder(model.text_encoder, config.data.cache_dir)
+    text_encoder.requires_grad_(model.train_text_encoder)
+    freeze_what_last_hidden_state_skips(text_encoder)
+    text_encoder.to(accelerator.device)
+    data = prepare_data(config, accelerator, state, tokenizer, text_encoder)
+    models = prepare_models(config, accelerator, text_encoder, data, state, resume)
+    text_encoder = models.text_encoder
     prompts = choose_validation_prompts(output.validation_prompts, data.captions, output.eval_batch_size, state.seed)
     prompt_embeddings = None
     if isinstance(data.conditioner, CachedEmbeddings):
@@ -2556,25 +2576,25 @@ def setup_run(config: RunConfig) -> Run:
     noise_scheduler = build_noise_scheduler(config.diffusion)
     trainer = Trainer(
         accelerator=accelerator,
-        unet=unet,
+        unet=models.unet,
         text_encoder=text_encoder,
         trains_text_encoder=model.train_text_encoder,
         noise_scheduler=noise_scheduler,
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
-        ema=ema,
-        ema_offload=optim.ema_offload,
+        optimizer=models.optimizer,
+        lr_scheduler=models.lr_scheduler,
+        ema=models.ema,
+        ema_offload=config.optim.ema_offload,
         batches=data.batches,
         conditioner=data.conditioner,
         data=config.data,
         diffusion=config.diffusion,
-        max_grad_norm=optim.max_grad_norm,
+        max_grad_norm=config.optim.max_grad_norm,
         channels_last=model.channels_last,
     )
     outputs = Outputs(
         accelerator=accelerator,
-        unet=unet,
-        ema=ema,
+        unet=models.unet,
+        ema=models.ema,
         text_encoder=text_encoder,
         text_encoder_source=(model.text_encoder, config.data.cache_dir),
         tokenizer=tokenizer,
@@ -2605,7 +2625,7 @@ def setup_run(config: RunConfig) -> Run:
         intervals=intervals,
         state=state,
         text_max_length=data.text_max_length,
-        plan=run_plan(data, trainer, unet, streaming=config.data.streaming),
+        plan=run_plan(data, trainer, models.unet, streaming=config.data.streaming),
     )
 
 
