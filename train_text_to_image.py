@@ -2750,11 +2750,8 @@ def train(run: Run, stop: StopRequest, checkpoints_total_limit: int | None) -> s
 
     trainer, outputs, intervals, state = run.trainer, run.outputs, run.intervals, run.state
     schedule, output_dir = intervals.schedule, outputs.output_dir
-    meter, grad_norm, grid = (
-        Meter(mean_over_processes=mean_over_processes(run.accelerator), since_step=state.step),
-        None,
-        None,
-    )
+    meter = Meter(mean_over_processes=mean_over_processes(run.accelerator), since_step=state.step)
+    grad_norm, grid = None, None
     cost, started, start_step = stop_cost(run), time.monotonic(), state.step
     progress = tqdm(
         total=schedule.max_steps,
