@@ -85,3 +85,33 @@ def tiny_unet_config_file(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_imagefolder(tmp_path) -> Path:
     return write_imagefolder(tmp_path / "data")
+
+
+def train_argv(data: Path, text_encoder: Path, unet_config: Path, output: Path, *extra: str) -> list[str]:
+    return [
+        "--train_data_dir", str(data),
+        "--text_encoder_name_or_path", str(text_encoder),
+        "--model_config_name_or_path", str(unet_config),
+        "--output_dir", str(output),
+        "--resolution", "16",
+        "--train_batch_size", "4",
+        "--eval_batch_size", "2",
+        "--max_train_steps", "4",
+        "--lr_warmup_steps", "1",
+        "--ddpm_num_steps", "100",
+        "--ddpm_num_inference_steps", "2",
+        "--checkpointing_steps", "2",
+        "--logger", "none",
+        "--seed", "0",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def argv(tiny_imagefolder, tiny_text_encoder_dir, tiny_unet_config_file, tmp_path):
+    def make(*extra: str, output: Path | None = None) -> list[str]:
+        return train_argv(
+            tiny_imagefolder, tiny_text_encoder_dir, tiny_unet_config_file, output or tmp_path / "out", *extra
+        )
+
+    return make

@@ -13,21 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_captions, write_imagefolder
-from test_train import assert_same_tensors, run_error, run_ok, train_argv, unet_weights
+from conftest import tiny_captions, train_argv, write_imagefolder
+from test_train import assert_same_tensors, run_error, run_ok, unet_weights
 
 import train_text_to_image as trainer
-
-
-@pytest.fixture
-def argv(tiny_imagefolder, tiny_text_encoder_dir, tiny_unet_config_file, tmp_path):
-    def make(*extra: str, output: Path | None = None) -> list[str]:
-        return train_argv(
-            tiny_imagefolder, tiny_text_encoder_dir, tiny_unet_config_file, output or tmp_path / "out", *extra
-        )
-
-    return make
-
 
 # ---------------------------------------------------------------------------------------------
 # Augmentation

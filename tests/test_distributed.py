@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_argv
 from safetensors.torch import load_file
-from test_train import train_argv
 
 import train_text_to_image as trainer
 

@@ -7,21 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_captions
+from conftest import tiny_captions, train_argv
 from test_distributed import launch
-from test_train import run_error, run_ok, train_argv
+from test_train import run_error, run_ok
 
 import train_text_to_image as trainer
-
-
-@pytest.fixture
-def argv(tiny_imagefolder, tiny_text_encoder_dir, tiny_unet_config_file, tmp_path):
-    def make(*extra: str, output: Path | None = None) -> list[str]:
-        return train_argv(
-            tiny_imagefolder, tiny_text_encoder_dir, tiny_unet_config_file, output or tmp_path / "out", *extra
-        )
-
-    return make
 
 
 def fake_gpu(monkeypatch, capability: tuple[int, int], name: str) -> None:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_imagefolder
-from test_train import assert_same_tensors, checkpoint_weights, run_error, run_ok, train_argv, unet_weights
+from conftest import train_argv, write_imagefolder
+from test_train import assert_same_tensors, checkpoint_weights, run_error, run_ok, unet_weights
 
 import train_text_to_image as trainer
 
