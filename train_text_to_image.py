@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -61,6 +62,19 @@ STOP_CHECK_STEPS = 10
 DISK_BYTES_PER_SECOND = 100e6  # a slow notebook disk: the estimate of a save's time before one is measured
 CPU = torch.device("cpu")
 MIN_USEFUL_LEVEL_SIZE = 4  # px: below it a UNet level sees (almost) one pixel
+
+
+VALIDATION_MAX_HELD_OUT = 256  # a --validation_split share holds out at most this many images
+VALIDATION_SPLIT_SEED = 20261126  # held-out rows depend on the data only, not on --seed: runs compare
+VALIDATION_BUCKETS = 10  # the validation loss is read at this many fixed timestep ranges
+COPY_PERCENTILE = 5.0  # copy threshold: this percentile of the training images' leave-one-out NN distances
+COPY_PROBES = 2000  # training images whose nearest neighbour calibrates the copy threshold
+EVALUATION_LOG = "evaluation.jsonl"  # one line per evaluation, in --output_dir
+BEST_DIR = "best"  # --keep_best's pipeline, in --output_dir
+VALIDATION_CHUNK = 32  # held-out images per validation forward pass (fixes the noise draws too)
+NEAREST_CHUNK = 256  # samples compared with the training images at once
+FEATURE_CHUNK = 32  # images per feature-model forward pass
+SUMMARY_METRICS = ("val/loss", "memorization/copy_rate", "eval/fd", "eval/kid", "eval/clip_score", "eval/copy_rate")
 
 
 class UserError(Exception):
@@ -336,6 +350,55 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=3.0,
         help="Classifier-free guidance scale for the grids (1 turns it off).",
+    )
+
+    evaluation = parser.add_argument_group(
+        "evaluation: is it learning, has it stopped improving, is it copying? (see README, 'Know your model')"
+    )
+    evaluation.add_argument(
+        "--validation_split",
+        type=float,
+        default=0.02,
+        help=f"Images held out of training for the validation loss: a share (below 1; at most {VALIDATION_MAX_HELD_OUT} images, none when it rounds down to 0) or a count (1 or more). The same rows whatever --seed, so runs compare. 0 turns it off.",
+    )
+    evaluation.add_argument(
+        "--validation_data_dir",
+        help="An imagefolder of held-out images for the validation loss, instead of --validation_split.",
+    )
+    evaluation.add_argument(
+        "--validation_steps",
+        type=int,
+        help=f"Compute the validation loss (EMA weights, fixed noise, {VALIDATION_BUCKETS} fixed timestep buckets) every N optimizer steps (default: with every grid).",
+    )
+    evaluation.add_argument(
+        "--memorization_check",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"With every grid, find each sample's nearest training image (pixel RMS distance at the training resolution) and write samples/nearest-STEP.png. Copy rate = share of samples nearer to a training image than {100 - COPY_PERCENTILE:.0f}%% of training images are to their own nearest neighbour (leave-one-out): about {COPY_PERCENTILE:.0f}%% for a model that makes new images, towards 100%% for one that copies. Needs the decoded images in memory (--image_cache_max_gb).",
+    )
+    evaluation.add_argument(
+        "--eval_feature_model",
+        help="A transformers image model (Hub id or local folder, e.g. facebook/dinov2-small) whose features give the Frechet distance (FD) and KID between generated and training images. Default: off.",
+    )
+    evaluation.add_argument(
+        "--eval_clip_model",
+        help="A transformers CLIP model (e.g. openai/clip-vit-base-patch32) for the prompt alignment score (CLIP score) of generated images. Default: off.",
+    )
+    evaluation.add_argument(
+        "--eval_num_images",
+        type=int,
+        default=256,
+        help="Images generated (fixed seeds, prompts = captions of as many fixed training images) for FD, KID, CLIP score and the copy rate.",
+    )
+    evaluation.add_argument(
+        "--eval_steps",
+        type=int,
+        help="Compute FD/KID/CLIP score every N optimizer steps (default: with every grid, when a model above is given).",
+    )
+    evaluation.add_argument(
+        "--keep_best",
+        choices=["val_loss", "kid", "fd"],
+        help="Keep the pipeline of the best evaluation so far (lowest value) in OUTPUT_DIR/best, with its metrics in its model card.",
     )
 
     logs = parser.add_argument_group("logging")
@@ -678,6 +741,59 @@ class OutputConfig:
         )
 
 
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    """What tells the user whether the model learns or copies: held-out loss, nearest neighbours, FD/KID."""
+
+    validation_split: float
+    validation_data_dir: str | None
+    validation_steps: int | None  # None: with every grid
+    memorization_check: bool
+    feature_model: str | None
+    clip_model: str | None
+    num_images: int
+    eval_steps: int | None  # None: with every grid
+    keep_best: str | None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EvalConfig:
+        split = args.validation_split
+        if split < 0 or (split >= 1 and split != int(split)):
+            raise UserError(f"--validation_split must be a share below 1, a whole count, or 0; got {split}")
+        if exists(args.validation_data_dir) and not Path(args.validation_data_dir).is_dir():
+            raise UserError(f"--validation_data_dir {args.validation_data_dir} is not a folder")
+        for flag in ("validation_steps", "eval_steps"):
+            if exists(getattr(args, flag)):
+                require_at_least(1, **{flag: getattr(args, flag)})
+        require_at_least(2, eval_num_images=args.eval_num_images)
+        has_validation = split > 0 or exists(args.validation_data_dir)
+        if args.keep_best == "val_loss" and not has_validation:
+            raise UserError(
+                "--keep_best val_loss needs held-out images: pass --validation_split or --validation_data_dir"
+            )
+        if args.keep_best in ("kid", "fd") and not exists(args.eval_feature_model):
+            raise UserError(f"--keep_best {args.keep_best} needs --eval_feature_model (e.g. facebook/dinov2-small)")
+        if args.streaming and (exists(args.eval_feature_model) or exists(args.eval_clip_model)):
+            raise UserError(
+                "--eval_feature_model/--eval_clip_model compare with training images, which a stream cannot index; drop them or --streaming"
+            )
+        return cls(
+            validation_split=0.0 if exists(args.validation_data_dir) else split,
+            validation_data_dir=args.validation_data_dir,
+            validation_steps=args.validation_steps,
+            memorization_check=args.memorization_check,
+            feature_model=args.eval_feature_model,
+            clip_model=args.eval_clip_model,
+            num_images=args.eval_num_images,
+            eval_steps=args.eval_steps,
+            keep_best=args.keep_best,
+        )
+
+    @property
+    def measures_quality(self) -> bool:
+        return exists(self.feature_model) or exists(self.clip_model)
+
+
 SECRET_FLAGS = ("hub_token",)  # never written: not to the model card, the trackers or anywhere else
 
 
@@ -699,6 +815,7 @@ class RunConfig:
     diffusion: DiffusionConfig
     optim: OptimConfig
     output: OutputConfig
+    evaluation: EvalConfig
     public_flags: dict  # for the model card and the trackers
 
     @classmethod
@@ -712,6 +829,7 @@ class RunConfig:
             diffusion=DiffusionConfig.from_args(args),
             optim=OptimConfig.from_args(args),
             output=OutputConfig.from_args(args),
+            evaluation=EvalConfig.from_args(args),
             public_flags=public_flags(args),
         )
 
@@ -1557,23 +1675,10 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> to
     return clipped  # sample (x0) loss == snr * epsilon loss, so the x0 weight is min(snr, gamma)
 
 
-def diffusion_loss(
-    unet,
-    noise_scheduler,
-    clean: torch.Tensor,
-    text_embeddings: torch.Tensor,
-    snr_gamma: float,
-    noise_offset: float,
-    shard: Shard | None = None,
+def weighted_losses(
+    unet, noise_scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, text_embeddings, snr_gamma
 ) -> torch.Tensor:
-    """Noise, random timesteps, target per prediction type, min-SNR weighted MSE."""
-    shard = shard or Shard(size=len(clean))
-    batch = (shard.total, clean.shape[1])
-    noise = shard.of(torch.randn(*batch, *clean.shape[2:], device=clean.device, dtype=clean.dtype))
-    if noise_offset:
-        noise += noise_offset * shard.of(torch.randn(*batch, 1, 1, device=clean.device, dtype=clean.dtype))
-    num_timesteps = noise_scheduler.config.num_train_timesteps
-    timesteps = shard.of(torch.randint(0, num_timesteps, (shard.total,), device=clean.device))
+    """Per-sample min-SNR weighted MSE against the prediction type's target, for given noise and timesteps."""
     noisy = noise_scheduler.add_noise(clean, noise, timesteps)
     prediction_type = noise_scheduler.config.prediction_type
     if prediction_type == "epsilon":
@@ -1587,8 +1692,47 @@ def diffusion_loss(
     prediction = unet(noisy.to(dtype), timesteps, encoder_hidden_states=text_embeddings.to(dtype)).sample
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(clean.device)[timesteps]
     weights = min_snr_weights(alphas_cumprod / (1 - alphas_cumprod), snr_gamma, prediction_type)
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_sample * weights).mean()
+    return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)) * weights
+
+
+def diffusion_losses(
+    unet,
+    noise_scheduler,
+    clean: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    snr_gamma: float,
+    noise_offset: float,
+    shard: Shard | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random noise and timesteps for this shard of the global batch: (per-sample weighted losses, timesteps)."""
+    shard = shard or Shard(size=len(clean))
+    batch = (shard.total, clean.shape[1])
+    noise = shard.of(torch.randn(*batch, *clean.shape[2:], device=clean.device, dtype=clean.dtype))
+    if noise_offset:
+        noise += noise_offset * shard.of(torch.randn(*batch, 1, 1, device=clean.device, dtype=clean.dtype))
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    timesteps = shard.of(torch.randint(0, num_timesteps, (shard.total,), device=clean.device))
+    losses = weighted_losses(unet, noise_scheduler, clean, noise, timesteps, text_embeddings, snr_gamma)
+    return losses, timesteps
+
+
+def diffusion_loss(unet, noise_scheduler, clean, text_embeddings, snr_gamma, noise_offset, shard=None) -> torch.Tensor:
+    """The training loss: noise, random timesteps, target per prediction type, min-SNR weighted MSE."""
+    return diffusion_losses(unet, noise_scheduler, clean, text_embeddings, snr_gamma, noise_offset, shard)[0].mean()
+
+
+def timestep_buckets(timesteps: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
+    """Which of VALIDATION_BUCKETS equal timestep ranges each timestep is in (0: least noise)."""
+    return torch.div(timesteps * VALIDATION_BUCKETS, num_train_timesteps, rounding_mode="floor")
+
+
+def bucket_names(prefix: str, num_train_timesteps: int) -> list[str]:
+    """`prefix`/loss_tSTART per bucket, e.g. val/loss_t0300 for timesteps 300-399 of 1000."""
+    width = len(str(num_train_timesteps))
+    return [
+        f"{prefix}/loss_t{bucket * num_train_timesteps // VALIDATION_BUCKETS:0{width}d}"
+        for bucket in range(VALIDATION_BUCKETS)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1605,6 +1749,7 @@ class TrainState:
     skipped_images: int = 0
     unreadable_rows: list[int] = field(default_factory=list)  # a resumed per-batch run need not check again
     torch_compile: bool | None = None  # compiled weights are saved under "_orig_mod." names (None: not recorded)
+    best: dict | None = None  # --keep_best: {"metric", "value", "step"} of the pipeline in OUTPUT_DIR/best
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -1714,6 +1859,410 @@ def check_output_dir(output: OutputConfig) -> None:
     if is_main_process():
         for path in earlier + [output.output_dir / "samples"]:
             shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: held-out loss, nearest training images, sample-quality metrics
+
+
+def held_out_count(split: float, usable: int) -> int:
+    """Images a --validation_split holds out of `usable`: a count (>= 1), or a share capped at VALIDATION_MAX_HELD_OUT."""
+    return int(split) if split >= 1 else min(int(split * usable), VALIDATION_MAX_HELD_OUT)
+
+
+def hold_out_rows(usable_rows: torch.Tensor, split: float) -> torch.Tensor:
+    """The held-out rows, sorted: a function of the usable rows only (not --seed), so every run holds out the same."""
+    count = held_out_count(split, len(usable_rows))
+    if count >= len(usable_rows):
+        raise UserError(
+            f"--validation_split {split:g} holds out {count} of the {len(usable_rows)} usable images, leaving none to train on; pass a smaller share or count"
+        )
+    order = torch.randperm(len(usable_rows), generator=torch.Generator().manual_seed(VALIDATION_SPLIT_SEED))
+    return usable_rows[order[:count]].sort().values
+
+
+def without_rows(table: ImageTable, rows: torch.Tensor) -> ImageTable:
+    return dataclasses.replace(table, usable_rows=table.usable_rows[~torch.isin(table.usable_rows, rows)])
+
+
+def centre_crop(image: torch.Tensor, resolution: int) -> torch.Tensor:
+    top, left = (image.shape[1] - resolution) // 2, (image.shape[2] - resolution) // 2
+    return image[:, top : top + resolution, left : left + resolution]
+
+
+def centre_crops(table: ImageTable, rows: list[int], resolution: int) -> torch.Tensor:
+    """uint8 [N, 3, R, R]: the rows' images cropped at the centre, decoded again where they are not cached."""
+    images = [table.cache[row] if exists(table.cache) else table.decoder[row][1] for row in rows]
+    images = stand_in_for_unreadable(images)
+    return (
+        torch.stack([centre_crop(image, resolution) for image in images])
+        if images
+        else torch.zeros(0, 3, resolution, resolution, dtype=torch.uint8)
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ValidationSet:
+    """Held-out images at the training resolution (centre crops) and one caption each (their first)."""
+
+    pixels: torch.Tensor  # uint8 [N, 3, R, R], on the CPU
+    captions: list[str]
+
+    @classmethod
+    def from_table(cls, table: ImageTable, rows: list[int], resolution: int) -> ValidationSet:
+        return cls(
+            pixels=centre_crops(table, rows, resolution),
+            captions=[table.caption_options[row][0] for row in rows],
+        )
+
+
+def fixed_noise(chunk: int, bucket: int, shape: tuple[int, ...], num_train_timesteps: int):
+    """The validation noise and timesteps of one chunk of held-out images in one bucket: the same every call."""
+    generator = torch.Generator().manual_seed(VALIDATION_SPLIT_SEED + 1_000_003 * bucket + chunk)
+    low = bucket * num_train_timesteps // VALIDATION_BUCKETS
+    high = (bucket + 1) * num_train_timesteps // VALIDATION_BUCKETS
+    noise = torch.randn(shape, generator=generator)
+    return noise, torch.randint(low, high, (shape[0],), generator=generator)
+
+
+@torch.no_grad()
+def validation_losses(unet, noise_scheduler, validation: ValidationSet, embed, snr_gamma: float, device) -> list[float]:
+    """The training loss (same weighting) on the held-out images, one mean per timestep bucket.
+
+    Noise and timesteps are fixed (fixed_noise), so the same weights give the same numbers on every call
+    and after a resume; the plain mean over buckets estimates the loss at uniform timesteps, as trained.
+    """
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    per_bucket = []
+    for bucket in range(VALIDATION_BUCKETS):
+        total = 0.0
+        for chunk, start in enumerate(range(0, len(validation.captions), VALIDATION_CHUNK)):
+            clean = validation.pixels[start : start + VALIDATION_CHUNK]
+            noise, timesteps = fixed_noise(chunk, bucket, tuple(clean.shape), num_timesteps)
+            clean = to_device(clean, device).float().div_(127.5).sub_(1.0)
+            text = embed(validation.captions[start : start + VALIDATION_CHUNK])
+            losses = weighted_losses(
+                unet, noise_scheduler, clean, noise.to(device), timesteps.to(device), text, snr_gamma
+            )
+            total += losses.double().sum().item()
+        per_bucket.append(total / len(validation.captions))
+    return per_bucket
+
+
+def pixel_rows(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 3, R, R] -> float32 [N, 3 R R] in [0, 1]."""
+    return images.reshape(len(images), -1).float().div_(255)
+
+
+def nearest_neighbours(
+    queries: torch.Tensor, reference: torch.Tensor, exclude: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMS pixel distance in [0, 1], index) of each query's nearest reference image; `exclude[i]` is a
+    reference index query i may not match (itself, for leave-one-out)."""
+    queries, reference = pixel_rows(queries), pixel_rows(reference)
+    reference_norms = reference.pow(2).sum(1)
+    distances, indices = [], []
+    for start in range(0, len(queries), NEAREST_CHUNK):
+        chunk = queries[start : start + NEAREST_CHUNK]
+        squared = chunk.pow(2).sum(1, keepdim=True) + reference_norms - 2 * chunk @ reference.T
+        if exists(exclude):
+            squared[torch.arange(len(chunk)), exclude[start : start + NEAREST_CHUNK]] = float("inf")
+        best = squared.min(dim=1)
+        distances.append(best.values.clamp_(min=0).div_(reference.shape[1]).sqrt_())
+        indices.append(best.indices)
+    return torch.cat(distances), torch.cat(indices)
+
+
+def copy_threshold(images: torch.Tensor) -> float:
+    """COPY_PERCENTILE of the training images' distances to their nearest other training image (up to
+    COPY_PROBES fixed probes): a sample nearer than that to a training image is counted as a copy."""
+    if len(images) < 2:
+        return 0.0
+    probes = torch.randperm(len(images), generator=torch.Generator().manual_seed(VALIDATION_SPLIT_SEED))
+    probes = probes[:COPY_PROBES]
+    distances, _ = nearest_neighbours(images[probes], images, exclude=probes)
+    return float(np.percentile(distances.numpy(), COPY_PERCENTILE))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingReference:
+    """The training images at the training resolution, for nearest-neighbour checks and FD/KID."""
+
+    images: torch.Tensor  # uint8 [N, 3, R, R] centre crops
+    captions: list[str]  # first caption of each
+    copy_threshold: float
+
+    @classmethod
+    def from_table(cls, table: ImageTable, resolution: int) -> TrainingReference:
+        rows = table.usable_rows.tolist()
+        images = centre_crops(table, rows, resolution)
+        return cls(
+            images=images,
+            captions=[table.caption_options[row][0] for row in rows],
+            copy_threshold=copy_threshold(images),
+        )
+
+    @property
+    def resolution(self) -> int:
+        return self.images.shape[-1]
+
+    def memorization(self, samples: torch.Tensor) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """Copy rate and nearest distances of uint8 samples [M, 3, R, R]: (metrics, distances, indices)."""
+        distances, indices = nearest_neighbours(samples, self.images)
+        metrics = {
+            "memorization/copy_rate": (distances <= self.copy_threshold).float().mean().item(),
+            "memorization/nearest_distance_median": distances.median().item(),
+            "memorization/copy_threshold": self.copy_threshold,
+        }
+        return metrics, distances, indices
+
+
+def to_uint8_batch(images, resolution: int) -> torch.Tensor:
+    """PIL images -> uint8 [N, 3, R, R] (resized when the pipeline was asked for another size)."""
+    arrays = [np.asarray(image.convert("RGB").resize((resolution, resolution))) for image in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def to_pil(images: torch.Tensor) -> list:
+    from PIL import Image
+
+    return [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images]
+
+
+def write_nearest_strip(samples, prompts, reference: TrainingReference, distances, indices, path: Path) -> Path:
+    """samples/nearest-STEP.png: each sample (its prompt) beside its nearest training image (distance, caption)."""
+    from pipeline_text_to_image import make_captioned_grid
+
+    cells, captions = [], []
+    for sample, prompt, distance, index in zip(samples, prompts, distances.tolist(), indices.tolist(), strict=True):
+        copied = " COPY" if distance <= reference.copy_threshold else ""
+        cells += [sample, to_pil(reference.images[index : index + 1])[0]]
+        captions += [prompt, f"d={distance:.3f}{copied} {reference.captions[index]}"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_captioned_grid(cells, captions, columns=8).save(path)
+    return path
+
+
+class ImageFeatures:
+    """Image features from a transformers model (DINOv2 recommended): pooled output, or mean over tokens."""
+
+    def __init__(self, name_or_path: str, device: torch.device, cache_dir: str | None = None):
+        from transformers import AutoImageProcessor, AutoModel
+
+        try:
+            self.processor = AutoImageProcessor.from_pretrained(name_or_path, cache_dir=cache_dir)
+            self.model = AutoModel.from_pretrained(name_or_path, cache_dir=cache_dir).eval().to(device)
+        except OSError as error:
+            raise UserError(f"--eval_feature_model {name_or_path}: could not be loaded ({error})") from error
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, images) -> torch.Tensor:
+        features = []
+        for start in range(0, len(images), FEATURE_CHUNK):
+            inputs = self.processor(images=images[start : start + FEATURE_CHUNK], return_tensors="pt")
+            pixels = inputs["pixel_values"].to(self.device)
+            if hasattr(self.model, "get_image_features"):  # a CLIP-like model given as the feature model
+                output = self.model.get_image_features(pixel_values=pixels)
+                output = output if isinstance(output, torch.Tensor) else output.pooler_output
+            else:
+                output = self.model(pixel_values=pixels)
+                pooled = getattr(output, "pooler_output", None)
+                output = pooled if exists(pooled) else output.last_hidden_state.mean(dim=1)
+            features.append(output.double().cpu())
+        return torch.cat(features)
+
+
+class ClipScore:
+    """Prompt alignment: 100 x the cosine of CLIP's image and text embeddings, floored at 0, averaged."""
+
+    def __init__(self, name_or_path: str, device: torch.device, cache_dir: str | None = None):
+        from transformers import AutoProcessor, CLIPModel
+
+        try:
+            self.processor = AutoProcessor.from_pretrained(name_or_path, cache_dir=cache_dir)
+            self.model = CLIPModel.from_pretrained(name_or_path, cache_dir=cache_dir).eval().to(device)
+        except OSError as error:
+            raise UserError(f"--eval_clip_model {name_or_path}: could not be loaded ({error})") from error
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, images, texts: list[str]) -> float:
+        scores = []
+        for start in range(0, len(images), FEATURE_CHUNK):
+            inputs = self.processor(
+                text=texts[start : start + FEATURE_CHUNK],
+                images=images[start : start + FEATURE_CHUNK],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+            ).to(self.device)
+            output = self.model(**inputs)
+            scores.append((100 * (output.image_embeds * output.text_embeds).sum(-1)).clamp(min=0).double().cpu())
+        return torch.cat(scores).mean().item()
+
+
+def psd_sqrt(matrix: torch.Tensor) -> torch.Tensor:
+    values, vectors = torch.linalg.eigh(matrix)
+    return vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
+
+
+def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
+    """|mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2), in float64 (symmetric form: no complex sqrtm)."""
+    a, b = features_a.double(), features_b.double()
+    mean_a, mean_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    root_a = psd_sqrt(cov_a)
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
+    return ((mean_a - mean_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
+
+
+def kernel_inception_distance(
+    features_a: torch.Tensor, features_b: torch.Tensor, subset_size: int = 1000, subsets: int = 100
+) -> float:
+    """Unbiased MMD^2 with the cubic polynomial kernel (x.y / d + 1)^3 (Binkowski et al. 2018), averaged over
+    random subsets of `subset_size`; sets no larger than that are compared whole, once."""
+    a, b = features_a.double(), features_b.double()
+    size = min(len(a), len(b), subset_size)
+    whole = len(a) == len(b) == size
+    generator = torch.Generator().manual_seed(VALIDATION_SPLIT_SEED)
+    estimates = []
+    for _ in range(1 if whole else subsets):
+        x = a if whole else a[torch.randperm(len(a), generator=generator)[:size]]
+        y = b if whole else b[torch.randperm(len(b), generator=generator)[:size]]
+        dimension = x.shape[1]
+        k_xx, k_yy, k_xy = ((p @ q.T / dimension + 1) ** 3 for p, q in ((x, x), (y, y), (x, y)))
+        off_diagonal = size * (size - 1)
+        estimates.append(
+            (k_xx.sum() - k_xx.diagonal().sum()) / off_diagonal
+            + (k_yy.sum() - k_yy.diagonal().sum()) / off_diagonal
+            - 2 * k_xy.mean()
+        )
+    return torch.stack(estimates).mean().item()
+
+
+class SampleQuality:
+    """FD and KID against training images and the CLIP score, on images generated for the captions of
+    fixed training rows (the same rows, prompts and seeds at every evaluation)."""
+
+    def __init__(self, *, table: ImageTable, config: EvalConfig, resolution: int, device, cache_dir: str | None):
+        generator = torch.Generator().manual_seed(VALIDATION_SPLIT_SEED)
+        usable = table.usable_rows
+        if len(usable) >= config.num_images:
+            chosen = usable[torch.randperm(len(usable), generator=generator)[: config.num_images]]
+        else:
+            chosen = usable[torch.randint(len(usable), (config.num_images,), generator=generator)]
+        self.rows = chosen.tolist()
+        self.prompts = [table.caption_options[row][0] for row in self.rows]
+        self.features = ImageFeatures(config.feature_model, device, cache_dir) if config.feature_model else None
+        self.clip = ClipScore(config.clip_model, device, cache_dir) if config.clip_model else None
+        self.real_features = None
+        if exists(self.features):
+            self.real_features = self.features(to_pil(centre_crops(table, self.rows, resolution)))
+
+    def measure(self, images) -> dict:
+        metrics = {}
+        if exists(self.features):
+            generated = self.features(images)
+            metrics["eval/fd"] = frechet_distance(generated, self.real_features)
+            metrics["eval/kid"] = kernel_inception_distance(generated, self.real_features)
+        if exists(self.clip):
+            metrics["eval/clip_score"] = self.clip(images, self.prompts)
+        return metrics
+
+
+@dataclass(frozen=True)
+class Due:
+    """What an evaluation at this step includes."""
+
+    grid: bool = False
+    validation: bool = False
+    quality: bool = False
+
+    def __bool__(self) -> bool:
+        return self.grid or self.validation or self.quality
+
+
+class EvaluationLog:
+    """OUTPUT_DIR/evaluation.jsonl: one line of metrics per evaluation, kept in step with the checkpoints."""
+
+    def __init__(self, output_dir: Path):
+        self.path = output_dir / EVALUATION_LOG
+
+    def records(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def keep_until(self, step: int) -> None:
+        """Drop the lines of steps after `step`: a resumed run evaluates them again."""
+        kept = [record for record in self.records() if record["step"] <= step]
+        if kept or self.path.exists():
+            self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+
+    def append(self, record: dict) -> None:
+        with self.path.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+
+
+def metrics_table(record: dict | None) -> str:
+    """The model card's evaluation section: a table of one evaluation's metrics."""
+    if not record:
+        return ""
+    rows = "".join(f"| {name} | {value:.6g} |\n" for name, value in record.items() if name not in ("step", "epoch"))
+    return f"\n## Evaluation at step {record['step']}\n\n| metric | value |\n|---|---|\n{rows}"
+
+
+BEST_METRICS = {"val_loss": "val/loss", "kid": "eval/kid", "fd": "eval/fd"}  # --keep_best -> logged name
+
+
+@dataclass(frozen=True, kw_only=True)
+class Checks:
+    """The run's evaluation material, on the main process (None elsewhere, and when turned off)."""
+
+    validation: ValidationSet | None
+    reference: TrainingReference | None  # for --memorization_check
+    quality: SampleQuality | None  # for --eval_feature_model / --eval_clip_model
+    embed: Callable[[list[str]], torch.Tensor]  # captions -> text embeddings, as in training
+    snr_gamma: float
+    keep_best: str | None
+
+    def validate(self, unet, noise_scheduler) -> dict:
+        """val/loss (the mean over timestep buckets) and val/loss_tSTART per bucket."""
+        if not exists(self.validation):
+            return {}
+        device = next(unet.parameters()).device
+        per_bucket = validation_losses(unet, noise_scheduler, self.validation, self.embed, self.snr_gamma, device)
+        names = bucket_names("val", noise_scheduler.config.num_train_timesteps)
+        return {"val/loss": sum(per_bucket) / len(per_bucket)} | dict(zip(names, per_bucket, strict=True))
+
+
+@contextlib.contextmanager
+def eval_mode(unet, text_encoder) -> Iterator[None]:
+    """No dropout (a trained T5/BERT has some) and no autograd while evaluating; training modes restored."""
+    text_was_training = exists(text_encoder) and text_encoder.training
+    unet.eval()
+    if exists(text_encoder):
+        text_encoder.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        unet.train()
+        if text_was_training:
+            text_encoder.train()
+
+
+def unet_as_fp32(unet, ema):
+    """A UNet that already holds its EMA weights, in fp32 to save: itself, or an fp32 copy with the EMA's fp32
+    weights put in unrounded (no EMA store/restore here: the caller's ema_weights holds the training weights)."""
+    if next(unet.parameters()).dtype == torch.float32:
+        return unet
+    copy = type(unet).from_config(unet.config)
+    copy.load_state_dict({name: tensor.float() for name, tensor in unet.state_dict().items()})
+    if exists(ema):
+        ema.copy_to(copy.parameters())
+    return copy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1840,17 +2389,17 @@ def append_to_gif(path: Path, image, delay_ms: int = 500) -> None:
     image.save(path, format="GIF", save_all=True, duration=delay_ms, loop=0)
 
 
-def log_grid(accelerator, grid_path: Path, step: int) -> None:
+def log_image(accelerator, tag: str, path: Path, step: int) -> None:
     from PIL import Image
 
     for tracker in accelerator.trackers:
-        image = np.asarray(Image.open(grid_path).convert("RGB"))
+        image = np.asarray(Image.open(path).convert("RGB"))
         if tracker.name == "tensorboard":
-            tracker.writer.add_images("samples", image[None], step, dataformats="NHWC")
+            tracker.writer.add_images(tag, image[None], step, dataformats="NHWC")
         elif tracker.name == "wandb":
             import wandb
 
-            tracker.log({"samples": [wandb.Image(image, caption=grid_path.name)]}, step=step)
+            tracker.log({tag: [wandb.Image(image, caption=path.name)]}, step=step)
 
 
 def all_finite(model) -> bool:
@@ -1906,7 +2455,14 @@ def tracker_config(flags: dict) -> dict:
     return {key: value for key, value in flags.items() if isinstance(value, (int, float, str, bool))}
 
 
-def model_card(flags: dict, prompts: list[str], state: TrainState, grid: Path | None, output_dir: Path) -> str:
+def model_card(
+    flags: dict,
+    prompts: list[str],
+    state: TrainState,
+    grid: Path | None,
+    output_dir: Path,
+    evaluation: dict | None = None,
+) -> str:
     data = flags["dataset_name"] or flags["train_data_dir"]
     grid_line = (
         f"![samples]({grid.relative_to(output_dir).as_posix()})\n"
@@ -1925,7 +2481,7 @@ A pixel-space text-to-image diffusion model ({flags["resolution"]} px) trained f
 ({flags["prediction_type"]} prediction, {flags["ddpm_beta_schedule"]} betas, text encoder
 `{flags["text_encoder_name_or_path"]}`{", trained jointly" if flags["train_text_encoder"] else ", frozen"}).
 
-{grid_line}
+{grid_line}{metrics_table(evaluation)}
 ## Use
 
 ```python
@@ -1996,7 +2552,7 @@ class GridConfig:
 
 
 class Outputs:
-    """What a run writes besides checkpoints: sample grids and the pipeline, with the EMA weights."""
+    """What a run writes besides checkpoints: sample grids, evaluations and the pipeline, with the EMA weights."""
 
     def __init__(
         self,
@@ -2012,51 +2568,120 @@ class Outputs:
         grids: GridConfig,
         output_dir: Path,
         public_flags: dict,
+        checks: Checks,
     ):
         self.accelerator, self.unet, self.ema = accelerator, unet, ema
         self.text_encoder, self.text_encoder_source, self.tokenizer = text_encoder, text_encoder_source, tokenizer
         self.noise_scheduler, self.text_max_length = noise_scheduler, text_max_length
         self.grids, self.output_dir, self.public_flags = grids, output_dir, public_flags
+        self.checks = checks
+        self.log = EvaluationLog(output_dir)
+        self.latest: dict | None = None  # the last evaluation's record (main process)
+
+    def resume_log(self, step: int) -> None:
+        """evaluation.jsonl as it was at `step` (a resumed run evaluates the later steps again)."""
+        self.log.keep_until(step)
+        self.latest = (self.log.records() or [None])[-1]
 
     def pipeline(self, unet, text_encoder):
         return build_pipeline(unet, text_encoder, self.tokenizer, self.noise_scheduler, self.text_max_length)
 
-    def grid(self, state: TrainState, epoch: int) -> Path | None:
-        """Sample the fixed prompts, write and log the grid; its path on the main process."""
+    def live_text_encoder(self):
+        """The text encoder in use, or None when it was freed after caching the captions."""
+        return unwrap(self.accelerator, self.text_encoder) if exists(self.text_encoder) else None
+
+    def evaluate(self, state: TrainState, epoch: int, due: Due) -> Path | None:
+        """What is due at this step (grid, validation loss, FD/KID), with the EMA weights, on the main process:
+        written, logged, recorded in evaluation.jsonl and, with --keep_best, kept when best. The grid's path."""
         grid = None
         with main_process_with_ema(self.accelerator, self.unet, self.ema) as unet:
             if exists(unet):
-                text_encoder = unwrap(self.accelerator, self.text_encoder) if exists(self.text_encoder) else None
-                encoder_was_training = exists(text_encoder) and text_encoder.training
-                if exists(text_encoder):  # a trained T5/BERT has dropout: grids are drawn without it
-                    text_encoder.eval()
-                unet.eval()
-                with self.accelerator.autocast():
-                    images, captions = sample_images(
-                        self.pipeline(unet, text_encoder),
-                        self.grids.prompts,
-                        self.grids.count,
-                        self.grids.num_inference_steps,
-                        self.grids.guidance_scale,
-                        self.grids.seed,
-                        self.grids.prompt_embeddings,
-                    )
-                unet.train()
-                if encoder_was_training:
-                    text_encoder.train()
-                grid = write_grid(images, captions, self.output_dir / "samples", state.step, epoch)
-                log_grid(self.accelerator, grid, state.step)
+                text_encoder = self.live_text_encoder()
+                with eval_mode(unet, text_encoder), self.accelerator.autocast():
+                    metrics = self.checks.validate(unet, self.noise_scheduler) if due.validation else {}
+                    if due.grid:
+                        grid, grid_metrics = self.grid(unet, text_encoder, state, epoch)
+                        metrics |= grid_metrics
+                    if due.quality:
+                        metrics |= self.sample_quality(unet, text_encoder)
+                if metrics:
+                    self.record(unet, state, epoch, metrics, grid)
         return grid
+
+    def sample(self, unet, text_encoder, prompts: list[str], count: int, seed: int):
+        embeddings = None
+        if not exists(text_encoder):  # freed after caching: the prompts' cached embeddings stand in
+            embeddings = self.grids.prompt_embeddings
+            if prompts is not self.grids.prompts:
+                embeddings = (self.checks.embed(prompts), embeddings[1])
+        return sample_images(
+            self.pipeline(unet, text_encoder),
+            prompts,
+            count,
+            self.grids.num_inference_steps,
+            self.grids.guidance_scale,
+            seed,
+            embeddings,
+        )
+
+    def grid(self, unet, text_encoder, state: TrainState, epoch: int) -> tuple[Path, dict]:
+        """The fixed prompts' grid, written and logged; with a training reference, each sample's nearest image."""
+        images, captions = self.sample(unet, text_encoder, self.grids.prompts, self.grids.count, self.grids.seed)
+        grid = write_grid(images, captions, self.output_dir / "samples", state.step, epoch)
+        log_image(self.accelerator, "samples", grid, state.step)
+        reference, metrics = self.checks.reference, {}
+        if exists(reference):
+            metrics, distances, indices = reference.memorization(to_uint8_batch(images, reference.resolution))
+            strip = self.output_dir / "samples" / f"nearest-{state.step:07d}.png"
+            write_nearest_strip(images, captions, reference, distances, indices, strip)
+            log_image(self.accelerator, "nearest", strip, state.step)
+        return grid, metrics
+
+    def sample_quality(self, unet, text_encoder) -> dict:
+        """--eval_num_images generated in grid-sized chunks (fixed seeds): FD, KID, CLIP score, copy rate."""
+        quality, images = self.checks.quality, []
+        chunk = self.grids.count
+        for index, start in enumerate(range(0, len(quality.prompts), chunk)):
+            prompts = quality.prompts[start : start + chunk]
+            images += self.sample(unet, text_encoder, prompts, len(prompts), self.grids.seed + 1 + index)[0]
+        metrics = quality.measure(images)
+        if exists(self.checks.reference):
+            reference = self.checks.reference
+            copies, _, _ = reference.memorization(to_uint8_batch(images, reference.resolution))
+            metrics["eval/copy_rate"] = copies["memorization/copy_rate"]
+        return metrics
+
+    def record(self, unet, state: TrainState, epoch: int, metrics: dict, grid: Path | None) -> None:
+        record = {"step": state.step, "epoch": epoch, **metrics}
+        self.log.append(record)
+        self.accelerator.log(metrics, step=state.step)
+        self.latest = record
+        metric = self.checks.keep_best
+        name = BEST_METRICS.get(metric)
+        if exists(name) and name in metrics and (not exists(state.best) or metrics[name] < state.best["value"]):
+            state.best = {"metric": metric, "value": metrics[name], "step": state.step}
+            best = self.output_dir / BEST_DIR
+            self.save(unet_as_fp32(unet, self.ema), state, grid, best, record)
+            logger.info(
+                "step %d has the best %s so far (%.6g): saved the pipeline to %s",
+                state.step,
+                metric,
+                metrics[name],
+                best,
+            )
+
+    def save(self, unet, state: TrainState, grid: Path | None, folder: Path, record: dict | None) -> None:
+        text_encoder = self.live_text_encoder()
+        if not exists(text_encoder):  # frozen and freed after caching: its weights are still the ones on disk
+            text_encoder = build_text_encoder(*self.text_encoder_source)[1]
+        card = model_card(self.public_flags, self.grids.prompts, state, grid, folder, record)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_pipeline(self.pipeline(unet, text_encoder), folder, card, state.step)
 
     def export(self, state: TrainState, grid: Path | None) -> None:
         with main_process_with_ema(self.accelerator, self.unet, self.ema, fp32=True) as unet:
             if exists(unet):
-                if exists(self.text_encoder):
-                    text_encoder = unwrap(self.accelerator, self.text_encoder)
-                else:  # frozen and freed after caching: its weights are still the ones on disk
-                    text_encoder = build_text_encoder(*self.text_encoder_source)[1]
-                card = model_card(self.public_flags, self.grids.prompts, state, grid, self.output_dir)
-                save_pipeline(self.pipeline(unet, text_encoder), self.output_dir, card, state.step)
+                self.save(unet, state, grid, self.output_dir, self.latest)
                 logger.info("saved the pipeline to %s", self.output_dir)
 
 
@@ -2186,6 +2811,10 @@ class Intervals:
     checkpointing_steps: int
     grid_epochs: int
     export_epochs: int
+    validation_steps: int | None = None  # None: with every grid; validation and quality only when there is some
+    quality_steps: int | None = None
+    validates: bool = False
+    measures_quality: bool = False
 
     def last(self, step: int) -> bool:
         return step >= self.schedule.max_steps
@@ -2201,6 +2830,16 @@ class Intervals:
 
     def checkpoint(self, step: int) -> bool:
         return step % self.checkpointing_steps == 0 or self.last(step)
+
+    def every(self, step: int, steps: int | None) -> bool:
+        return self.grid(step) if not exists(steps) else step % steps == 0 or self.last(step)
+
+    def due(self, step: int) -> Due:
+        return Due(
+            grid=self.grid(step),
+            validation=self.validates and self.every(step, self.validation_steps),
+            quality=self.measures_quality and self.every(step, self.quality_steps),
+        )
 
 
 def build_optimizer(parameters, optim: OptimConfig, device: torch.device):
@@ -2285,16 +2924,19 @@ class Trainer:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
         return pixels, choose_captions(examples.caption_options, draws)
 
-    def step(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def step(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Optimizer step `step` + 1: its micro-batches forward and backward, clip, update, LR and EMA.
-        Returns the mean loss (on the device: no sync) and the gradient norm (None when not clipping)."""
+        Returns the mean loss, the gradient norm (None when not clipping) and the loss per timestep bucket
+        ([2, VALIDATION_BUCKETS]: sums, counts), all on the device: no sync."""
         accelerator, losses, grad_norm = self.accelerator, [], None
+        num_timesteps = self.noise_scheduler.config.num_train_timesteps
+        buckets = torch.zeros(2, VALIDATION_BUCKETS, device=accelerator.device)
         for micro_index in range(step * self.accumulation, (step + 1) * self.accumulation):
             pixels, captions = self.micro_batch(micro_index)
             with accelerator.accumulate(*self.trained):
                 with accelerator.autocast():
                     text = self.conditioner.embed(captions)
-                    loss = diffusion_loss(
+                    per_sample, timesteps = diffusion_losses(
                         self.unet,
                         self.noise_scheduler,
                         pixels,
@@ -2303,6 +2945,7 @@ class Trainer:
                         self.diffusion.noise_offset,
                         self.shard,
                     )
+                    loss = per_sample.mean()
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and self.max_grad_norm > 0:
                     parameters = [parameter for model in self.trained for parameter in model.parameters()]
@@ -2310,9 +2953,12 @@ class Trainer:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach())
+            bucket = timestep_buckets(timesteps, num_timesteps)
+            buckets[0].index_add_(0, bucket, per_sample.detach().float())
+            buckets[1].index_add_(0, bucket, torch.ones_like(per_sample, dtype=torch.float))
         self.lr_scheduler.step()
         self.update_ema()
-        return torch.stack(losses).mean(), grad_norm
+        return torch.stack(losses).mean(), grad_norm, buckets
 
     def update_ema(self) -> None:
         if not exists(self.ema):
@@ -2402,12 +3048,14 @@ class TrainingData:
     captions: list[str]  # the dataset's distinct captions (a sample of them when streaming), "" first
     text_max_length: int
     schedule: Schedule
+    validation: ValidationSet | None  # held-out images, out of the batches
 
 
 def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, text_encoder) -> TrainingData:
     """The batch source of the dataset's kind and the conditioner that embeds its captions."""
     data, optim = config.data, config.optim
     shard_start = state.step * optim.gradient_accumulation_steps
+    validation = None
     if data.streaming:
         batches = open_stream(data, accelerator.process_index, accelerator.num_processes, state.seed, shard_start)
         captions = batches.sample_captions(STREAM_CAPTION_SAMPLE)
@@ -2422,6 +3070,10 @@ def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, t
         table = read_image_table(data, known, accelerator.is_local_main_process)
         state.unreadable_rows, state.skipped_images = table.unreadable_rows, len(table.unreadable_rows)
         captions = table.captions
+        if config.evaluation.validation_split > 0:
+            held_out = hold_out_rows(table.usable_rows, config.evaluation.validation_split)
+            validation = ValidationSet.from_table(table, held_out.tolist(), data.resolution) if len(held_out) else None
+            table = without_rows(table, held_out)
         text_max_length = caption_max_length(tokenizer, captions, data.caption_max_length)
         schedule = plan_schedule(
             len(table.usable_rows),
@@ -2439,6 +3091,10 @@ def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, t
             batches_per_epoch=schedule.batches_per_epoch,
             num_workers=data.num_workers,
         )
+    if exists(config.evaluation.validation_data_dir):
+        validation = read_validation_folder(
+            data, config.evaluation.validation_data_dir, accelerator.is_local_main_process
+        )
     if data.streaming or config.model.train_text_encoder or not data.caption_cache:
         conditioner = LiveEncoder(
             tokenizer=tokenizer,
@@ -2448,16 +3104,75 @@ def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, t
             device=accelerator.device,
         )
     else:
+        cached = list(dict.fromkeys(captions + (validation.captions if exists(validation) else [])))
         cache_file = caption_cache_path(
-            config.output.output_dir, config.model.text_encoder, text_encoder, captions, text_max_length
+            config.output.output_dir, config.model.text_encoder, text_encoder, cached, text_max_length
         )
         with accelerator.main_process_first():  # the others then read the main process's cache file
             embeddings = encode_captions_once(
-                tokenizer, text_encoder, captions, text_max_length, cache_file, accelerator.device
+                tokenizer, text_encoder, cached, text_max_length, cache_file, accelerator.device
             )
-        conditioner = CachedEmbeddings(captions, embeddings, accelerator.device)
+        conditioner = CachedEmbeddings(cached, embeddings, accelerator.device)
     return TrainingData(
-        batches=batches, conditioner=conditioner, captions=captions, text_max_length=text_max_length, schedule=schedule
+        batches=batches,
+        conditioner=conditioner,
+        captions=captions,
+        text_max_length=text_max_length,
+        schedule=schedule,
+        validation=validation,
+    )
+
+
+def read_validation_folder(data: DataConfig, folder: str, show_progress: bool) -> ValidationSet:
+    """--validation_data_dir: every readable image of another imagefolder, with the training columns."""
+    config = dataclasses.replace(data, train_data_dir=folder, dataset_name=None, dataset_config_name=None)
+    table = read_image_table(config, None, show_progress)
+    return ValidationSet.from_table(table, table.usable_rows.tolist(), data.resolution)
+
+
+def evaluation_embedder(conditioner: CachedEmbeddings | LiveEncoder, accelerator) -> Callable:
+    """Captions -> embeddings for evaluating on one process: a trained encoder is called unwrapped (its DDP
+    wrapper would wait for the other processes)."""
+    if isinstance(conditioner, CachedEmbeddings):
+        return conditioner.embed
+    from pipeline_text_to_image import encode_text
+
+    return lambda texts: encode_text(
+        conditioner.tokenizer,
+        unwrap(accelerator, conditioner.encoder),
+        texts,
+        conditioner.max_length,
+        conditioner.device,
+    )
+
+
+def build_checks(config: RunConfig, accelerator, data: TrainingData) -> Checks:
+    """The evaluation material, built on the main process only (it alone evaluates)."""
+    evaluation, resolution = config.evaluation, config.data.resolution
+    table = data.batches.table if isinstance(data.batches, IndexedBatches) else None
+    reference = quality = None
+    if accelerator.is_main_process and evaluation.memorization_check:
+        if exists(table) and exists(table.cache):
+            reference = TrainingReference.from_table(table, resolution)
+        else:
+            logger.info(
+                "no memorization check: it compares with the decoded training images, which this run does not keep in memory (--streaming or --image_cache_max_gb)"
+            )
+    if accelerator.is_main_process and evaluation.measures_quality:
+        quality = SampleQuality(
+            table=table,
+            config=evaluation,
+            resolution=resolution,
+            device=accelerator.device,
+            cache_dir=config.data.cache_dir,
+        )
+    return Checks(
+        validation=data.validation if accelerator.is_main_process else None,
+        reference=reference,
+        quality=quality,
+        embed=evaluation_embedder(data.conditioner, accelerator),
+        snr_gamma=config.diffusion.snr_gamma,
+        keep_best=evaluation.keep_best,
     )
 
 
@@ -2610,6 +3325,7 @@ def setup_run(config: RunConfig) -> Run:
         ),
         output_dir=output.output_dir,
         public_flags=config.public_flags,
+        checks=build_checks(config, accelerator, data),
     )
     intervals = Intervals(
         schedule=data.schedule,
@@ -2617,6 +3333,10 @@ def setup_run(config: RunConfig) -> Run:
         checkpointing_steps=output.checkpointing_steps,
         grid_epochs=output.save_images_epochs,
         export_epochs=output.save_model_epochs,
+        validation_steps=config.evaluation.validation_steps,
+        quality_steps=config.evaluation.eval_steps,
+        validates=exists(data.validation),
+        measures_quality=config.evaluation.measures_quality,
     )
     return Run(
         accelerator=accelerator,
@@ -2666,14 +3386,18 @@ class Meter:
     """
 
     mean_over_processes: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss
+    num_train_timesteps: int = 1000
     loss_sum: torch.Tensor | None = None
+    bucket_sums: torch.Tensor | None = None  # [2, VALIDATION_BUCKETS]: loss sums and counts per timestep bucket
     steps: int = 0
     images: int = 0
     since_step: int = 0
     since_time: float = field(default_factory=time.perf_counter)
 
-    def add(self, loss: torch.Tensor, images: int) -> None:
+    def add(self, loss: torch.Tensor, images: int, buckets: torch.Tensor | None = None) -> None:
         self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        if exists(buckets):
+            self.bucket_sums = buckets if self.bucket_sums is None else self.bucket_sums + buckets
         self.steps += 1
         self.images += images
 
@@ -2692,7 +3416,18 @@ class Meter:
             "loss": loss_sum.item() / self.steps,
             "images_per_second": self.images / max(now - self.since_time, 1e-9),
         }
-        self.loss_sum, self.steps, self.images, self.since_step, self.since_time = None, 0, 0, step, now
+        if exists(self.bucket_sums):  # a mean of sums over a mean of counts: the processes' shared ratio
+            sums, counts = self.mean_over_processes(self.bucket_sums).tolist()
+            names = bucket_names("train", self.num_train_timesteps)
+            logs |= {name: total / count for name, total, count in zip(names, sums, counts, strict=True) if count}
+        self.loss_sum, self.bucket_sums, self.steps, self.images, self.since_step, self.since_time = (
+            None,
+            None,
+            0,
+            0,
+            step,
+            now,
+        )
         return logs
 
 
@@ -2750,7 +3485,11 @@ def train(run: Run, stop: StopRequest, checkpoints_total_limit: int | None) -> s
 
     trainer, outputs, intervals, state = run.trainer, run.outputs, run.intervals, run.state
     schedule, output_dir = intervals.schedule, outputs.output_dir
-    meter = Meter(mean_over_processes=mean_over_processes(run.accelerator), since_step=state.step)
+    meter = Meter(
+        mean_over_processes=mean_over_processes(run.accelerator),
+        num_train_timesteps=trainer.noise_scheduler.config.num_train_timesteps,
+        since_step=state.step,
+    )
     grad_norm, grid = None, None
     cost, started, start_step = stop_cost(run), time.monotonic(), state.step
     progress = tqdm(
@@ -2764,16 +3503,16 @@ def train(run: Run, stop: StopRequest, checkpoints_total_limit: int | None) -> s
     if exists(trainer.text_encoder):
         trainer.text_encoder.train(len(trainer.trained) > 1)
     while state.step < schedule.max_steps:
-        loss, norm = trainer.step(state.step)
+        loss, norm, buckets = trainer.step(state.step)
         state.step += 1
-        meter.add(loss, trainer.images_per_step())
+        meter.add(loss, trainer.images_per_step(), buckets)
         grad_norm = norm if exists(norm) else grad_norm
         progress.update(1)
         if intervals.log(state.step):
             log_step(run, meter, grad_norm, progress)
-        if intervals.grid(state.step):
+        if due := intervals.due(state.step):
             with cost.timed("grid"):
-                grid = outputs.grid(state, schedule.epoch_of(state.step))
+                grid = outputs.evaluate(state, schedule.epoch_of(state.step), due) or grid
         if intervals.export(state.step):
             meter.check_finite(state.step, output_dir)
             with cost.timed("export"):
@@ -2789,7 +3528,8 @@ def train(run: Run, stop: StopRequest, checkpoints_total_limit: int | None) -> s
             progress.close()
             if not intervals.last(state.step):  # the last step has exported already
                 if not stop.by_signal:  # a preemption's grace period may be short: no last grid then
-                    grid = outputs.grid(state, schedule.epoch_of(state.step))
+                    due = Due(grid=True, validation=intervals.validates)
+                    grid = outputs.evaluate(state, schedule.epoch_of(state.step), due)
                 outputs.export(state, grid)
             return stop.reason
     progress.close()
@@ -2800,7 +3540,19 @@ def summary_line(run: Run, images: int, seconds: float, reason: str) -> str:
     rate = images / max(seconds, 1e-9)
     skipped = run.trainer.batches.skipped
     skipped = f", skipped {skipped} unreadable images" if skipped else ""
-    return f"{'finished' if reason == 'done' else 'stopped'} at step {run.state.step}/{run.intervals.schedule.max_steps}: {images} images in {seconds:.1f} s, {rate:.2f} img/s{skipped}"
+    line = f"{'finished' if reason == 'done' else 'stopped'} at step {run.state.step}/{run.intervals.schedule.max_steps}: {images} images in {seconds:.1f} s, {rate:.2f} img/s{skipped}"
+    return line + evaluation_summary(run.outputs.latest, run.state.best)
+
+
+def evaluation_summary(latest: dict | None, best: dict | None) -> str:
+    """'; last evaluation (step S): val/loss 0.1, ...; best val_loss 0.09 at step T (in OUTPUT_DIR/best)'."""
+    if not latest:
+        return ""
+    shown = [name for name in SUMMARY_METRICS if name in latest]
+    text = f"; evaluation at step {latest['step']}: " + ", ".join(f"{name} {latest[name]:.4g}" for name in shown)
+    if exists(best):
+        text += f"; best {best['metric']} {best['value']:.4g} at step {best['step']} (saved in {BEST_DIR}/)"
+    return text
 
 
 def run_training(args: argparse.Namespace) -> int:
@@ -2817,6 +3569,9 @@ def run_training(args: argparse.Namespace) -> int:
             for stale in output.output_dir.glob(".checkpoint-*.tmp"):
                 shutil.rmtree(stale, ignore_errors=True)
             finish_interrupted_export(output.output_dir)
+            if (output.output_dir / BEST_DIR).is_dir():
+                finish_interrupted_export(output.output_dir / BEST_DIR)
+            run.outputs.resume_log(run.state.step)
             run.accelerator.init_trackers("train_text_to_image", config=tracker_config(config.public_flags))
         logger.info("%s", run.plan)
         started = time.perf_counter()

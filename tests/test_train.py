@@ -611,7 +611,8 @@ def test_max_train_time_exports_the_final_checkpoints_ema_weights_and_a_grid(arg
     for ema, (name, parameter) in zip(ema_of_checkpoint(checkpoint), saved.named_parameters(), strict=True):
         assert torch.equal(ema, parameter), name
     assert f"for {step} optimizer steps" in (output / "README.md").read_text()
-    assert [path.name.split("-step-")[1] for path in output.glob("samples/*.png")] == [f"{step:07d}.png"]
+    assert [path.name.split("-step-")[1] for path in output.glob("samples/epoch-*.png")] == [f"{step:07d}.png"]
+    assert [path.name for path in output.glob("samples/nearest-*.png")] == [f"nearest-{step:07d}.png"]
     assert "holds that step's weights" in capsys.readouterr().err
     assert not (output / trainer.PIPELINE_STAGING).exists() and not (output / trainer.PIPELINE_RETIRED).exists()
 
