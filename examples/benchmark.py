@@ -537,6 +537,102 @@ def model_sizes_table(resolution: int, text_width: int, batch: int, steps: int, 
     return "\n".join(header + model_size_rows(resolution, text_width, batch, steps, precision, peak))
 
 
+def random_feature_models(work: Path, tokenizer_dir: Path, quick: bool) -> tuple[Path, Path]:
+    """DINOv2-small- and CLIP-ViT-B/32-shaped models with random weights (the real ones' cost, no download)."""
+    import torch
+    from transformers import (
+        BitImageProcessor,
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        CLIPTokenizer,
+        Dinov2Config,
+        Dinov2Model,
+    )
+
+    torch.manual_seed(0)
+    side, crop = (16, 16) if quick else (256, 224)
+    dinov2 = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64) if quick else {}
+    Dinov2Model(Dinov2Config(image_size=crop, patch_size=8 if quick else 14, **dinov2)).save_pretrained(work / "dinov2")
+    BitImageProcessor(size={"shortest_edge": side}, crop_size={"height": crop, "width": crop}).save_pretrained(
+        work / "dinov2"
+    )
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    tiny = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64) if quick else {}
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), **tiny),
+        vision_config=dict(image_size=crop, patch_size=8 if quick else 32, **tiny),
+    )
+    CLIPModel(config).save_pretrained(work / "clip")
+    image_processor = CLIPImageProcessor(size={"shortest_edge": crop}, crop_size={"height": crop, "width": crop})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(work / "clip")
+    return work / "dinov2", work / "clip"
+
+
+def timed(action) -> tuple[float, object]:
+    wait_for_device()
+    started = time.perf_counter()
+    result = action()
+    wait_for_device()
+    return time.perf_counter() - started, result
+
+
+def evaluation_table(data_dir: Path | None, quick: bool) -> str:
+    """Seconds each evaluation part takes at 32 px with the emoji runs' UNet (--model_size tiny)."""
+    import torch
+
+    import train_text_to_image as trainer
+
+    with tempfile.TemporaryDirectory(prefix="benchmark-evaluation-") as work:
+        work = Path(work)
+        data_dir = prepare_data(data_dir, work, quick)
+        encoder = prepare_encoders(dataset_captions(data_dir), work, quick)["small"]
+        dinov2, clip = random_feature_models(work, encoder, quick)
+        images = 4 if quick else 256
+        argv = [
+            "--train_data_dir", str(data_dir), "--text_encoder_name_or_path", str(encoder),
+            "--model_size", "tiny", "--resolution", "16" if quick else "32", "--output_dir", str(work / "out"),
+            "--validation_split", "4" if quick else "0.02", "--eval_feature_model", str(dinov2), "--eval_clip_model", str(clip),
+            "--eval_num_images", str(images), "--eval_batch_size", "16", "--logger", "none", "--seed", "0",
+            "--ddpm_num_inference_steps", "2" if quick else "25",
+        ]  # fmt: skip
+        setup_seconds, run = timed(lambda: set_up_training(argv))
+        outputs, checks = run.outputs, run.outputs.checks
+        table = run.trainer.batches.table
+        unet = run.accelerator.unwrap_model(run.trainer.unet)
+        resolution = table.cache[0].shape[-1]
+        reference_seconds, _ = timed(lambda: trainer.TrainingReference.from_table(table, resolution))
+        with trainer.eval_mode(unet, None):
+            validation_seconds, _ = timed(lambda: checks.validate(unet, outputs.noise_scheduler))
+            grid_seconds, (samples, _) = timed(
+                lambda: outputs.sample(unet, None, outputs.grids.prompts, outputs.grids.count, 0)
+            )
+            uint8 = trainer.to_uint8_batch(samples, resolution)
+            nearest_seconds, _ = timed(lambda: checks.reference.memorization(uint8))
+            quality_seconds, _ = timed(lambda: outputs.sample_quality(unet, None))
+            generated = samples * (images // len(samples) + 1)
+            measure_seconds, _ = timed(lambda: checks.quality.measure(generated[:images]))
+    held_out = len(checks.validation.captions)
+    rows = [
+        ("setup: the whole run's (data, caption cache, models, and the parts below)", "once", setup_seconds),
+        (f"training reference: {len(table.usable_rows)} images, copy threshold (leave-one-out)", "once", reference_seconds),
+        (f"validation loss: {held_out} held-out images x {trainer.VALIDATION_BUCKETS} timestep buckets", "each evaluation", validation_seconds),
+        (f"grid: {len(samples)} samples (for comparison: the cost without evaluation)", "each grid", grid_seconds),
+        (f"memorization check of the grid: nearest of {len(samples)} samples among {len(table.usable_rows)}", "each grid", nearest_seconds),
+        (f"FD + KID + CLIP score + copy rate: {images} samples generated and measured", "each --eval_steps", quality_seconds),
+        (f"  of which DINOv2-small + CLIP-B/32 features and the maths on {images} images", "", measure_seconds),
+    ]  # fmt: skip
+    lines = [
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores ({torch.get_num_threads()} torch threads), "
+        f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}; torch {torch.__version__}",
+        "",
+        f"| evaluation part ({resolution} px, --model_size tiny UNet, DPM-Solver++ {outputs.grids.num_inference_steps} steps, guidance {outputs.grids.guidance_scale:g}) | when | seconds |",
+        "|---|---|---|",
+    ] + [f"| {name} | {when} | {seconds:.2f} |" for name, when, seconds in rows]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_dir", type=Path, help="An imagefolder to train on (default: draw 720 shapes).")
@@ -552,11 +648,18 @@ def main(argv: list[str] | None = None) -> str:
         choices=["fp32", "bf16", "fp16"],
         help="With --model_sizes: autocast dtype (default: fp32 on CPU, bf16 on Ampere+ GPUs, else fp16).",
     )
+    parser.add_argument(
+        "--evaluation", action="store_true", help="Only time the evaluation parts (validation, nearest, FD/KID)."
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker_main(json.loads(args.worker))
         return ""
+    if args.evaluation:
+        table = evaluation_table(args.data_dir, args.quick)
+        print(table)
+        return table
     if args.model_sizes:
         table = model_sizes_table(args.resolution, args.text_width, args.batch, args.steps, args.precision)
         print(table)

@@ -54,3 +54,13 @@ def test_model_sizes_table_gives_flops_per_image_achieved_flops_and_mfu():
     assert (
         benchmark.gpu_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12 and benchmark.gpu_peak_flops("Tesla P100") is None
     )
+
+
+def test_evaluation_benchmark_times_every_part_in_seconds():
+    import benchmark
+
+    table = benchmark.evaluation_table(None, quick=True)
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "seconds" not in line]
+    assert len(rows) == 7
+    assert all(float(row[-1].rstrip(" |")) >= 0 for row in rows)
+    assert "4 held-out images x 10 timestep buckets" in table
