@@ -3365,8 +3365,9 @@ def run_plan(data: TrainingData, trainer: Trainer, unet, *, streaming: bool) -> 
         length = f" (with --streaming an 'epoch' is --checkpointing_steps = {schedule.batches_per_epoch // schedule.accumulation} steps)"
     else:
         length = f" ({schedule.max_steps * schedule.accumulation / schedule.batches_per_epoch:.1f} epochs)"
+    held_out = f" ({len(data.validation.captions)} more held out for the validation loss)" if data.validation else ""
     return (
-        f"{data.batches.describe()} padded to {data.text_max_length} tokens; batch {trainer.data.batch_size} x "
+        f"{data.batches.describe()}{held_out} padded to {data.text_max_length} tokens; batch {trainer.data.batch_size} x "
         f"{accelerator.num_processes} processes x {schedule.accumulation} accumulation = {trainer.images_per_step()} per step; "
         f"{schedule.max_steps} steps{length}; UNet {unet_params:.1f}M parameters"
     )

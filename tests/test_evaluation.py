@@ -67,7 +67,7 @@ def test_held_out_images_never_train_whatever_the_seed(argv, seed):
     assert trained == set(range(16)) - set(held)
     validation = run.outputs.checks.validation
     assert validation.pixels.shape == (4, 3, 16, 16) and validation.pixels.dtype == torch.uint8
-    assert "12 images (0 skipped)" in run.plan
+    assert "12 images (0 skipped), 9 captions (4 more held out for the validation loss)" in run.plan
 
 
 def test_validation_loss_is_the_same_on_every_call_for_the_same_weights(argv):
