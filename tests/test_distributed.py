@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -41,6 +42,7 @@ def flags(tiny_imagefolder, tiny_text_encoder_dir, tiny_unet_config_file):
 
 def test_two_processes_train_checkpoint_resume_and_match_one_process(flags, tmp_path):
     common = ("--use_ema", "--random_flip", "--max_train_steps", "4", "--checkpointing_steps", "2")
+    common += ("--validation_split", "4", "--validation_steps", "2", "--keep_best", "val_loss")
     two = tmp_path / "two"
     first = launch(flags(two, 2, *common), num_processes=2)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -62,6 +64,11 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(flags, tmp_
     one_weights = load_file(one / "checkpoint-4" / "model.safetensors")
     for name, weight in one_weights.items():
         torch.testing.assert_close(two_weights[name], weight, rtol=1e-4, atol=1e-5, msg=name)
+    # evaluated on the main process while the other waits: the same held-out loss as one process
+    records = {run: (run / trainer.EVALUATION_LOG).read_text().splitlines() for run in (one, two)}
+    losses = {run: [json.loads(line)["val/loss"] for line in lines] for run, lines in records.items()}
+    assert len(losses[two]) == 2 and losses[two] == pytest.approx(losses[one], rel=1e-4)
+    assert (two / trainer.BEST_DIR / "model_index.json").is_file()
 
 
 def test_resume_with_another_process_count_is_refused(flags, tmp_path, capsys):
