@@ -3125,7 +3125,9 @@ def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, t
 
 def read_validation_folder(data: DataConfig, folder: str, show_progress: bool) -> ValidationSet:
     """--validation_data_dir: every readable image of another imagefolder, with the training columns."""
-    config = dataclasses.replace(data, train_data_dir=folder, dataset_name=None, dataset_config_name=None)
+    config = dataclasses.replace(
+        data, train_data_dir=folder, dataset_name=None, dataset_config_name=None, streaming=False, num_workers=0
+    )
     table = read_image_table(config, None, show_progress)
     return ValidationSet.from_table(table, table.usable_rows.tolist(), data.resolution)
 

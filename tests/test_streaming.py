@@ -185,3 +185,15 @@ def test_two_process_streamed_launch_trains_and_checkpoints_each_process(stream_
         "random_states_1.pkl",
     ]
     assert (output / "model_index.json").is_file()
+
+
+def test_a_stream_is_validated_on_validation_data_dir_and_skips_the_memorization_check(stream_argv, tmp_path, caplog):
+    from conftest import write_imagefolder
+
+    held_out = write_imagefolder(tmp_path / "held_out", count=4)
+    run_ok(stream_argv("--validation_data_dir", str(held_out), "--max_train_steps", "2", "--validation_steps", "1"))
+    lines = (tmp_path / "out" / trainer.EVALUATION_LOG).read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [record["step"] for record in records] == [1, 2]
+    assert all("val/loss" in record and "memorization/copy_rate" not in record for record in records)
+    assert "no memorization check" in caplog.text
