@@ -2205,12 +2205,17 @@ class EvaluationLog:
             file.write(json.dumps(record) + "\n")
 
 
-def metrics_table(record: dict | None) -> str:
-    """The model card's evaluation section: a table of one evaluation's metrics."""
-    if not record:
+def newest_values(records: list[dict]) -> dict[str, tuple[int, float]]:
+    """Each metric's newest value and its step: a grid's record has no val/loss, a validation's no copy rate."""
+    return {name: (record["step"], value) for record in records for name, value in record.items() if "/" in name}
+
+
+def metrics_table(values: dict[str, tuple[int, float]]) -> str:
+    """The model card's evaluation section: each metric's value and the step it was measured at."""
+    if not values:
         return ""
-    rows = "".join(f"| {name} | {value:.6g} |\n" for name, value in record.items() if name not in ("step", "epoch"))
-    return f"\n## Evaluation at step {record['step']}\n\n| metric | value |\n|---|---|\n{rows}"
+    rows = "".join(f"| {name} | {value:.6g} | {step} |\n" for name, (step, value) in values.items())
+    return f"\n## Evaluation\n\n| metric | value | at step |\n|---|---|---|\n{rows}"
 
 
 BEST_METRICS = {"val_loss": "val/loss", "kid": "eval/kid", "fd": "eval/fd"}  # --keep_best -> logged name
@@ -2461,7 +2466,7 @@ def model_card(
     state: TrainState,
     grid: Path | None,
     output_dir: Path,
-    evaluation: dict | None = None,
+    evaluation: dict[str, tuple[int, float]] | None = None,
 ) -> str:
     data = flags["dataset_name"] or flags["train_data_dir"]
     grid_line = (
@@ -2481,7 +2486,7 @@ A pixel-space text-to-image diffusion model ({flags["resolution"]} px) trained f
 ({flags["prediction_type"]} prediction, {flags["ddpm_beta_schedule"]} betas, text encoder
 `{flags["text_encoder_name_or_path"]}`{", trained jointly" if flags["train_text_encoder"] else ", frozen"}).
 
-{grid_line}{metrics_table(evaluation)}
+{grid_line}{metrics_table(evaluation or {})}
 ## Use
 
 ```python
@@ -2576,12 +2581,12 @@ class Outputs:
         self.grids, self.output_dir, self.public_flags = grids, output_dir, public_flags
         self.checks = checks
         self.log = EvaluationLog(output_dir)
-        self.latest: dict | None = None  # the last evaluation's record (main process)
+        self.latest: dict[str, tuple[int, float]] = {}  # each metric's newest (step, value), main process
 
     def resume_log(self, step: int) -> None:
         """evaluation.jsonl as it was at `step` (a resumed run evaluates the later steps again)."""
         self.log.keep_until(step)
-        self.latest = (self.log.records() or [None])[-1]
+        self.latest = newest_values(self.log.records())
 
     def pipeline(self, unet, text_encoder):
         return build_pipeline(unet, text_encoder, self.tokenizer, self.noise_scheduler, self.text_max_length)
@@ -2655,13 +2660,13 @@ class Outputs:
         record = {"step": state.step, "epoch": epoch, **metrics}
         self.log.append(record)
         self.accelerator.log(metrics, step=state.step)
-        self.latest = record
+        self.latest |= newest_values([record])
         metric = self.checks.keep_best
         name = BEST_METRICS.get(metric)
         if exists(name) and name in metrics and (not exists(state.best) or metrics[name] < state.best["value"]):
             state.best = {"metric": metric, "value": metrics[name], "step": state.step}
             best = self.output_dir / BEST_DIR
-            self.save(unet_as_fp32(unet, self.ema), state, grid, best, record)
+            self.save(unet_as_fp32(unet, self.ema), state, grid, best, newest_values([record]))
             logger.info(
                 "step %d has the best %s so far (%.6g): saved the pipeline to %s",
                 state.step,
@@ -2670,11 +2675,11 @@ class Outputs:
                 best,
             )
 
-    def save(self, unet, state: TrainState, grid: Path | None, folder: Path, record: dict | None) -> None:
+    def save(self, unet, state: TrainState, grid: Path | None, folder: Path, metrics: dict) -> None:
         text_encoder = self.live_text_encoder()
         if not exists(text_encoder):  # frozen and freed after caching: its weights are still the ones on disk
             text_encoder = build_text_encoder(*self.text_encoder_source)[1]
-        card = model_card(self.public_flags, self.grids.prompts, state, grid, folder, record)
+        card = model_card(self.public_flags, self.grids.prompts, state, grid, folder, metrics)
         folder.mkdir(parents=True, exist_ok=True)
         save_pipeline(self.pipeline(unet, text_encoder), folder, card, state.step)
 
@@ -3547,12 +3552,12 @@ def summary_line(run: Run, images: int, seconds: float, reason: str) -> str:
     return line + evaluation_summary(run.outputs.latest, run.state.best)
 
 
-def evaluation_summary(latest: dict | None, best: dict | None) -> str:
-    """'; last evaluation (step S): val/loss 0.1, ...; best val_loss 0.09 at step T (in OUTPUT_DIR/best)'."""
-    if not latest:
-        return ""
+def evaluation_summary(latest: dict[str, tuple[int, float]], best: dict | None) -> str:
+    """'; last evaluated: val/loss 0.1 (step S), ...; best val_loss 0.09 at step T (saved in best/)'."""
     shown = [name for name in SUMMARY_METRICS if name in latest]
-    text = f"; evaluation at step {latest['step']}: " + ", ".join(f"{name} {latest[name]:.4g}" for name in shown)
+    if not shown:
+        return ""
+    text = "; last evaluated: " + ", ".join(f"{name} {latest[name][1]:.4g} (step {latest[name][0]})" for name in shown)
     if exists(best):
         text += f"; best {best['metric']} {best['value']:.4g} at step {best['step']} (saved in {BEST_DIR}/)"
     return text

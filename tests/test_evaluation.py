@@ -114,7 +114,7 @@ def test_validation_data_dir_scores_captions_the_training_set_lacks(argv, tmp_pa
     records = evaluations(tmp_path / "out")
     assert [record["step"] for record in records] == [2, 4]
     assert all(np.isfinite(record["val/loss"]) for record in records)
-    assert f"val/loss {records[-1]['val/loss']:.4g}" in capsys.readouterr().out
+    assert f"last evaluated: val/loss {records[-1]['val/loss']:.4g} (step 4)" in capsys.readouterr().out
 
 
 def test_training_loss_is_logged_per_timestep_bucket():
@@ -277,10 +277,10 @@ def test_fd_kid_clip_score_are_logged_and_keep_best_fd_saves_a_loadable_pipeline
     state = trainer.read_train_state(output / "checkpoint-4")
     assert state.best == {"metric": "fd", "value": pytest.approx(min(r["eval/fd"] for r in records)), "step": best_step}
     card = (output / trainer.BEST_DIR / "README.md").read_text()
-    assert f"## Evaluation at step {best_step}" in card and "| eval/fd |" in card
+    assert f"| eval/fd | {state.best['value']:.6g} | {best_step} |" in card
     TextToImagePipeline.from_pretrained(output / trainer.BEST_DIR)
     assert f"best fd {state.best['value']:.4g} at step {best_step}" in capsys.readouterr().out
-    assert "## Evaluation at step 4" in (output / "README.md").read_text()
+    assert f"| eval/fd | {records[-1]['eval/fd']:.6g} | 4 |" in (output / "README.md").read_text()
 
 
 def test_keep_best_val_loss_holds_the_ema_weights_of_the_best_step(argv, tmp_path):
@@ -328,3 +328,18 @@ def test_evaluate_script_reproduces_the_trainers_validation_loss_for_a_finished_
     assert metrics["val/loss"] == pytest.approx(last["val/loss"], rel=1e-5)
     assert 0 <= metrics["eval/copy_rate"] <= 1 and "val/loss_t090" in metrics
     assert "val/loss" in capsys.readouterr().out
+
+
+def test_the_last_line_gives_each_metrics_newest_value_with_its_step():
+    records = [
+        {"step": 100, "epoch": 1, "val/loss": 0.03, "memorization/copy_rate": 0.5},
+        {"step": 112, "epoch": 2, "memorization/copy_rate": 0.25},
+    ]
+    latest = trainer.newest_values(records)
+    assert latest == {"val/loss": (100, 0.03), "memorization/copy_rate": (112, 0.25)}
+    best = {"metric": "val_loss", "value": 0.02, "step": 50}
+    assert trainer.evaluation_summary(latest, best) == (
+        "; last evaluated: val/loss 0.03 (step 100), memorization/copy_rate 0.25 (step 112);"
+        " best val_loss 0.02 at step 50 (saved in best/)"
+    )
+    assert trainer.evaluation_summary({}, None) == ""
