@@ -2035,7 +2035,7 @@ def write_nearest_strip(samples, prompts, reference: TrainingReference, distance
 
     cells, captions = [], []
     for sample, prompt, distance, index in zip(samples, prompts, distances.tolist(), indices.tolist(), strict=True):
-        copied = " COPY" if distance <= reference.copy_threshold else ""
+        copied = " COPY," if distance <= reference.copy_threshold else ""
         cells += [sample, to_pil(reference.images[index : index + 1])[0]]
         captions += [prompt, f"d={distance:.3f}{copied} {reference.captions[index]}"]
     path.parent.mkdir(parents=True, exist_ok=True)
