@@ -1933,20 +1933,18 @@ def validation_losses(unet, noise_scheduler, validation: ValidationSet, embed, s
     and after a resume; the plain mean over buckets estimates the loss at uniform timesteps, as trained.
     """
     num_timesteps = noise_scheduler.config.num_train_timesteps
-    per_bucket = []
-    for bucket in range(VALIDATION_BUCKETS):
-        total = 0.0
-        for chunk, start in enumerate(range(0, len(validation.captions), VALIDATION_CHUNK)):
-            clean = validation.pixels[start : start + VALIDATION_CHUNK]
-            noise, timesteps = fixed_noise(chunk, bucket, tuple(clean.shape), num_timesteps)
-            clean = to_device(clean, device).float().div_(127.5).sub_(1.0)
-            text = embed(validation.captions[start : start + VALIDATION_CHUNK])
+    totals = [0.0] * VALIDATION_BUCKETS
+    for chunk, start in enumerate(range(0, len(validation.captions), VALIDATION_CHUNK)):
+        pixels = validation.pixels[start : start + VALIDATION_CHUNK]
+        clean = to_device(pixels, device).float().div_(127.5).sub_(1.0)
+        text = embed(validation.captions[start : start + VALIDATION_CHUNK])  # once per chunk, for every bucket
+        for bucket in range(VALIDATION_BUCKETS):
+            noise, timesteps = fixed_noise(chunk, bucket, tuple(pixels.shape), num_timesteps)
             losses = weighted_losses(
                 unet, noise_scheduler, clean, noise.to(device), timesteps.to(device), text, snr_gamma
             )
-            total += losses.double().sum().item()
-        per_bucket.append(total / len(validation.captions))
-    return per_bucket
+            totals[bucket] += losses.double().sum().item()
+    return [total / len(validation.captions) for total in totals]
 
 
 def pixel_rows(images: torch.Tensor) -> torch.Tensor:
@@ -2043,17 +2041,25 @@ def write_nearest_strip(samples, prompts, reference: TrainingReference, distance
     return path
 
 
+def load_eval_model(flag: str, name_or_path: str, processor_class, model_class, device, cache_dir: str | None):
+    """(processor, model in eval mode on `device`) of a --eval_* flag; one line naming the flag if it fails."""
+    try:
+        processor = processor_class.from_pretrained(name_or_path, cache_dir=cache_dir)
+        model = model_class.from_pretrained(name_or_path, cache_dir=cache_dir).eval().to(device)
+    except OSError as error:
+        raise UserError(f"--{flag} {name_or_path}: could not be loaded ({error})") from error
+    return processor, model
+
+
 class ImageFeatures:
     """Image features from a transformers model (DINOv2 recommended): pooled output, or mean over tokens."""
 
     def __init__(self, name_or_path: str, device: torch.device, cache_dir: str | None = None):
         from transformers import AutoImageProcessor, AutoModel
 
-        try:
-            self.processor = AutoImageProcessor.from_pretrained(name_or_path, cache_dir=cache_dir)
-            self.model = AutoModel.from_pretrained(name_or_path, cache_dir=cache_dir).eval().to(device)
-        except OSError as error:
-            raise UserError(f"--eval_feature_model {name_or_path}: could not be loaded ({error})") from error
+        self.processor, self.model = load_eval_model(
+            "eval_feature_model", name_or_path, AutoImageProcessor, AutoModel, device, cache_dir
+        )
         self.device = device
 
     @torch.no_grad()
@@ -2079,11 +2085,9 @@ class ClipScore:
     def __init__(self, name_or_path: str, device: torch.device, cache_dir: str | None = None):
         from transformers import AutoProcessor, CLIPModel
 
-        try:
-            self.processor = AutoProcessor.from_pretrained(name_or_path, cache_dir=cache_dir)
-            self.model = CLIPModel.from_pretrained(name_or_path, cache_dir=cache_dir).eval().to(device)
-        except OSError as error:
-            raise UserError(f"--eval_clip_model {name_or_path}: could not be loaded ({error})") from error
+        self.processor, self.model = load_eval_model(
+            "eval_clip_model", name_or_path, AutoProcessor, CLIPModel, device, cache_dir
+        )
         self.device = device
 
     @torch.no_grad()
@@ -2261,13 +2265,7 @@ def eval_mode(unet, text_encoder) -> Iterator[None]:
 def unet_as_fp32(unet, ema):
     """A UNet that already holds its EMA weights, in fp32 to save: itself, or an fp32 copy with the EMA's fp32
     weights put in unrounded (no EMA store/restore here: the caller's ema_weights holds the training weights)."""
-    if next(unet.parameters()).dtype == torch.float32:
-        return unet
-    copy = type(unet).from_config(unet.config)
-    copy.load_state_dict({name: tensor.float() for name, tensor in unet.state_dict().items()})
-    if exists(ema):
-        ema.copy_to(copy.parameters())
-    return copy
+    return unet if next(unet.parameters()).dtype == torch.float32 else fp32_copy_with_ema(unet, ema)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2526,11 +2524,16 @@ def unet_with_ema(unet, ema, fp32: bool) -> Iterator[torch.nn.Module]:
         with ema_weights(ema, unet):
             yield unet
         return
+    yield fp32_copy_with_ema(unet, ema)
+
+
+def fp32_copy_with_ema(unet, ema):
+    """An fp32 copy of a UNet held in bf16/fp16, with the EMA's fp32 weights put in unrounded."""
     copy = type(unet).from_config(unet.config)
     copy.load_state_dict({name: tensor.float() for name, tensor in unet.state_dict().items()})
     if exists(ema):
         ema.copy_to(copy.parameters())
-    yield copy
+    return copy
 
 
 @contextlib.contextmanager
