@@ -81,6 +81,17 @@ def encode_text(
     return text_encoder(tokens["input_ids"].to(device), **extra).last_hidden_state
 
 
+def unaugmented_labels(unet, batch_size: int, device, dtype) -> dict:
+    """UNet kwargs for images as they are: zero `class_labels` when the UNet was trained with augmentation
+    conditioning (the trainer's --augment_prob feeds each transform's parameters through the projection class
+    embedding, zero for an untouched image); nothing for any other UNet."""
+    config = unet.config
+    if config.class_embed_type != "projection":
+        return {}
+    width = config.projection_class_embeddings_input_dim
+    return {"class_labels": torch.zeros(batch_size, width, device=device, dtype=dtype)}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Schedulers
 
@@ -344,7 +355,8 @@ class TextToImagePipeline(DiffusionPipeline):
         model_input = self.scheduler.scale_model_input(model_input, timestep)
         # in the latents' precision from here on: under autocast (the trainer's grids, torch.compile) the UNet
         # returns bf16/fp16, and guidance and the sampler's update would otherwise run at that precision
-        output = self.unet(model_input, timestep, encoder_hidden_states=embeddings).sample.to(latents.dtype)
+        labels = unaugmented_labels(self.unet, model_input.shape[0], model_input.device, self.unet.dtype)
+        output = self.unet(model_input, timestep, encoder_hidden_states=embeddings, **labels).sample.to(latents.dtype)
         if guided:
             unconditional, conditional = output.chunk(2)
             output = unconditional + self.guidance_scale * (conditional - unconditional)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -62,6 +63,24 @@ STOP_CHECK_STEPS = 10
 DISK_BYTES_PER_SECOND = 100e6  # a slow notebook disk: the estimate of a save's time before one is measured
 CPU = torch.device("cpu")
 MIN_USEFUL_LEVEL_SIZE = 4  # px: below it a UNet level sees (almost) one pixel
+NEAREST_SCALE_PROBES = 64  # images whose size is checked against --resize_filter nearest's whole-number scales
+RESIZE_FILTERS = ("nearest", "box", "bilinear", "bicubic", "lanczos")
+ALPHA_BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
+SIDE_WORDS = re.compile(r"\b(left|right)(?=\b|ward|most|side|hand)", re.IGNORECASE)
+# --augment_prob: the conditioning vector's entries, zero for an untouched image, and the transforms' ranges
+AUGMENT_LABELS = (
+    "x_flip",
+    "quarter_turn_sin",
+    "quarter_turn_cos_minus_1",
+    "rotation",
+    "log2_scale",
+    "shift_x",
+    "shift_y",
+)
+AUGMENT_TRANSFORM_PROB = 0.5  # an augmented image gets each of the five transforms with this probability
+AUGMENT_MAX_ROTATION = math.pi / 12  # radians
+AUGMENT_LOG2_SCALE_STD = 0.2
+AUGMENT_MAX_SHIFT = 0.125  # of the side, rounded to whole pixels
 
 
 VALIDATION_MAX_HELD_OUT = 256  # a --validation_split share holds out at most this many images
@@ -132,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--random_flip",
         action="store_true",
-        help="Flip images horizontally at random (not for captions that say left/right).",
+        help="Flip images horizontally at random; a caption that says left or right gets them swapped (--flip_sided_captions).",
     )
     data.add_argument(
         "--dataloader_num_workers",
@@ -173,6 +192,74 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=4.0,
         help="Decode all images once into memory when they fit in this many GiB at the training resolution; 0 decodes every epoch.",
+    )
+
+    small = parser.add_argument_group(
+        "small datasets",
+        "Levers against copying the training set (README 'Small datasets'); all off by default.",
+    )
+    small.add_argument(
+        "--augment_prob",
+        type=float,
+        default=0.0,
+        help="Share of training images geometrically augmented without leaking into samples (EDM, Karras et al. 2022):"
+        " an augmented image gets each of x-flip, a quarter turn, a small rotation (up to 15 degrees), an isotropic"
+        " scale (log2 ~ N(0, 0.2)) and a whole-pixel shift (up to 1/8 of the side) with probability 1/2, and the"
+        " transform's parameters reach the UNet through its class embedding (zeros for an untouched image; samples"
+        " always get zeros, so they look un-augmented). 0.2-0.5 for a few hundred images.",
+    )
+    small.add_argument(
+        "--flip_sided_captions",
+        default="swap",
+        choices=["swap", "no_flip"],
+        help="A mirrored image (--random_flip, or the x-flip of --augment_prob) whose caption says left or right:"
+        " swap the words in its caption, or do not mirror it.",
+    )
+    small.add_argument(
+        "--caption_shuffle_separator",
+        default=None,
+        help='Split captions into tags at this separator (e.g. ",") and shuffle the tags after'
+        " --caption_keep_tokens every time a caption is shown.",
+    )
+    small.add_argument(
+        "--caption_keep_tokens",
+        type=int,
+        default=0,
+        help="Tags at the start of a caption that stay in place and are never dropped (e.g. 1 for 'a sprite of X').",
+    )
+    small.add_argument(
+        "--caption_tag_dropout",
+        type=float,
+        default=0.0,
+        help="Drop each tag (after --caption_keep_tokens; split at --caption_shuffle_separator, else at ',') with this"
+        " probability; one tag always stays.",
+    )
+    small.add_argument(
+        "--caption_variants",
+        type=int,
+        default=8,
+        help="With shuffling or tag dropout: variants of each caption, fixed by its text, one picked at random each"
+        " time it is shown; a frozen encoder's cache holds all of them (K x the captions' memory).",
+    )
+    small.add_argument(
+        "--input_perturbation",
+        type=float,
+        default=0.0,
+        help="DDPM-IP (Ning et al. 2023): the UNet's noisy input gets this much extra noise that the target does not"
+        " (0.1 in the paper); counters the gap between training and sampling inputs.",
+    )
+    small.add_argument(
+        "--resize_filter",
+        default="bicubic",
+        choices=list(RESIZE_FILTERS),
+        help="How images are resized to --resolution: nearest keeps pixel art's hard edges (at whole-number scales).",
+    )
+    small.add_argument(
+        "--alpha_background",
+        default="white",
+        choices=["white", "black", "gray", "random"],
+        help="What transparent pixels of RGBA images become: a fixed colour, or random = a random flat colour per"
+        " image each time it is shown, so the model does not learn one background (evaluation uses white).",
     )
 
     model = parser.add_argument_group("model")
@@ -479,6 +566,35 @@ def require_at_least(minimum: int, **flags: int) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CaptionVariants:
+    """--caption_shuffle_separator / --caption_tag_dropout: how a caption's tags are reordered and dropped."""
+
+    separator: str
+    shuffle: bool
+    keep_tokens: int
+    tag_dropout: float
+    count: int
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> CaptionVariants | None:
+        if not 0 <= args.caption_tag_dropout < 1:
+            raise UserError(f"--caption_tag_dropout must be in [0, 1), got {args.caption_tag_dropout}")
+        require_at_least(0, caption_keep_tokens=args.caption_keep_tokens)
+        require_at_least(1, caption_variants=args.caption_variants)
+        if args.caption_shuffle_separator == "":
+            raise UserError('--caption_shuffle_separator is empty; pass the text between tags, e.g. ","')
+        if not exists(args.caption_shuffle_separator) and args.caption_tag_dropout == 0:
+            return None
+        return cls(
+            separator=args.caption_shuffle_separator or ",",
+            shuffle=exists(args.caption_shuffle_separator),
+            keep_tokens=args.caption_keep_tokens,
+            tag_dropout=args.caption_tag_dropout,
+            count=args.caption_variants,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
 class DataConfig:
     """Where the captioned images are and how they become training pixels."""
 
@@ -498,6 +614,11 @@ class DataConfig:
     caption_max_length: int | None
     caption_cache: bool
     batch_size: int  # per process and micro-batch
+    resize_filter: str = "bicubic"
+    alpha_background: str = "white"
+    augment_prob: float = 0.0
+    flip_sided_captions: str = "swap"
+    caption_variants: CaptionVariants | None = None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> DataConfig:
@@ -513,6 +634,8 @@ class DataConfig:
             raise UserError(
                 f"--caption_max_length must be at least 2 (the start and end tokens), got {args.caption_max_length}"
             )
+        if not 0 <= args.augment_prob <= 1:
+            raise UserError(f"--augment_prob must be in [0, 1], got {args.augment_prob}")
         return cls(
             dataset_name=args.dataset_name,
             dataset_config_name=args.dataset_config_name,
@@ -530,11 +653,30 @@ class DataConfig:
             caption_max_length=args.caption_max_length,
             caption_cache=args.caption_cache,
             batch_size=args.train_batch_size,
+            resize_filter=args.resize_filter,
+            alpha_background=args.alpha_background,
+            augment_prob=args.augment_prob,
+            flip_sided_captions=args.flip_sided_captions,
+            caption_variants=CaptionVariants.from_args(args),
         )
 
     @property
     def name(self) -> str:
         return self.train_data_dir or self.dataset_name
+
+    @property
+    def mirrors(self) -> bool:
+        """Whether some training images are shown mirrored."""
+        return self.random_flip or self.augment_prob > 0
+
+    @property
+    def decoding(self) -> Decoding:
+        return Decoding(
+            resolution=self.resolution,
+            center_crop=self.center_crop,
+            resize_filter=self.resize_filter,
+            alpha_background=self.alpha_background,
+        )
 
     @property
     def base(self) -> Path:
@@ -598,10 +740,13 @@ class DiffusionConfig:
     snr_gamma: float
     noise_offset: float
     conditioning_dropout_prob: float
+    input_perturbation: float = 0.0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> DiffusionConfig:
         require_at_least(1, ddpm_num_steps=args.ddpm_num_steps)
+        if args.input_perturbation < 0:
+            raise UserError(f"--input_perturbation must be at least 0, got {args.input_perturbation}")
         if not 0 <= args.conditioning_dropout_prob < 1:
             raise UserError(f"--conditioning_dropout_prob must be in [0, 1), got {args.conditioning_dropout_prob}")
         return cls(
@@ -612,6 +757,7 @@ class DiffusionConfig:
             snr_gamma=args.snr_gamma,
             noise_offset=args.noise_offset,
             conditioning_dropout_prob=args.conditioning_dropout_prob,
+            input_perturbation=args.input_perturbation,
         )
 
 
@@ -963,8 +1109,9 @@ def open_image(source):
     raise ValueError(f"unreadable image cell {describe_source(source)}")
 
 
-def to_rgb(image):
-    """Any PIL mode (L, P, RGBA, CMYK, 16-bit, float) as RGB; transparency composited on white."""
+def to_rgb(image, background: str = "white"):
+    """Any PIL mode (L, P, RGBA, CMYK, 16-bit, float) as RGB, transparency composited on the --alpha_background
+    colour; as RGBA for "random" (the colour is drawn per batch, so the alpha is kept)."""
     from PIL import Image
 
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -973,36 +1120,95 @@ def to_rgb(image):
         image = Image.fromarray(np.clip(array / peak * 255.0, 0, 255).astype(np.uint8), "L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
+    if background == "random":
+        return image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        flat = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUNDS[background], 255))
+        return Image.alpha_composite(flat, rgba).convert("RGB")
     return image.convert("RGB")
 
 
-def decode_image(source, resolution: int, center_crop: bool) -> torch.Tensor:
-    """uint8 [3, H, W] with the shorter side == resolution (square when center_crop)."""
+@dataclass(frozen=True, kw_only=True)
+class Decoding:
+    """How a file becomes training pixels: --resolution, --center_crop, --resize_filter, --alpha_background."""
+
+    resolution: int
+    center_crop: bool
+    resize_filter: str = "bicubic"
+    alpha_background: str = "white"
+
+    @property
+    def channels(self) -> int:
+        """3, or 4 when the alpha is kept for a background drawn per batch."""
+        return 4 if self.alpha_background == "random" else 3
+
+
+def resized_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    scale = resolution / min(width, height)
+    return max(resolution, round(width * scale)), max(resolution, round(height * scale))
+
+
+def decode_image(
+    source, resolution: int, center_crop: bool, resize_filter: str = "bicubic", alpha_background: str = "white"
+) -> torch.Tensor:
+    """uint8 [C, H, W] with the shorter side == resolution (square when center_crop); C = 4 (RGBA) only for a
+    random background."""
     from PIL import Image
 
     with open_image(source) as opened:
         opened.load()
-        image = to_rgb(opened)
-    width, height = image.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+        image = to_rgb(opened, alpha_background)
+    size = resized_size(*image.size, resolution)
+    if size != image.size:
+        resample = Image.Resampling[resize_filter.upper()]
+        # reducing_gap shrinks by box-averaging first: right for smooth filters, but it would blur pixel art
+        reducing_gap = None if resize_filter == "nearest" else 3.0
+        image = image.resize(size, resample, reducing_gap=reducing_gap)
     if center_crop:
         left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
         image = image.crop((left, top, left + resolution, top + resolution))
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def decode_or_describe(source, resolution: int, center_crop: bool) -> torch.Tensor | str:
+def decode_or_describe(source, decoding: Decoding) -> torch.Tensor | str:
     """The decoded image, or 'source: error' when it cannot be read (the caller decides what to skip)."""
     try:
-        return decode_image(source, resolution, center_crop)
+        return decode_image(
+            source, decoding.resolution, decoding.center_crop, decoding.resize_filter, decoding.alpha_background
+        )
     except IMAGE_ERRORS as error:
         return f"{describe_source(source)}: {error}"
+
+
+def is_whole_scale(width: int, height: int, resolution: int) -> bool:
+    """Whether resizing to `resolution` multiplies or divides the side by a whole number."""
+    short = min(width, height)
+    return short % resolution == 0 or resolution % short == 0
+
+
+def warn_fractional_nearest(sources, decoding: Decoding) -> None:
+    """--resize_filter nearest at a non-integer scale drops or doubles pixel rows unevenly: say so, once."""
+    if decoding.resize_filter != "nearest":
+        return
+    sizes = []
+    for source in sources:
+        with contextlib.suppress(*IMAGE_ERRORS), open_image(source) as image:  # header only: no pixels read
+            sizes.append(image.size)
+    uneven = [size for size in sizes if not is_whole_scale(*size, decoding.resolution)]
+    if uneven:
+        width, height = uneven[0]
+        logger.warning(
+            "--resize_filter nearest: %d of the first %d images scale by a non-integer factor (e.g. %dx%d px to"
+            " %d px: %.3gx), so some pixel rows are doubled and others not; pick a --resolution that divides or is a"
+            " multiple of the images' size, or --resize_filter box/bicubic",
+            len(uneven),
+            len(sizes),
+            width,
+            height,
+            decoding.resolution,
+            decoding.resolution / min(width, height),
+        )
 
 
 def name_unreadable(failures: list[str], already_named: int = 0) -> None:
@@ -1049,16 +1255,17 @@ def decoding_loader(dataset, batch_sampler, num_workers: int) -> torch.utils.dat
 class RowDecoder(torch.utils.data.Dataset):
     """Row -> (row, uint8 image or error text), reading the row's cell from the Arrow table on demand."""
 
-    def __init__(self, table, column: str, base: Path, resolution: int, center_crop: bool):
-        self.table, self.column, self.base = table, column, base
-        self.resolution, self.center_crop = resolution, center_crop
+    def __init__(self, table, column: str, base: Path, decoding: Decoding):
+        self.table, self.column, self.base, self.decoding = table, column, base, decoding
 
     def __len__(self) -> int:
         return len(self.table)
 
+    def source(self, row: int):
+        return resolve_image_source(self.table[int(row)][self.column], self.base)
+
     def __getitem__(self, row: int):
-        source = resolve_image_source(self.table[int(row)][self.column], self.base)
-        return row, decode_or_describe(source, self.resolution, self.center_crop)
+        return row, decode_or_describe(self.source(row), self.decoding)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -1109,8 +1316,10 @@ def read_image_table(config: DataConfig, known_unreadable: list[int] | None, sho
     if len(table) == 0:
         raise UserError(f"the dataset {config.name} has no rows")
     options, captions = read_captions(table, config.caption_column)
-    decoder = RowDecoder(table, config.image_column, config.base, config.resolution, config.center_crop)
-    estimated_gb = len(table) * 3 * config.resolution**2 * (1 if config.center_crop else 1.5) / 2**30
+    decoder = RowDecoder(table, config.image_column, config.base, config.decoding)
+    warn_fractional_nearest(map(decoder.source, range(min(len(table), NEAREST_SCALE_PROBES))), config.decoding)
+    pixels = config.decoding.channels * config.resolution**2
+    estimated_gb = len(table) * pixels * (1 if config.center_crop else 1.5) / 2**30
     keep = estimated_gb <= config.image_cache_max_gb
     if not keep:
         logger.info(
@@ -1229,11 +1438,11 @@ class ExampleDecoder(torch.utils.data.Dataset):
 
     def __init__(self, config: DataConfig):
         self.image_column, self.caption_column, self.base = config.image_column, config.caption_column, config.base
-        self.resolution, self.center_crop = config.resolution, config.center_crop
+        self.decoding = config.decoding
 
     def __getitem__(self, example: dict):
         source = resolve_image_source(example[self.image_column], self.base)
-        return decode_or_describe(source, self.resolution, self.center_crop), example[self.caption_column]
+        return decode_or_describe(source, self.decoding), example[self.caption_column]
 
 
 class StreamedBatches:
@@ -1302,6 +1511,11 @@ class StreamedBatches:
             refuse_mostly_unreadable(self.unreadable, self.examples_seen, failures[0])
         return Examples(images=stand_in_for_unreadable(list(images)), caption_options=options)
 
+    def first_sources(self, count: int) -> Iterator:
+        """The image cells of the first examples of one pass, as decode_image takes them."""
+        for example in itertools.islice(iter(self.dataset), count):
+            yield resolve_image_source(example[self.config.image_column], self.config.base)
+
     def sample_captions(self, count: int) -> list[str]:
         """Captions of the first examples of one pass (fewer when the data is smaller): a stand-in for the dataset's."""
         cells = [example[self.config.caption_column] for example in itertools.islice(iter(self.dataset), count)]
@@ -1334,6 +1548,35 @@ def open_stream(
 
 
 @dataclass(frozen=True, kw_only=True)
+class AugmentDraws:
+    """--augment_prob: each example's transform; all zero / False for an untouched one."""
+
+    x_flip: torch.Tensor  # bool
+    quarter_turns: torch.Tensor  # long, 0-3 (clockwise as displayed: y points down)
+    rotation: torch.Tensor  # radians (clockwise as displayed)
+    log2_scale: torch.Tensor
+    shift: torch.Tensor  # [N, 2] (x, y) as fractions of the side, rounded to whole pixels when applied
+
+
+def draw_augmentation(shard: Shard, augment_prob: float) -> AugmentDraws:
+    """Which examples are augmented and their transforms (for draw_batch: a fixed count of draws)."""
+    total = shard.total
+    augmented = torch.rand(total) < augment_prob
+    applied = (torch.rand(total, 5) < AUGMENT_TRANSFORM_PROB) & augmented[:, None]
+    quarter_turns = 1 + (torch.rand(total) * 3).long().clamp(max=2)
+    rotation = (torch.rand(total) * 2 - 1) * AUGMENT_MAX_ROTATION
+    log2_scale = torch.randn(total) * AUGMENT_LOG2_SCALE_STD
+    shift = (torch.rand(total, 2) * 2 - 1) * AUGMENT_MAX_SHIFT
+    return AugmentDraws(
+        x_flip=shard.of(applied[:, 0]),
+        quarter_turns=shard.of(torch.where(applied[:, 1], quarter_turns, 0)),
+        rotation=shard.of(torch.where(applied[:, 2], rotation, 0.0)),
+        log2_scale=shard.of(torch.where(applied[:, 3], log2_scale, 0.0)),
+        shift=shard.of(torch.where(applied[:, 4:5], shift, 0.0)),
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
 class BatchDraws:
     """Every random number one micro-batch needs before the loss draws its noise and timesteps."""
 
@@ -1341,33 +1584,150 @@ class BatchDraws:
     dropped: torch.Tensor  # bool per example: shown with the empty caption
     crop_at: torch.Tensor  # (top, left) as fractions of the spare pixels
     flip: torch.Tensor | None
+    variant_choice: torch.Tensor | None = None  # [0, 1) per example: which variant of its caption
+    augment: AugmentDraws | None = None
+    background: torch.Tensor | None = None  # [N, 3] in [0, 1]: the flat colour behind transparent pixels
 
 
-def draw_batch(shard: Shard, *, dropout_prob: float, center_crop: bool, random_flip: bool) -> BatchDraws:
+def draw_batch(
+    shard: Shard,
+    *,
+    dropout_prob: float,
+    center_crop: bool,
+    random_flip: bool,
+    caption_variants: bool = False,
+    augment_prob: float = 0.0,
+    random_background: bool = False,
+) -> BatchDraws:
     """The micro-batch's random numbers, from the global RNG, in a fixed order.
 
     The ordering contract that exact resume and "N processes = 1 process" rest on: per micro-batch,
-    this function draws first (caption choice, dropout, crop, flip; each for the whole global batch,
-    then sliced to this process's shard), then `diffusion_loss` draws noise, noise offset and timesteps,
-    and nothing else in the step draws from the global RNG (data loaders own their generators). A
-    draw added anywhere else, or moved, changes every later batch of a run and breaks both guarantees
-    without failing; add new draws here, at the end.
+    this function draws first (caption choice, dropout, crop, flip, then when turned on caption variant,
+    augmentation, background; each for the whole global batch, then sliced to this process's shard), then
+    `diffusion_loss` draws noise, noise offset, timesteps and input perturbation, and nothing else in the
+    step draws from the global RNG (data loaders own their generators). A draw added anywhere else, or
+    moved, changes every later batch of a run and breaks both guarantees without failing; add new draws
+    here, at the end, and only when their flag is on, so that runs without it keep their batches.
     """
     caption_choice = shard.of(torch.rand(shard.total))
     dropped = shard.of(torch.rand(shard.total)) < dropout_prob
     crop_at = shard.of(torch.full((shard.total, 2), 0.5) if center_crop else torch.rand(shard.total, 2))
     flip = shard.of(torch.rand(shard.total) < 0.5) if random_flip else None
-    return BatchDraws(caption_choice=caption_choice, dropped=dropped, crop_at=crop_at, flip=flip)
+    return BatchDraws(
+        caption_choice=caption_choice,
+        dropped=dropped,
+        crop_at=crop_at,
+        flip=flip,
+        variant_choice=shard.of(torch.rand(shard.total)) if caption_variants else None,
+        augment=draw_augmentation(shard, augment_prob) if augment_prob > 0 else None,
+        background=shard.of(torch.rand(shard.total, 3)) if random_background else None,
+    )
 
 
-def choose_captions(caption_options: list[list[str]], draws: BatchDraws) -> list[str]:
-    """One caption per example, picked among its list; the empty one where dropped (classifier-free guidance)."""
-    return [
-        "" if drop else options[min(int(pick * len(options)), len(options) - 1)]
-        for options, pick, drop in zip(
+def pick(options: list, share: float):
+    """The option at `share` in [0, 1) of the list."""
+    return options[min(int(share * len(options)), len(options) - 1)]
+
+
+def caption_variant(caption: str, index: int, variants: CaptionVariants) -> str:
+    """Variant `index` of a caption: its tags after the kept ones shuffled and/or dropped, by a generator
+    seeded with (index, caption), so every process, run and resume makes the same K variants."""
+    import random
+
+    tags = [tag.strip() for tag in caption.split(variants.separator)]
+    tags = [tag for tag in tags if tag]
+    kept, rest = tags[: variants.keep_tokens], tags[variants.keep_tokens :]
+    if not rest:
+        return caption
+    generator = random.Random(f"{index}\0{caption}")  # str seeds hash with sha512: stable across processes
+    if variants.shuffle:
+        generator.shuffle(rest)
+    survivors = [tag for tag in rest if generator.random() >= variants.tag_dropout]
+    if not survivors and not kept:  # one tag always stays: an empty caption is the unconditional one
+        survivors = [rest[0]]
+    joiner = variants.separator if variants.separator.isspace() else variants.separator.strip() + " "
+    return joiner.join(kept + survivors)
+
+
+def caption_variants_of(caption: str, variants: CaptionVariants | None) -> list[str]:
+    """The texts a caption is shown as in training (itself when there are no variants)."""
+    if not exists(variants) or not caption:
+        return [caption]
+    return [caption_variant(caption, index, variants) for index in range(variants.count)]
+
+
+def says_side(caption: str) -> bool:
+    return bool(SIDE_WORDS.search(caption))
+
+
+def swap_sides(caption: str) -> str:
+    """'left' <-> 'right' (also in leftward, rightmost, ...), keeping each word's case."""
+
+    def swapped(match: re.Match) -> str:
+        word = match.group(1)
+        other = "right" if word.lower() == "left" else "left"
+        if word.isupper():
+            return other.upper()
+        return other.capitalize() if word[0].isupper() else other
+
+    return SIDE_WORDS.sub(swapped, caption)
+
+
+def training_texts(captions: list[str], data: DataConfig) -> list[str]:
+    """Every text a caption can be shown as (its variants, mirrored ones with sides swapped), for the cache."""
+    texts = {}
+    for caption in captions:
+        for variant in caption_variants_of(caption, data.caption_variants):
+            texts[variant] = None
+            if data.mirrors and data.flip_sided_captions == "swap" and says_side(variant):
+                texts[swap_sides(variant)] = None
+    return list(texts)
+
+
+def mirrored(draws: BatchDraws) -> torch.Tensor | None:
+    """Per example, whether it is shown mirrored: flipped once, by --random_flip or the augmentation's x-flip."""
+    flips = [flip for flip in (draws.flip, draws.augment.x_flip if exists(draws.augment) else None) if exists(flip)]
+    return functools.reduce(torch.logical_xor, flips) if flips else None
+
+
+def without_mirroring(draws: BatchDraws, keep: torch.Tensor) -> BatchDraws:
+    """The draws with no flip where `keep` is False (--flip_sided_captions no_flip)."""
+    flip = draws.flip & keep if exists(draws.flip) else None
+    augment = draws.augment
+    if exists(augment):
+        augment = dataclasses.replace(augment, x_flip=augment.x_flip & keep)
+    return dataclasses.replace(draws, flip=flip, augment=augment)
+
+
+def choose_captions(
+    caption_options: list[list[str]], draws: BatchDraws, variants: CaptionVariants | None = None
+) -> list[str]:
+    """One caption per example, picked among its list, then among its variants; the empty one where dropped
+    (classifier-free guidance)."""
+    captions = [
+        "" if drop else pick(options, share)
+        for options, share, drop in zip(
             caption_options, draws.caption_choice.tolist(), draws.dropped.tolist(), strict=True
         )
     ]
+    if not exists(draws.variant_choice):
+        return captions
+    return [
+        pick(caption_variants_of(caption, variants), share)
+        for caption, share in zip(captions, draws.variant_choice.tolist(), strict=True)
+    ]
+
+
+def mind_the_sides(captions: list[str], draws: BatchDraws, policy: str) -> tuple[list[str], BatchDraws]:
+    """Mirrored images whose caption says left or right: the words swapped (policy "swap") or the image left
+    unmirrored ("no_flip"), so flips do not teach that left looks like right. (captions, draws as applied)"""
+    flips = mirrored(draws)
+    if not exists(flips):
+        return captions, draws
+    sided = torch.tensor([says_side(caption) for caption in captions], dtype=torch.bool)
+    if policy == "no_flip":
+        return captions, without_mirroring(draws, ~sided)
+    return [swap_sides(text) if flip else text for text, flip in zip(captions, flips.tolist(), strict=True)], draws
 
 
 def crop_and_flip(
@@ -1376,9 +1736,11 @@ def crop_and_flip(
     crop_at: torch.Tensor,
     flip: torch.Tensor | None,
     device: torch.device = CPU,
+    background: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A float batch in [-1, 1] on `device`; crop_at holds (top, left) as fractions of the spare pixels.
-    The batch crosses to the device as uint8 (a quarter of the float bytes) and is scaled there."""
+    """A float batch [N, 3, R, R] in [-1, 1] on `device`; crop_at holds (top, left) as fractions of the spare
+    pixels; RGBA images are composited on `background` ([N, 3] in [0, 1]). The batch crosses to the device as
+    uint8 (a quarter of the float bytes) and is scaled there."""
     crops = []
     for image, (top_share, left_share) in zip(images, crop_at.tolist(), strict=True):
         spare_h, spare_w = image.shape[1] - resolution, image.shape[2] - resolution
@@ -1387,7 +1749,61 @@ def crop_and_flip(
     batch = torch.stack(crops)
     if exists(flip):
         batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
-    return to_device(batch, device).float().div_(127.5).sub_(1.0)
+    batch = to_device(batch, device).float().div_(255.0)
+    if batch.shape[1] == 4:
+        colour = to_device(background if exists(background) else torch.ones(len(batch), 3), device)
+        batch = batch[:, :3] * batch[:, 3:] + colour[:, :, None, None] * (1 - batch[:, 3:])
+    return batch.mul_(2.0).sub_(1.0)
+
+
+def augmentation_labels(augment: AugmentDraws, resolution: int) -> torch.Tensor:
+    """The conditioning vector [N, len(AUGMENT_LABELS)] of each example's transform: exactly zero when untouched."""
+    turns = augment.quarter_turns
+    shift_pixels = torch.round(augment.shift * resolution)
+    return torch.stack(
+        [
+            augment.x_flip.float(),
+            torch.tensor([0.0, 1.0, 0.0, -1.0])[turns],
+            torch.tensor([0.0, -1.0, -2.0, -1.0])[turns],  # cos - 1
+            augment.rotation,
+            augment.log2_scale,
+            shift_pixels[:, 0] / resolution,
+            shift_pixels[:, 1] / resolution,
+        ],
+        dim=1,
+    )
+
+
+def sampling_grids(augment: AugmentDraws, resolution: int) -> torch.Tensor:
+    """affine_grid's [N, 2, 3]: for each output pixel, where in the input it comes from. The image is
+    mirrored, turned, rotated, scaled and shifted, in that order; the grid is that map's inverse."""
+    count = len(augment.x_flip)
+    turns = augment.quarter_turns
+    sin, cos = torch.tensor([0.0, 1.0, 0.0, -1.0])[turns], torch.tensor([1.0, 0.0, -1.0, 0.0])[turns]
+    turn = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)  # exact: entries 0, +-1
+    angle = augment.rotation
+    rotate = torch.stack([torch.stack([angle.cos(), -angle.sin()], 1), torch.stack([angle.sin(), angle.cos()], 1)], 1)
+    mirror = torch.stack([torch.where(augment.x_flip, -1.0, 1.0), torch.ones(count)], dim=1)
+    # inverse of shift . scale . rotate . turn . mirror: mirror^-1 = mirror, R^-1 = R^T
+    inverse = torch.diag_embed(mirror) @ turn.transpose(1, 2) @ rotate.transpose(1, 2)
+    inverse = inverse / (2.0**augment.log2_scale)[:, None, None]
+    shift = torch.round(augment.shift * resolution) * 2 / resolution  # pixels in [-1, 1] coordinates
+    return torch.cat([inverse, -(inverse @ shift[:, :, None])], dim=2)
+
+
+def augment_pixels(pixels: torch.Tensor, augment: AugmentDraws) -> tuple[torch.Tensor, torch.Tensor]:
+    """--augment_prob: (the batch transformed where drawn, its conditioning labels). Untouched images are kept
+    bit for bit; the others are resampled bilinearly, reflecting at the borders (EDM's choice)."""
+    resolution = pixels.shape[-1]
+    labels = augmentation_labels(augment, resolution)
+    changed = labels.ne(0).any(dim=1)
+    if changed.any():
+        grids = F.affine_grid(
+            sampling_grids(augment, resolution).to(pixels.device), list(pixels.shape), align_corners=False
+        )
+        moved = F.grid_sample(pixels, grids, mode="bilinear", padding_mode="reflection", align_corners=False)
+        pixels = torch.where(to_device(changed, pixels.device)[:, None, None, None], moved, pixels)
+    return pixels, to_device(labels, pixels.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1625,13 +2041,30 @@ def fit_text_pooling_heads(config: dict, text_width: int) -> None:
         config["addition_embed_type_num_heads"] = math.gcd(text_width, heads)
 
 
+def condition_on_augmentation(config: dict) -> None:
+    """--augment_prob: the transform's parameters enter through the class-embedding projection (added to the
+    timestep embedding); the saved config records it, and the pipeline then passes zeros."""
+    if config.get("class_embed_type") not in (None, "projection") or config.get("num_class_embeds"):
+        raise UserError(
+            f"--augment_prob conditions the UNet through its class embedding, but the --model_config_name_or_path"
+            f" config already uses one (class_embed_type {config.get('class_embed_type')!r}); remove it or pass --augment_prob 0"
+        )
+    config.update(class_embed_type="projection", projection_class_embeddings_input_dim=len(AUGMENT_LABELS))
+
+
 def build_unet(
-    config_path: str | None, resolution: int, cross_attention_dim: int, model_size: str = DEFAULT_MODEL_SIZE
+    config_path: str | None,
+    resolution: int,
+    cross_attention_dim: int,
+    model_size: str = DEFAULT_MODEL_SIZE,
+    augmentation: bool = False,
 ):
     """UNet2DConditionModel for pixel space; sample_size and cross_attention_dim follow the data and encoder."""
     from diffusers import UNet2DConditionModel
 
     config = load_unet_config(config_path, resolution, model_size)
+    if augmentation:
+        condition_on_augmentation(config)
     warn_collapsed_levels(config, resolution)
     if config.get("cross_attention_dim") not in (None, cross_attention_dim):
         logger.info(
@@ -1676,10 +2109,19 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> to
 
 
 def weighted_losses(
-    unet, noise_scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, text_embeddings, snr_gamma
+    unet,
+    noise_scheduler,
+    clean: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    text_embeddings,
+    snr_gamma,
+    augment_labels: torch.Tensor | None = None,
+    input_noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-sample min-SNR weighted MSE against the prediction type's target, for given noise and timesteps."""
-    noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+    """Per-sample min-SNR weighted MSE against the prediction type's target, for given noise and timesteps.
+    `input_noise` (--input_perturbation) noises the UNet's input in place of `noise`; the target keeps `noise`."""
+    noisy = noise_scheduler.add_noise(clean, noise if input_noise is None else input_noise, timesteps)
     prediction_type = noise_scheduler.config.prediction_type
     if prediction_type == "epsilon":
         target = noise
@@ -1689,7 +2131,8 @@ def weighted_losses(
         target = noise_scheduler.get_velocity(clean, noise, timesteps)
     # DeepSpeed holds the UNet itself in bf16/fp16 and accelerate does not autocast then: feed it its own dtype
     dtype = next(unet.parameters()).dtype
-    prediction = unet(noisy.to(dtype), timesteps, encoder_hidden_states=text_embeddings.to(dtype)).sample
+    labels = {} if augment_labels is None else {"class_labels": augment_labels.to(dtype)}
+    prediction = unet(noisy.to(dtype), timesteps, encoder_hidden_states=text_embeddings.to(dtype), **labels).sample
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(clean.device)[timesteps]
     weights = min_snr_weights(alphas_cumprod / (1 - alphas_cumprod), snr_gamma, prediction_type)
     return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)) * weights
@@ -1703,6 +2146,8 @@ def diffusion_losses(
     snr_gamma: float,
     noise_offset: float,
     shard: Shard | None = None,
+    augment_labels: torch.Tensor | None = None,
+    input_perturbation: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random noise and timesteps for this shard of the global batch: (per-sample weighted losses, timesteps)."""
     shard = shard or Shard(size=len(clean))
@@ -1712,7 +2157,13 @@ def diffusion_losses(
         noise += noise_offset * shard.of(torch.randn(*batch, 1, 1, device=clean.device, dtype=clean.dtype))
     num_timesteps = noise_scheduler.config.num_train_timesteps
     timesteps = shard.of(torch.randint(0, num_timesteps, (shard.total,), device=clean.device))
-    losses = weighted_losses(unet, noise_scheduler, clean, noise, timesteps, text_embeddings, snr_gamma)
+    input_noise = None
+    if input_perturbation:
+        extra = shard.of(torch.randn(*batch, *clean.shape[2:], device=clean.device, dtype=clean.dtype))
+        input_noise = noise + input_perturbation * extra
+    losses = weighted_losses(
+        unet, noise_scheduler, clean, noise, timesteps, text_embeddings, snr_gamma, augment_labels, input_noise
+    )
     return losses, timesteps
 
 
@@ -1890,12 +2341,20 @@ def centre_crop(image: torch.Tensor, resolution: int) -> torch.Tensor:
     return image[:, top : top + resolution, left : left + resolution]
 
 
+def on_white(image: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB of a uint8 image, RGBA (--alpha_background random) composited on white as evaluation shows it."""
+    if image.shape[0] == 3:
+        return image
+    alpha = image[3:].float() / 255
+    return (image[:3].float() * alpha + 255 * (1 - alpha)).round().to(torch.uint8)
+
+
 def centre_crops(table: ImageTable, rows: list[int], resolution: int) -> torch.Tensor:
     """uint8 [N, 3, R, R]: the rows' images cropped at the centre, decoded again where they are not cached."""
     images = [table.cache[row] if exists(table.cache) else table.decoder[row][1] for row in rows]
     images = stand_in_for_unreadable(images)
     return (
-        torch.stack([centre_crop(image, resolution) for image in images])
+        torch.stack([on_white(centre_crop(image, resolution)) for image in images])
         if images
         else torch.zeros(0, 3, resolution, resolution, dtype=torch.uint8)
     )
@@ -1932,16 +2391,19 @@ def validation_losses(unet, noise_scheduler, validation: ValidationSet, embed, s
     Noise and timesteps are fixed (fixed_noise), so the same weights give the same numbers on every call
     and after a resume; the plain mean over buckets estimates the loss at uniform timesteps, as trained.
     """
+    from pipeline_text_to_image import unaugmented_labels
+
     num_timesteps = noise_scheduler.config.num_train_timesteps
     totals = [0.0] * VALIDATION_BUCKETS
     for chunk, start in enumerate(range(0, len(validation.captions), VALIDATION_CHUNK)):
         pixels = validation.pixels[start : start + VALIDATION_CHUNK]
         clean = to_device(pixels, device).float().div_(127.5).sub_(1.0)
         text = embed(validation.captions[start : start + VALIDATION_CHUNK])  # once per chunk, for every bucket
+        labels = unaugmented_labels(unet, len(pixels), device, torch.float32).get("class_labels")
         for bucket in range(VALIDATION_BUCKETS):
             noise, timesteps = fixed_noise(chunk, bucket, tuple(pixels.shape), num_timesteps)
             losses = weighted_losses(
-                unet, noise_scheduler, clean, noise.to(device), timesteps.to(device), text, snr_gamma
+                unet, noise_scheduler, clean, noise.to(device), timesteps.to(device), text, snr_gamma, labels
             )
             totals[bucket] += losses.double().sum().item()
     return [total / len(validation.captions) for total in totals]
@@ -2458,6 +2920,20 @@ def tracker_config(flags: dict) -> dict:
     return {key: value for key, value in flags.items() if isinstance(value, (int, float, str, bool))}
 
 
+def training_images_line(flags: dict) -> str:
+    """How the training images were shown: what a user must match to sample or fine-tune alike."""
+    background = flags.get("alpha_background", "white")
+    transparency = "a random flat colour per showing" if background == "random" else background
+    line = f"Images resized with the {flags.get('resize_filter', 'bicubic')} filter, transparency on {transparency}"
+    augment = flags.get("augment_prob", 0.0)
+    if augment:
+        line += (
+            f"; {augment:g} of them augmented (flip, quarter turn, rotation, scale, shift) with the transform fed to"
+            " the UNet's class embedding, zeros at sampling (the pipeline passes them)"
+        )
+    return line + "."
+
+
 def model_card(
     flags: dict,
     prompts: list[str],
@@ -2483,6 +2959,7 @@ A pixel-space text-to-image diffusion model ({flags["resolution"]} px) trained f
 `train_text_to_image.py` on `{data}` for {state.step} optimizer steps
 ({flags["prediction_type"]} prediction, {flags["ddpm_beta_schedule"]} betas, text encoder
 `{flags["text_encoder_name_or_path"]}`{", trained jointly" if flags["train_text_encoder"] else ", frozen"}).
+{training_images_line(flags)}
 
 {grid_line}{metrics_table(evaluation or {})}
 ## Use
@@ -2916,21 +3393,30 @@ class Trainer:
         self.shard = Shard(accelerator.process_index, accelerator.num_processes, data.batch_size)
         self.accumulation = accelerator.gradient_accumulation_steps
 
-    def micro_batch(self, micro_index: int) -> tuple[torch.Tensor, list[str]]:
-        """Pixels in [-1, 1] and one caption each, for this process's share of one global micro-batch."""
+    def micro_batch(self, micro_index: int) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+        """Pixels in [-1, 1], one caption each and the augmentation labels (None without --augment_prob), for
+        this process's share of one global micro-batch."""
+        data = self.data
         examples = self.batches.examples(micro_index)
         draws = draw_batch(
             self.shard,
             dropout_prob=self.diffusion.conditioning_dropout_prob,
-            center_crop=self.data.center_crop,
-            random_flip=self.data.random_flip,
+            center_crop=data.center_crop,
+            random_flip=data.random_flip,
+            caption_variants=exists(data.caption_variants),
+            augment_prob=data.augment_prob,
+            random_background=data.alpha_background == "random",
         )
-        pixels = crop_and_flip(
-            examples.images, self.data.resolution, draws.crop_at, draws.flip, self.accelerator.device
-        )
+        captions = choose_captions(examples.caption_options, draws, data.caption_variants)
+        captions, draws = mind_the_sides(captions, draws, data.flip_sided_captions)
+        device = self.accelerator.device
+        pixels = crop_and_flip(examples.images, data.resolution, draws.crop_at, draws.flip, device, draws.background)
+        labels = None
+        if exists(draws.augment):
+            pixels, labels = augment_pixels(pixels, draws.augment)
         if self.channels_last:
             pixels = pixels.contiguous(memory_format=torch.channels_last)
-        return pixels, choose_captions(examples.caption_options, draws)
+        return pixels, captions, labels
 
     def step(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Optimizer step `step` + 1: its micro-batches forward and backward, clip, update, LR and EMA.
@@ -2940,7 +3426,7 @@ class Trainer:
         num_timesteps = self.noise_scheduler.config.num_train_timesteps
         buckets = torch.zeros(2, VALIDATION_BUCKETS, device=accelerator.device)
         for micro_index in range(step * self.accumulation, (step + 1) * self.accumulation):
-            pixels, captions = self.micro_batch(micro_index)
+            pixels, captions, labels = self.micro_batch(micro_index)
             with accelerator.accumulate(*self.trained):
                 with accelerator.autocast():
                     text = self.conditioner.embed(captions)
@@ -2952,6 +3438,8 @@ class Trainer:
                         self.diffusion.snr_gamma,
                         self.diffusion.noise_offset,
                         self.shard,
+                        augment_labels=labels,
+                        input_perturbation=self.diffusion.input_perturbation,
                     )
                     loss = per_sample.mean()
                 accelerator.backward(loss)
@@ -3067,6 +3555,7 @@ def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, t
     if data.streaming:
         batches = open_stream(data, accelerator.process_index, accelerator.num_processes, state.seed, shard_start)
         captions = batches.sample_captions(STREAM_CAPTION_SAMPLE)
+        warn_fractional_nearest(batches.first_sources(NEAREST_SCALE_PROBES), data.decoding)
         text_max_length = caption_max_length(tokenizer, None, data.caption_max_length)
         schedule = stream_schedule(
             checkpointing_steps=config.output.checkpointing_steps,
@@ -3112,7 +3601,8 @@ def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, t
             device=accelerator.device,
         )
     else:
-        cached = list(dict.fromkeys(captions + (validation.captions if exists(validation) else [])))
+        shown = training_texts(captions, data)  # with their variants and sides swapped
+        cached = list(dict.fromkeys(captions + shown + (validation.captions if exists(validation) else [])))
         cache_file = caption_cache_path(
             config.output.output_dir, config.model.text_encoder, text_encoder, cached, text_max_length
         )
@@ -3236,7 +3726,13 @@ def prepare_models(config: RunConfig, accelerator, text_encoder, data: TrainingD
     from diffusers.optimization import get_scheduler
 
     model, optim = config.model, config.optim
-    unet = build_unet(model.unet_config, config.data.resolution, text_hidden_size(text_encoder), model.model_size)
+    unet = build_unet(
+        model.unet_config,
+        config.data.resolution,
+        text_hidden_size(text_encoder),
+        model.model_size,
+        augmentation=config.data.augment_prob > 0,
+    )
     configure_unet(unet, model)
     ema = build_ema(unet, optim)  # from the CPU copy: with --ema_offload the EMA never touches the GPU
     # on the device before the optimizer: torch 2.1-2.3 refuse fused AdamW over CPU parameters at construction
