@@ -3571,7 +3571,10 @@ def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, t
             held_out = hold_out_rows(table.usable_rows, config.evaluation.validation_split)
             validation = ValidationSet.from_table(table, held_out.tolist(), data.resolution) if len(held_out) else None
             table = without_rows(table, held_out)
-        text_max_length = caption_max_length(tokenizer, captions, data.caption_max_length)
+        # variants can tokenize longer than their caption (tags rejoined): pad to the longest text shown
+        text_max_length = caption_max_length(
+            tokenizer, captions + training_texts(captions, data), data.caption_max_length
+        )
         schedule = plan_schedule(
             len(table.usable_rows),
             batch_size=data.batch_size,
@@ -3872,8 +3875,10 @@ def run_plan(data: TrainingData, trainer: Trainer, unet, *, streaming: bool) -> 
     else:
         length = f" ({schedule.max_steps * schedule.accumulation / schedule.batches_per_epoch:.1f} epochs)"
     held_out = f" ({len(data.validation.captions)} more held out for the validation loss)" if data.validation else ""
+    variants = trainer.data.caption_variants
+    each = f", {variants.count} variants each" if exists(variants) else ""
     return (
-        f"{data.batches.describe()}{held_out} padded to {data.text_max_length} tokens; batch {trainer.data.batch_size} x "
+        f"{data.batches.describe()}{held_out}{each} padded to {data.text_max_length} tokens; batch {trainer.data.batch_size} x "
         f"{accelerator.num_processes} processes x {schedule.accumulation} accumulation = {trainer.images_per_step()} per step; "
         f"{schedule.max_steps} steps{length}; UNet {unet_params:.1f}M parameters"
     )

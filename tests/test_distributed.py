@@ -43,6 +43,7 @@ def flags(tiny_imagefolder, tiny_text_encoder_dir, tiny_unet_config_file):
 def test_two_processes_train_checkpoint_resume_and_match_one_process(flags, tmp_path):
     common = ("--use_ema", "--random_flip", "--max_train_steps", "4", "--checkpointing_steps", "2")
     common += ("--validation_split", "4", "--validation_steps", "2", "--keep_best", "val_loss")
+    common += ("--augment_prob", "0.5", "--input_perturbation", "0.1", "--caption_shuffle_separator", " ")
     two = tmp_path / "two"
     first = launch(flags(two, 2, *common), num_processes=2)
     assert first.returncode == 0, first.stderr[-3000:]
