@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--caption_shuffle_separator",
         default=None,
         help='Split captions into tags at this separator (e.g. ",") and shuffle the tags after'
-        " --caption_keep_tokens every time a caption is shown.",
+        " --caption_keep_tokens: --caption_variants orders per caption, one picked each time it is shown.",
     )
     small.add_argument(
         "--caption_keep_tokens",

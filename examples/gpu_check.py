@@ -91,8 +91,9 @@ def train_row(name: str, flags: list, extra: list, skip: str | None = None) -> R
 
 
 def resume_rows(flags_for, on_gpu: bool) -> list[Row]:
-    """2 steps with EMA and a checkpoint, then resume and take one more: item 1 of issue 13 on a GPU."""
-    precision = ["--mixed_precision", "bf16" if on_gpu else "no"]
+    """2 steps with EMA and a checkpoint, then resume and take one more: item 1 of issue 13 on a GPU. With
+    --augment_prob, so the pipeline row samples a UNet with augmentation labels in float16."""
+    precision = ["--mixed_precision", "bf16" if on_gpu else "no", "--augment_prob", "0.5"]
     first = train_row("train 2 steps with --use_ema, checkpoint", flags_for(2), ["--use_ema", *precision])
     ok, output, seconds = run(
         [sys.executable, TRAINER, *flags_for(3), "--use_ema", *precision, "--resume_from_checkpoint", "latest"]
@@ -126,7 +127,10 @@ print("2 images", images.shape[1:], "float16 + cpu offload" if on_gpu else "floa
 
 
 def pipeline_row(model: Path, on_gpu: bool) -> Row:
-    ok, output, seconds = run([sys.executable, "-c", PIPELINE_CHECK, model], environment={"PYTHONPATH": str(REPO)})
+    ok, output, seconds = run(
+        [sys.executable, "-c", PIPELINE_CHECK, model],
+        environment={"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))},
+    )
     name = (
         "pipeline: torch_dtype float16, enable_model_cpu_offload()" if on_gpu else "pipeline (CPU: float32, no offload)"
     )
@@ -159,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--output", type=Path, default=Path("gpu_check.md"), help="Where the table is written.")
     parser.add_argument("--work_dir", type=Path, help="Keep the data and runs here (default: a temporary folder).")
+    parser.add_argument(
+        "--mfu_resolutions", type=int, nargs="*", default=[32, 64], help="Resolutions of the MFU tables (none: skip)."
+    )
     args = parser.parse_args(argv)
     args.output.parent.mkdir(parents=True, exist_ok=True)
 
@@ -191,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
                       None if native_bf16 or not on_gpu else "no native bf16 (compute capability < 8.0)"),
             train_row(f"train {half if on_gpu else 'fp32'} --channels_last", flags_for(steps, "channels_last"),
                       ["--mixed_precision", half if on_gpu else "no", "--channels_last"]),
+            train_row(f"train {half if on_gpu else 'fp32'}, small-dataset flags", flags_for(steps, "small"),
+                      ["--mixed_precision", half if on_gpu else "no", "--augment_prob", "0.5", "--random_flip",
+                       "--alpha_background", "random", "--input_perturbation", "0.1",
+                       "--caption_shuffle_separator", " ", "--channels_last"]),
             train_row(f"train {half} --torch_compile", flags_for(steps, "compile"),
                       ["--mixed_precision", half, "--torch_compile"],
                       None if compile_ok else "needs a GPU of compute capability >= 7.0"),
@@ -207,7 +218,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         rows.append(pipeline_row(work / "resume", on_gpu))
-        mfu_settings = [(32, 128, 10), (64, 64, 10)] if on_gpu else [(16, 2, 1)]
+        mfu_batches = {32: 128, 64: 64}
+        mfu_settings = (
+            [(size, mfu_batches.get(size, 64), 10) for size in args.mfu_resolutions] if on_gpu else [(16, 2, 1)]
+        )
         for size, mfu_batch, mfu_steps in mfu_settings:
             rows.append(
                 mfu_rows(size, mfu_batch, mfu_steps, args.output.with_name(f"{args.output.stem}-mfu-{size}px.md"))

@@ -125,6 +125,7 @@ def test_gpu_check_dry_run_takes_every_step_on_cpu_and_writes_its_table(tmp_path
     assert [name for name, result in rows.items() if result == "ok"] == [
         "train (CPU: fp32)",
         "train fp32 --channels_last",
+        "train fp32, small-dataset flags",
         "train 2 steps with --use_ema, checkpoint",
         "resume --use_ema, 1 more step",
         "pipeline (CPU: float32, no offload)",
