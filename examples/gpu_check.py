@@ -46,7 +46,8 @@ def run(command: list[str], environment: dict | None = None, timeout: int = 600)
         )
     except subprocess.TimeoutExpired:
         return False, f"timed out after {timeout} s", time.perf_counter() - started
-    output = (result.stdout + result.stderr).strip().splitlines()
+    # stdout last: the trainer's closing 'img/s' line must not be pushed out by stderr's progress bars
+    output = (result.stderr + "\n" + result.stdout).strip().splitlines()
     return result.returncode == 0, "\n".join(output[-30:]), time.perf_counter() - started
 
 
