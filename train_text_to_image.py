@@ -3724,6 +3724,25 @@ class PreparedModels:
     lr_scheduler: object
 
 
+def check_checkpoint_augmentation(checkpoint: Path, augmentation: bool) -> None:
+    """--augment_prob adds the UNet's class embedding: a checkpoint made with it cannot resume without it, nor
+    the other way round; say so instead of a state-dict error."""
+    from safetensors import safe_open
+
+    weights = checkpoint / "model.safetensors"
+    if not weights.is_file():
+        return
+    with safe_open(str(weights), "pt") as opened:
+        trained_with = any("class_embedding." in key for key in opened.keys())
+    if trained_with != augmentation:
+        was, now = ("with", "0") if trained_with else ("without", "> 0")
+        raise UserError(
+            f"--resume_from_checkpoint {checkpoint}: that run trained {was} --augment_prob (its UNet's class embedding"
+            f" {'is' if trained_with else 'is not'} there), this one has --augment_prob {now}; resume with the first run's"
+            " --augment_prob, or start a new --output_dir"
+        )
+
+
 def prepare_models(config: RunConfig, accelerator, text_encoder, data: TrainingData, state, resume) -> PreparedModels:
     """UNet, EMA, optimizer and LR schedule, handed to accelerate and loaded from `resume` when given."""
     from diffusers.optimization import get_scheduler
@@ -3760,6 +3779,7 @@ def prepare_models(config: RunConfig, accelerator, text_encoder, data: TrainingD
     if exists(ema):
         accelerator.register_for_checkpointing(ema)
     if exists(resume):
+        check_checkpoint_augmentation(resume, config.data.augment_prob > 0)
         accelerator.load_state(str(resume))
         logger.info("resumed from %s at step %d", resume, state.step)
     if exists(ema):

@@ -161,6 +161,14 @@ def test_augmentation_with_a_unet_config_that_has_a_class_embedding_is_refused(a
     assert "--augment_prob" in error and "class_embed_type 'timestep'" in error
 
 
+def test_resuming_with_augmentation_turned_on_or_off_is_refused(argv, tmp_path, capsys):
+    run_ok(argv("--max_train_steps", "2"))
+    error = run_error(
+        argv("--max_train_steps", "4", "--augment_prob", "0.5", "--resume_from_checkpoint", "latest"), capsys
+    )
+    assert "that run trained without --augment_prob" in error and "resume with the first run's --augment_prob" in error
+
+
 @pytest.mark.parametrize(
     ("flag", "value", "words"),
     [
