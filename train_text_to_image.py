@@ -3572,9 +3572,8 @@ def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, t
             validation = ValidationSet.from_table(table, held_out.tolist(), data.resolution) if len(held_out) else None
             table = without_rows(table, held_out)
         # variants can tokenize longer than their caption (tags rejoined): pad to the longest text shown
-        text_max_length = caption_max_length(
-            tokenizer, captions + training_texts(captions, data), data.caption_max_length
-        )
+        shown = list(dict.fromkeys(captions + training_texts(captions, data)))
+        text_max_length = caption_max_length(tokenizer, shown, data.caption_max_length)
         schedule = plan_schedule(
             len(table.usable_rows),
             batch_size=data.batch_size,
