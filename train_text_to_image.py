@@ -1613,14 +1613,17 @@ def draw_batch(
     dropped = shard.of(torch.rand(shard.total)) < dropout_prob
     crop_at = shard.of(torch.full((shard.total, 2), 0.5) if center_crop else torch.rand(shard.total, 2))
     flip = shard.of(torch.rand(shard.total) < 0.5) if random_flip else None
+    variant_choice = shard.of(torch.rand(shard.total)) if caption_variants else None
+    augment = draw_augmentation(shard, augment_prob) if augment_prob > 0 else None
+    background = shard.of(torch.rand(shard.total, 3)) if random_background else None
     return BatchDraws(
         caption_choice=caption_choice,
         dropped=dropped,
         crop_at=crop_at,
         flip=flip,
-        variant_choice=shard.of(torch.rand(shard.total)) if caption_variants else None,
-        augment=draw_augmentation(shard, augment_prob) if augment_prob > 0 else None,
-        background=shard.of(torch.rand(shard.total, 3)) if random_background else None,
+        variant_choice=variant_choice,
+        augment=augment,
+        background=background,
     )
 
 
