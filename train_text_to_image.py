@@ -1752,11 +1752,12 @@ def crop_and_flip(
     batch = torch.stack(crops)
     if exists(flip):
         batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
-    batch = to_device(batch, device).float().div_(255.0)
+    batch = to_device(batch, device).float()
     if batch.shape[1] == 4:
-        colour = to_device(background if exists(background) else torch.ones(len(batch), 3), device)
-        batch = batch[:, :3] * batch[:, 3:] + colour[:, :, None, None] * (1 - batch[:, 3:])
-    return batch.mul_(2.0).sub_(1.0)
+        alpha = batch[:, 3:] / 255.0
+        colour = to_device(background if exists(background) else torch.ones(len(batch), 3), device) * 255.0
+        batch = batch[:, :3] * alpha + colour[:, :, None, None] * (1 - alpha)
+    return batch.div_(127.5).sub_(1.0)
 
 
 def augmentation_labels(augment: AugmentDraws, resolution: int) -> torch.Tensor:
