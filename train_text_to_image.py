@@ -3559,6 +3559,7 @@ def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, t
     if data.streaming:
         batches = open_stream(data, accelerator.process_index, accelerator.num_processes, state.seed, shard_start)
         captions = batches.sample_captions(STREAM_CAPTION_SAMPLE)
+        shown = captions  # a stream's captions are encoded per batch: variants are made there
         warn_fractional_nearest(batches.first_sources(NEAREST_SCALE_PROBES), data.decoding)
         text_max_length = caption_max_length(tokenizer, None, data.caption_max_length)
         schedule = stream_schedule(
@@ -3575,7 +3576,8 @@ def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, t
             held_out = hold_out_rows(table.usable_rows, config.evaluation.validation_split)
             validation = ValidationSet.from_table(table, held_out.tolist(), data.resolution) if len(held_out) else None
             table = without_rows(table, held_out)
-        # variants can tokenize longer than their caption (tags rejoined): pad to the longest text shown
+        # every text a caption is shown as (variants, sides swapped): the cache holds them all, and a variant
+        # can tokenize longer than its caption (tags rejoined), so captions are padded to the longest
         shown = list(dict.fromkeys(captions + training_texts(captions, data)))
         text_max_length = caption_max_length(tokenizer, shown, data.caption_max_length)
         schedule = plan_schedule(
@@ -3607,8 +3609,7 @@ def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, t
             device=accelerator.device,
         )
     else:
-        shown = training_texts(captions, data)  # with their variants and sides swapped
-        cached = list(dict.fromkeys(captions + shown + (validation.captions if exists(validation) else [])))
+        cached = list(dict.fromkeys(shown + (validation.captions if exists(validation) else [])))
         cache_file = caption_cache_path(
             config.output.output_dir, config.model.text_encoder, text_encoder, cached, text_max_length
         )
