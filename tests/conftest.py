@@ -115,3 +115,33 @@ def argv(tiny_imagefolder, tiny_text_encoder_dir, tiny_unet_config_file, tmp_pat
         )
 
     return make
+
+
+def run_ok(argv: list[str]) -> None:
+    import train_text_to_image as trainer
+
+    assert trainer.main(argv) == 0
+
+
+def run_error(argv: list[str], capsys) -> str:
+    import train_text_to_image as trainer
+
+    assert trainer.main(argv) == 2
+    return capsys.readouterr().err
+
+
+def assert_same_tensors(first: dict, second: dict) -> None:
+    import torch
+
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def resume_from_the_checkpoint_before(argv, flags: tuple, output: Path, last_step: int) -> None:
+    """As if the run in `output` had stopped before its last checkpoint and export: drop them, resume."""
+    import shutil
+
+    shutil.rmtree(output / f"checkpoint-{last_step}")
+    (output / "model_index.json").unlink()
+    run_ok(argv(*flags, "--resume_from_checkpoint", "latest", output=output))

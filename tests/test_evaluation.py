@@ -8,13 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_imagefolder
+from conftest import run_ok, write_imagefolder
 
 import train_text_to_image as trainer
-
-
-def run_ok(argv: list[str]) -> None:
-    assert trainer.main(argv) == 0
 
 
 def evaluations(output: Path) -> list[dict]:

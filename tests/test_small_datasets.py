@@ -5,33 +5,24 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_UNET_CONFIG, write_imagefolder
+from conftest import (
+    TINY_UNET_CONFIG,
+    assert_same_tensors,
+    resume_from_the_checkpoint_before,
+    run_error,
+    run_ok,
+    write_imagefolder,
+)
 from PIL import Image
 from safetensors.torch import load_file
 
 import train_text_to_image as trainer
-
-
-def run_ok(argv: list[str]) -> None:
-    assert trainer.main(argv) == 0
-
-
-def run_error(argv: list[str], capsys) -> str:
-    assert trainer.main(argv) == 2
-    return capsys.readouterr().err
-
-
-def assert_same_tensors(first: dict, second: dict) -> None:
-    assert first.keys() == second.keys()
-    for name in first:
-        assert torch.equal(first[name], second[name]), name
 
 
 def identity_draws(count: int, **changes) -> trainer.AugmentDraws:
@@ -125,9 +116,7 @@ def test_augmented_run_resumes_bit_identically_and_its_pipeline_samples_with_zer
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_ok(argv(*flags, output=straight))
     run_ok(argv(*flags, output=resumed))
-    shutil.rmtree(resumed / "checkpoint-6")
-    (resumed / "model_index.json").unlink()
-    run_ok(argv(*flags, "--resume_from_checkpoint", "latest", output=resumed))
+    resume_from_the_checkpoint_before(argv, flags, resumed, 6)
     assert_same_tensors(
         load_file(straight / "checkpoint-6" / "model.safetensors"),
         load_file(resumed / "checkpoint-6" / "model.safetensors"),

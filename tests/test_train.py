@@ -7,19 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import train_argv, write_imagefolder
+from conftest import (
+    assert_same_tensors,
+    resume_from_the_checkpoint_before,
+    run_error,
+    run_ok,
+    train_argv,
+    write_imagefolder,
+)
 from safetensors.torch import load_file
 
 import train_text_to_image as trainer
-
-
-def run_ok(argv: list[str]) -> None:
-    assert trainer.main(argv) == 0
-
-
-def run_error(argv: list[str], capsys) -> str:
-    assert trainer.main(argv) == 2
-    return capsys.readouterr().err
 
 
 def unet_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -28,12 +26,6 @@ def unet_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def checkpoint_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return load_file(checkpoint / "model.safetensors")
-
-
-def assert_same_tensors(first: dict, second: dict) -> None:
-    assert first.keys() == second.keys()
-    for name in first:
-        assert torch.equal(first[name], second[name]), name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,11 +347,7 @@ def test_resume_mid_epoch_with_ema_and_accumulation_gives_bit_identical_weights(
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_ok(argv(*flags, output=straight))
     run_ok(argv(*flags, output=resumed))
-    import shutil
-
-    shutil.rmtree(resumed / "checkpoint-6")
-    (resumed / "model_index.json").unlink()
-    run_ok(argv(*flags, "--resume_from_checkpoint", "latest", output=resumed))
+    resume_from_the_checkpoint_before(argv, flags, resumed, 6)
     assert_same_tensors(checkpoint_weights(straight / "checkpoint-6"), checkpoint_weights(resumed / "checkpoint-6"))
     assert_same_tensors(unet_weights(straight), unet_weights(resumed))  # EMA weights
     first = torch.load(straight / "checkpoint-6" / "custom_checkpoint_1.pkl", weights_only=False)
@@ -384,11 +372,7 @@ def test_images_decoded_per_batch_by_workers_train_and_resume_as_the_cached_run(
     run_ok(argv(*flags, output=cached))
     run_ok(argv(*flags, *per_batch, output=decoded))
     assert_same_tensors(unet_weights(cached), unet_weights(decoded))
-    import shutil
-
-    shutil.rmtree(decoded / "checkpoint-6")
-    (decoded / "model_index.json").unlink()
-    run_ok(argv(*flags, *per_batch, "--resume_from_checkpoint", "latest", output=decoded))
+    resume_from_the_checkpoint_before(argv, (*flags, *per_batch), decoded, 6)
     assert_same_tensors(checkpoint_weights(cached / "checkpoint-6"), checkpoint_weights(decoded / "checkpoint-6"))
     assert loaders_opened_at == [0, 3]  # 16 images / batch 4: step 3 resumes mid-epoch, at micro-batch 3
 
