@@ -1659,6 +1659,13 @@ def caption_variants_of(caption: str, variants: CaptionVariants | None) -> list[
     return [caption_variant(caption, index, variants) for index in range(variants.count)]
 
 
+def pick_variant(caption: str, share: float, variants: CaptionVariants | None) -> str:
+    """The variant at `share` in [0, 1) of caption_variants_of(caption), made alone (not all K per showing)."""
+    if not exists(variants) or not caption:
+        return caption
+    return caption_variant(caption, min(int(share * variants.count), variants.count - 1), variants)
+
+
 def says_side(caption: str) -> bool:
     return bool(SIDE_WORDS.search(caption))
 
@@ -1716,7 +1723,7 @@ def choose_captions(
     if not exists(draws.variant_choice):
         return captions
     return [
-        pick(caption_variants_of(caption, variants), share)
+        pick_variant(caption, share, variants)
         for caption, share in zip(captions, draws.variant_choice.tolist(), strict=True)
     ]
 
