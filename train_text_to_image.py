@@ -1767,15 +1767,20 @@ def crop_and_flip(
     return batch.div_(127.5).sub_(1.0)
 
 
+def quarter_turn_sin_cos(turns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sine and cosine of 0-3 quarter turns, exact (entries 0 and +-1: no rounding of pi / 2)."""
+    return torch.tensor([0.0, 1.0, 0.0, -1.0])[turns], torch.tensor([1.0, 0.0, -1.0, 0.0])[turns]
+
+
 def augmentation_labels(augment: AugmentDraws, resolution: int) -> torch.Tensor:
     """The conditioning vector [N, len(AUGMENT_LABELS)] of each example's transform: exactly zero when untouched."""
-    turns = augment.quarter_turns
+    sin, cos = quarter_turn_sin_cos(augment.quarter_turns)
     shift_pixels = torch.round(augment.shift * resolution)
     return torch.stack(
         [
             augment.x_flip.float(),
-            torch.tensor([0.0, 1.0, 0.0, -1.0])[turns],
-            torch.tensor([0.0, -1.0, -2.0, -1.0])[turns],  # cos - 1
+            sin,
+            cos - 1,
             augment.rotation,
             augment.log2_scale,
             shift_pixels[:, 0] / resolution,
@@ -1789,9 +1794,8 @@ def sampling_grids(augment: AugmentDraws, resolution: int) -> torch.Tensor:
     """affine_grid's [N, 2, 3]: for each output pixel, where in the input it comes from. The image is
     mirrored, turned, rotated, scaled and shifted, in that order; the grid is that map's inverse."""
     count = len(augment.x_flip)
-    turns = augment.quarter_turns
-    sin, cos = torch.tensor([0.0, 1.0, 0.0, -1.0])[turns], torch.tensor([1.0, 0.0, -1.0, 0.0])[turns]
-    turn = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)  # exact: entries 0, +-1
+    sin, cos = quarter_turn_sin_cos(augment.quarter_turns)
+    turn = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)
     angle = augment.rotation
     rotate = torch.stack([torch.stack([angle.cos(), -angle.sin()], 1), torch.stack([angle.sin(), angle.cos()], 1)], 1)
     mirror = torch.stack([torch.where(augment.x_flip, -1.0, 1.0), torch.ones(count)], dim=1)
