@@ -11,6 +11,7 @@ from collections import Counter
 import evaluate_shapes
 import make_shapes_dataset
 import numpy as np
+import pytest
 from conftest import REPO
 from PIL import Image
 
@@ -81,6 +82,26 @@ def test_adherence_table_gives_images_seen_to_reach_each_threshold():
     assert lines[0] == "| recipe | seed | 6.4k | 12.8k | 19.2k | to 50% | to 90% |"
     assert lines[2] == "| after | 0 | 30% | 55% | 92% | 12.8k | 19.2k |"
     assert lines[3] == "| before | 0 | 10% | 20% |  | > 12.8k | > 12.8k |"
+
+
+def test_adherence_summary_reads_the_seeds_mean_curve_between_points():
+    import adherence_curve
+
+    curves = {
+        ("v", 0): {6400: 0.25, 12800: 0.5, 19200: 1.0},
+        ("v", 1): {6400: 0.25, 12800: 1.0, 19200: 0.875, 25600: 1.0},  # 25.6k: only one seed scored it
+        ("slow", 0): {6400: 0.125, 12800: 0.25},
+    }
+    mean = {6400: 0.25, 12800: 0.75, 19200: 0.9375}
+    assert adherence_curve.mean_curves(curves)["v"] == (2, mean)
+    # 50%: halfway from 25% at 6.4k to 75% at 12.8k; 90%: 0.15 / 0.1875 = 4/5 of the way on to 19.2k
+    assert adherence_curve.interpolated_crossing(mean, 0.5) == 9600
+    assert adherence_curve.interpolated_crossing(mean, 0.9) == pytest.approx(17920)
+    assert adherence_curve.interpolated_crossing({6400: 1.0}, 0.5) == 3200  # the curve starts at 0 at 0 images
+    assert adherence_curve.interpolated_crossing(mean, 0.95) is None
+    lines = adherence_curve.format_summary(curves).splitlines()
+    assert lines[0] == "| recipe | seeds | to 50% (mean) | to 90% (mean) |"
+    assert lines[2:] == ["| v | 2 | 9.6k | 17.9k |", "| slow | 1 | > 12.8k | > 12.8k |"]
 
 
 def test_adherence_curve_trains_scores_each_checkpoint_and_plots(tmp_path):
