@@ -266,18 +266,26 @@ def images_to_reach(curve: dict[int, float], threshold: float) -> int | None:
     return next((images for images, share in sorted(curve.items()) if share >= threshold), None)
 
 
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
+def crossing_cell(images: float | None, curve: dict[int, float]) -> str:
+    """Where a curve reached a threshold, or '> ' the last point it was scored at."""
+    return f"{images / 1000:.1f}k" if images is not None else f"> {max(curve) / 1000:.1f}k"
+
+
 def format_table(curves: dict[tuple[str, int], dict[int, float]]) -> str:
     points = sorted({images for curve in curves.values() for images in curve})
     header = ["recipe", "seed", *[f"{images / 1000:g}k" for images in points]]
     header += [f"to {threshold:.0%}" for threshold in THRESHOLDS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for (recipe, seed), curve in curves.items():
-        cells = [recipe, str(seed), *[f"{curve[p]:.0%}" if p in curve else "" for p in points]]
-        for threshold in THRESHOLDS:
-            reached = images_to_reach(curve, threshold)
-            cells.append(f"{reached / 1000:.1f}k" if reached else f"> {max(curve) / 1000:.1f}k")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [
+        [recipe, str(seed), *[f"{curve[p]:.0%}" if p in curve else "" for p in points]]
+        + [crossing_cell(images_to_reach(curve, threshold), curve) for threshold in THRESHOLDS]
+        for (recipe, seed), curve in curves.items()
+    ]
+    return markdown_table(header, rows)
 
 
 def mean_curves(curves: dict[tuple[str, int], dict[int, float]]) -> dict[str, tuple[int, dict[int, float]]]:
@@ -310,14 +318,12 @@ def interpolated_crossing(curve: dict[int, float], threshold: float) -> float | 
 def format_summary(curves: dict[tuple[str, int], dict[int, float]]) -> str:
     """One row per recipe: its seeds' mean curve, and where that crosses each threshold (interpolated)."""
     header = ["recipe", "seeds", *[f"to {threshold:.0%} (mean)" for threshold in THRESHOLDS]]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for recipe, (seeds, curve) in mean_curves(curves).items():
-        cells = [recipe, str(seeds)]
-        for threshold in THRESHOLDS:
-            crossing = interpolated_crossing(curve, threshold)
-            cells.append(f"{crossing / 1000:.1f}k" if crossing is not None else f"> {max(curve) / 1000:.1f}k")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = [
+        [recipe, str(seeds)]
+        + [crossing_cell(interpolated_crossing(curve, threshold), curve) for threshold in THRESHOLDS]
+        for recipe, (seeds, curve) in mean_curves(curves).items()
+    ]
+    return markdown_table(header, rows)
 
 
 def plot(curves: dict[tuple[str, int], dict[int, float]], path: Path) -> None:
