@@ -1627,9 +1627,14 @@ def draw_batch(
     )
 
 
+def share_index(share: float, count: int) -> int:
+    """The index at `share` in [0, 1) of `count` options (a share rounding up to 1 still gives the last)."""
+    return min(int(share * count), count - 1)
+
+
 def pick(options: list, share: float):
     """The option at `share` in [0, 1) of the list."""
-    return options[min(int(share * len(options)), len(options) - 1)]
+    return options[share_index(share, len(options))]
 
 
 def caption_variant(caption: str, index: int, variants: CaptionVariants) -> str:
@@ -1663,7 +1668,7 @@ def pick_variant(caption: str, share: float, variants: CaptionVariants | None) -
     """The variant at `share` in [0, 1) of caption_variants_of(caption), made alone (not all K per showing)."""
     if not exists(variants) or not caption:
         return caption
-    return caption_variant(caption, min(int(share * variants.count), variants.count - 1), variants)
+    return caption_variant(caption, share_index(share, variants.count), variants)
 
 
 def says_side(caption: str) -> bool:
