@@ -69,8 +69,15 @@ def recipe(
 
 # "pooled": the prompt pooled by attention and added to the timestep embedding (addition_embed_type "text")
 RECIPES = {
-    # the trainer's defaults before issue 11: epsilon prediction, linear betas, cosine decay to zero
-    "before": recipe(lr_schedule="cosine", prediction="epsilon", pooled=False),
+    # the trainer's defaults before issue 11: epsilon prediction, linear betas, cosine decay to zero, and its
+    # EMA warm-up (inv_gamma 1, power 3/4: ~20% of the run averaged), pinned since the EMA defaults changed
+    "before": {
+        "flags": recipe(lr_schedule="cosine", prediction="epsilon", pooled=False)["flags"]
+        + ["--ema_inv_gamma", "1", "--ema_power", "0.75"],
+        "unet": {},
+    },
+    # what "before" ran as on 2026-11-26 22:00 (the 3.2k grid), after the EMA defaults had changed under it
+    "before, new EMA": recipe(lr_schedule="cosine", prediction="epsilon", pooled=False),
     "constant": recipe(prediction="epsilon", pooled=False),
     "pooled": recipe(lr_schedule="cosine", prediction="epsilon"),
     "constant+pooled": recipe(prediction="epsilon"),
@@ -127,6 +134,13 @@ RECIPES = {
     },
     "new defaults, warm-up 20, adam beta2 0.99": {
         "flags": ["--lr_warmup_steps", "20", "--learning_rate", "1e-3", "--adam_beta2", "0.99"],
+        "unet": None,
+    },
+    # past 2e-3: does the small UNet still gain per image, or turn unsteady?
+    "new defaults, lr 3e-3": {"flags": ["--lr_warmup_steps", "100", "--learning_rate", "3e-3"], "unet": None},
+    # half the caption dropout: more of each batch teaches the prompt (guidance still has an unconditional model)
+    "new defaults, lr 2e-3, dropout 0.05": {
+        "flags": ["--lr_warmup_steps", "100", "--learning_rate", "2e-3", "--conditioning_dropout_prob", "0.05"],
         "unet": None,
     },
     "after, lr 1e-3, ema power 0.5, cosine betas": {
