@@ -343,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-steps per optimizer step.")
     optim.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate.")
     optim.add_argument(
+        "--text_encoder_learning_rate",
+        type=float,
+        help="Peak learning rate of the text encoder with --train_text_encoder (default: --learning_rate); a small UNet can take a higher rate than the encoder learning with it (docs/adherence.md).",
+    )
+    optim.add_argument(
         "--lr_scheduler",
         default="constant_with_warmup",
         choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
@@ -761,6 +766,17 @@ class DiffusionConfig:
         )
 
 
+def text_encoder_learning_rate(args: argparse.Namespace) -> float | None:
+    if not exists(args.text_encoder_learning_rate):
+        return None
+    if not args.text_encoder_learning_rate > 0:
+        raise UserError(f"--text_encoder_learning_rate must be > 0, got {args.text_encoder_learning_rate}")
+    if not args.train_text_encoder:
+        logger.warning("--text_encoder_learning_rate is ignored: the text encoder is frozen (no --train_text_encoder)")
+        return None
+    return args.text_encoder_learning_rate
+
+
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
     """How long, how fast and in what precision the weights are trained, and their EMA."""
@@ -770,6 +786,7 @@ class OptimConfig:
     max_train_seconds: float | None
     gradient_accumulation_steps: int
     learning_rate: float
+    text_encoder_learning_rate: float | None  # None: the encoder, when trained, shares the UNet's parameter group
     lr_scheduler: str
     lr_warmup_steps: int
     adam_betas: tuple[float, float]
@@ -808,6 +825,7 @@ class OptimConfig:
             max_train_seconds=parse_duration(args.max_train_time) if exists(args.max_train_time) else None,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             learning_rate=args.learning_rate,
+            text_encoder_learning_rate=text_encoder_learning_rate(args),
             lr_scheduler=args.lr_scheduler,
             lr_warmup_steps=args.lr_warmup_steps,
             adam_betas=(args.adam_beta1, args.adam_beta2),
@@ -3347,6 +3365,20 @@ class Intervals:
         )
 
 
+def trained_parameters(unet, text_encoder, model: ModelConfig, optim: OptimConfig) -> list:
+    """What AdamW trains: one group, or the encoder in a second at its own learning rate.
+
+    Only a given --text_encoder_learning_rate makes a second group, so checkpoints of runs without it keep
+    the optimizer layout they were saved with.
+    """
+    trained = list(unet.parameters())
+    if not model.train_text_encoder:
+        return trained
+    if not exists(optim.text_encoder_learning_rate):
+        return trained + list(text_encoder.parameters())
+    return [{"params": trained}, {"params": list(text_encoder.parameters()), "lr": optim.text_encoder_learning_rate}]
+
+
 def build_optimizer(parameters, optim: OptimConfig, device: torch.device):
     kwargs = dict(
         lr=optim.learning_rate,
@@ -3763,6 +3795,19 @@ def check_checkpoint_augmentation(checkpoint: Path, augmentation: bool) -> None:
         )
 
 
+def load_checkpoint(accelerator, checkpoint: Path) -> None:
+    try:
+        accelerator.load_state(str(checkpoint))
+    except ValueError as error:
+        if "parameter group" not in str(error):  # torch's words for an optimizer over other parameters
+            raise
+        raise UserError(
+            f"--resume_from_checkpoint {checkpoint}: its optimizer trained other parameters than this run would"
+            " (--train_text_encoder, or --text_encoder_learning_rate given or not); resume with the first run's"
+            " flags, or start a new --output_dir"
+        ) from error
+
+
 def prepare_models(config: RunConfig, accelerator, text_encoder, data: TrainingData, state, resume) -> PreparedModels:
     """UNet, EMA, optimizer and LR schedule, handed to accelerate and loaded from `resume` when given."""
     from diffusers.optimization import get_scheduler
@@ -3779,8 +3824,7 @@ def prepare_models(config: RunConfig, accelerator, text_encoder, data: TrainingD
     ema = build_ema(unet, optim)  # from the CPU copy: with --ema_offload the EMA never touches the GPU
     # on the device before the optimizer: torch 2.1-2.3 refuse fused AdamW over CPU parameters at construction
     unet.to(accelerator.device)
-    trained = list(unet.parameters()) + (list(text_encoder.parameters()) if model.train_text_encoder else [])
-    optimizer = build_optimizer(trained, optim, accelerator.device)
+    optimizer = build_optimizer(trained_parameters(unet, text_encoder, model, optim), optim, accelerator.device)
     lr_scheduler = get_scheduler(
         optim.lr_scheduler,
         optimizer,
@@ -3800,7 +3844,7 @@ def prepare_models(config: RunConfig, accelerator, text_encoder, data: TrainingD
         accelerator.register_for_checkpointing(ema)
     if exists(resume):
         check_checkpoint_augmentation(resume, config.data.augment_prob > 0)
-        accelerator.load_state(str(resume))
+        load_checkpoint(accelerator, resume)
         logger.info("resumed from %s at step %d", resume, state.step)
     if exists(ema):
         # after load_state: accelerate loads custom objects with map_location="cpu" and EMAModel.load_state_dict

@@ -175,6 +175,23 @@ def test_trained_text_encoder_is_saved_with_its_new_weights(argv, tmp_path, tiny
     assert any(not torch.equal(before[name], after[name]) for name in before)
 
 
+def test_text_encoder_learning_rate_gets_its_own_group_and_resuming_without_it_is_refused(
+    argv, tmp_path, capsys, caplog
+):
+    flags = ("--train_text_encoder", "--learning_rate", "1e-2", "--lr_warmup_steps", "0", "--max_train_steps", "2")
+    run_ok(argv(*flags, "--text_encoder_learning_rate", "1e-3", "--checkpointing_steps", "2"))
+    optimizer = torch.load(tmp_path / "out" / "checkpoint-2" / "optimizer.bin", weights_only=False)
+    encoder = load_file(tmp_path / "out" / "text_encoder" / "model.safetensors")
+    assert [group["lr"] for group in optimizer["param_groups"]] == [1e-2, 1e-3]
+    assert len(optimizer["param_groups"][1]["params"]) == len(encoder)
+    error = run_error(argv(*flags[:-1], "4", "--resume_from_checkpoint", "latest"), capsys)
+    assert "its optimizer trained other parameters than this run would" in error and "start a new --output_dir" in error
+    with caplog.at_level("WARNING"):
+        args = trainer.parse_args(argv("--text_encoder_learning_rate", "1e-3"))
+        assert trainer.OptimConfig.from_args(args).text_encoder_learning_rate is None
+    assert "--text_encoder_learning_rate is ignored: the text encoder is frozen" in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------
 # Arguments, schedule, images
 
