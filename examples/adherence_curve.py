@@ -341,7 +341,7 @@ def format_summary(curves: dict[tuple[str, int], dict[int, float]]) -> str:
 
 
 def plot(curves: dict[tuple[str, int], dict[int, float]], path: Path) -> None:
-    """Adherence against images seen, one line per run, colour per recipe (PIL, no matplotlib)."""
+    """Adherence against images seen, colour per recipe: each run thin and pale, the seeds' mean thick (PIL only)."""
     from PIL import Image, ImageDraw
 
     width, height, margin = 640, 360, 48
@@ -359,12 +359,18 @@ def plot(curves: dict[tuple[str, int], dict[int, float]], path: Path) -> None:
     draw.text((margin, 8), "'all three' right (colour, shape, size), frozen text encoder", fill="black")
     palette = [(200, 40, 40), (40, 90, 220), (30, 150, 60), (230, 140, 20), (140, 50, 170), (90, 90, 90)]
     recipes = list(dict.fromkeys(recipe for recipe, _ in curves))
+    line = lambda curve: [(x_of(0), y_of(0))] + [(x_of(images), y_of(curve[images])) for images in sorted(curve)]  # noqa: E731
+    colour_of = {recipe: palette[index % len(palette)] for index, recipe in enumerate(recipes)}
     for (recipe, _), curve in curves.items():
-        colour = palette[recipes.index(recipe) % len(palette)]
-        points = [(x_of(0), y_of(0))] + [(x_of(images), y_of(curve[images])) for images in sorted(curve)]
-        draw.line(points, fill=colour, width=2)
+        pale = tuple(channel + (255 - channel) * 3 // 5 for channel in colour_of[recipe])
+        draw.line(line(curve), fill=pale, width=1)
+    means = mean_curves(curves)
+    for recipe, (_, mean) in means.items():
+        draw.line(line(mean), fill=colour_of[recipe], width=3)
     for index, recipe in enumerate(recipes):
-        draw.text((margin + 10, margin + 4 + 14 * index), recipe, fill=palette[index % len(palette)])
+        seeds = means[recipe][0]
+        label = f"{recipe} ({seeds} seeds: thin; mean: thick)" if seeds > 1 else recipe
+        draw.text((margin + 10, margin + 4 + 14 * index), label, fill=colour_of[recipe])
     image.save(path)
 
 

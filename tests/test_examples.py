@@ -104,6 +104,18 @@ def test_adherence_summary_reads_the_seeds_mean_curve_between_points():
     assert lines[2:] == ["| v | 2 | 9.6k | 17.9k |", "| slow | 1 | > 12.8k | > 12.8k |"]
 
 
+def test_adherence_plot_draws_each_seed_pale_and_the_seeds_mean_in_the_recipes_colour(tmp_path):
+    import adherence_curve
+
+    adherence_curve.plot({("v", 0): {200: 1.0}, ("v", 1): {200: 0.0}}, tmp_path / "c.png")
+    image = Image.open(tmp_path / "c.png")
+    column = [image.getpixel((200, y)) for y in range(image.height)]  # x = 200 of 48..592: 152/544 of the way
+    seed_at, mean_at = round(312 - 264 * 152 / 544), round(312 - 0.5 * 264 * 152 / 544)
+    assert (233, 169, 169) in column[seed_at - 2 : seed_at + 3]  # seed 0, rising to 100%: pale red
+    assert (200, 40, 40) in column[mean_at - 2 : mean_at + 3]  # the mean, rising to 50%: red
+    assert (200, 40, 40) not in column[seed_at - 2 : seed_at + 3]
+
+
 def test_adherence_curve_trains_scores_each_checkpoint_and_plots(tmp_path):
     import adherence_curve
 
