@@ -370,7 +370,8 @@ def plot(curves: dict[tuple[str, int], dict[int, float]], path: Path) -> None:
     for index, recipe in enumerate(recipes):
         seeds = means[recipe][0]
         label = f"{recipe} ({seeds} seeds: thin; mean: thick)" if seeds > 1 else recipe
-        draw.text((margin + 10, margin + 4 + 14 * index), label, fill=colour_of[recipe])
+        # bottom right: the curves rise from the bottom left and end at the top right
+        draw.text((width // 2, height - margin - 8 - 14 * (len(recipes) - index)), label, fill=colour_of[recipe])
     image.save(path)
 
 
