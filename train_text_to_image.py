@@ -4036,7 +4036,10 @@ def mean_over_processes(accelerator) -> Callable[[torch.Tensor], torch.Tensor]:
 def log_step(run: Run, meter: Meter, grad_norm, progress) -> None:
     trainer = run.trainer
     logs = meter.flush(run.state.step, run.outputs.output_dir)
-    logs["lr"] = trainer.lr_scheduler.get_last_lr()[0]
+    rates = trainer.lr_scheduler.get_last_lr()
+    logs["lr"] = rates[0]
+    if len(rates) > 1:  # --text_encoder_learning_rate: the encoder's group
+        logs["lr_text_encoder"] = rates[1]
     if exists(grad_norm):
         logs["grad_norm"] = float(grad_norm)
     if exists(trainer.ema):

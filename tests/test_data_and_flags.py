@@ -238,17 +238,20 @@ def test_memory_flags_reach_the_model(argv):
 # What a run writes
 
 
+TWO_LEARNING_RATES = ("--train_text_encoder", "--text_encoder_learning_rate", "1e-3")  # logs lr_text_encoder too
+
+
 def test_metric_names_are_in_the_tensorboard_events(argv, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_ok(argv("--logger", "tensorboard", "--use_ema", "--logging_steps", "1"))
+    run_ok(argv("--logger", "tensorboard", "--use_ema", "--logging_steps", "1", *TWO_LEARNING_RATES))
     tags = {"scalars": set(), "images": set()}
     for events in (tmp_path / "out" / "logs").rglob("events.out.tfevents.*"):  # hparams get a file of their own
         accumulator = EventAccumulator(str(events))
         accumulator.Reload()
         for kind in tags:
             tags[kind].update(accumulator.Tags()[kind])
-    assert {"loss", "lr", "grad_norm", "ema_decay", "images_per_second"} <= tags["scalars"]
+    assert {"loss", "lr", "lr_text_encoder", "grad_norm", "ema_decay", "images_per_second"} <= tags["scalars"]
     assert {"train/loss_t000", "train/loss_t090", "memorization/copy_rate"} <= tags["scalars"]  # 100 timesteps
     assert tags["images"] == {"samples", "nearest"}
 
