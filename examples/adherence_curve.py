@@ -60,22 +60,27 @@ def recipe(
     betas: str = "linear",
     pooled: bool = True,
     learning_rate: str = "5e-4",
+    extra_flags: tuple[str, ...] = (),
 ) -> dict:
     """Trainer flags and UNet-config changes of one recipe; every setting is explicit, whatever the defaults."""
     flags = ["--lr_scheduler", lr_schedule, "--lr_warmup_steps", "100", "--learning_rate", learning_rate]
-    flags += ["--prediction_type", prediction, "--ddpm_beta_schedule", betas]
+    flags += ["--prediction_type", prediction, "--ddpm_beta_schedule", betas, *extra_flags]
     return {"flags": flags, "unet": {"addition_embed_type": "text"} if pooled else {}}
 
+
+def shipped(learning_rate: str, *extra_flags: str, warmup: str = "100", unet: dict | None = None) -> dict:
+    """The trainer's defaults of the day and the quickstart's UNet (unless `unet` changes it), with a few flags."""
+    return {"flags": ["--lr_warmup_steps", warmup, "--learning_rate", learning_rate, *extra_flags], "unet": unet}
+
+
+# the seed's EMA warm-up (inv_gamma 1, power 3/4: ~20% of the run averaged)
+SEED_EMA = ("--ema_inv_gamma", "1", "--ema_power", "0.75")
 
 # "pooled": the prompt pooled by attention and added to the timestep embedding (addition_embed_type "text")
 RECIPES = {
     # the trainer's defaults before issue 11: epsilon prediction, linear betas, cosine decay to zero, and its
-    # EMA warm-up (inv_gamma 1, power 3/4: ~20% of the run averaged), pinned since the EMA defaults changed
-    "before": {
-        "flags": recipe(lr_schedule="cosine", prediction="epsilon", pooled=False)["flags"]
-        + ["--ema_inv_gamma", "1", "--ema_power", "0.75"],
-        "unet": {},
-    },
+    # EMA warm-up, pinned since the EMA defaults changed
+    "before": recipe(lr_schedule="cosine", prediction="epsilon", pooled=False, extra_flags=SEED_EMA),
     # what "before" ran as on 2026-11-26 22:00 (the 3.2k grid), after the EMA defaults had changed under it
     "before, new EMA": recipe(lr_schedule="cosine", prediction="epsilon", pooled=False),
     "constant": recipe(prediction="epsilon", pooled=False),
@@ -89,65 +94,41 @@ RECIPES = {
     "cosine-betas+v, not pooled": recipe(betas="squaredcos_cap_v2", pooled=False),
     "cosine-betas+v, not pooled, lr 1e-3": recipe(betas="squaredcos_cap_v2", pooled=False, learning_rate="1e-3"),
     # a faster EMA warm-up (decay 1 - (1 + step)^-0.5): ~25 steps averaged at step 600 instead of ~120
-    "cosine-betas+v, not pooled, lr 1e-3, ema power 0.5": {
-        "flags": recipe(betas="squaredcos_cap_v2", pooled=False, learning_rate="1e-3")["flags"]
-        + ["--ema_power", "0.5"],
-        "unet": {},
-    },
+    "cosine-betas+v, not pooled, lr 1e-3, ema power 0.5": recipe(
+        betas="squaredcos_cap_v2", pooled=False, learning_rate="1e-3", extra_flags=("--ema_power", "0.5")
+    ),
     # the trainer's defaults after issue 11 on the quickstart's UNet as shipped (LR and warm-up held as above)
-    "after": {"flags": ["--lr_warmup_steps", "100", "--learning_rate", "5e-4"], "unet": None},
+    "after": shipped("5e-4"),
     # the shipped defaults with only the two levers that moved the curve beyond v: 2x LR, faster EMA warm-up
-    "after, lr 1e-3, ema power 0.5": {
-        "flags": ["--lr_warmup_steps", "100", "--learning_rate", "1e-3", "--ema_power", "0.5"],
-        "unet": None,
-    },
+    "after, lr 1e-3, ema power 0.5": shipped("1e-3", "--ema_power", "0.5"),
     # which half of the 19.2k recipe matters, each on top of the line above
-    "after, lr 1e-3, ema power 0.5, constant lr": {
-        "flags": ["--lr_warmup_steps", "100", "--learning_rate", "1e-3", "--ema_power", "0.5"]
-        + ["--lr_scheduler", "constant_with_warmup"],
-        "unet": None,
-    },
+    "after, lr 1e-3, ema power 0.5, constant lr": shipped(
+        "1e-3", "--ema_power", "0.5", "--lr_scheduler", "constant_with_warmup"
+    ),
     # the trainer's defaults after this issue (v, cosine betas, constant LR, EMA over ~5% of the steps) at lr 1e-3
-    "new defaults": {"flags": ["--lr_warmup_steps", "100", "--learning_rate", "1e-3"], "unet": None},
+    "new defaults": shipped("1e-3"),
     # twice the learning rate: more learned per image seen, if the small UNet stays stable
-    "new defaults, lr 2e-3": {"flags": ["--lr_warmup_steps", "100", "--learning_rate", "2e-3"], "unet": None},
+    "new defaults, lr 2e-3": shipped("2e-3"),
     # the plain v loss: min-SNR-5 weights the x0 error of the noisiest steps, where content is decided, by SNR ~ 0
-    "new defaults, no min-SNR": {
-        "flags": ["--lr_warmup_steps", "100", "--learning_rate", "1e-3", "--snr_gamma", "0"],
-        "unet": None,
-    },
+    "new defaults, no min-SNR": shipped("1e-3", "--snr_gamma", "0"),
     # cross-attention at every level of the quickstart's UNet, 16 px too (the --model_size UNets have it there)
-    "new defaults, cross-attention at 16 px": {
-        "flags": ["--lr_warmup_steps", "100", "--learning_rate", "1e-3"],
-        "unet": {"down_block_types": ["CrossAttnDownBlock2D"] * 3, "up_block_types": ["CrossAttnUpBlock2D"] * 3},
-    },
+    "new defaults, cross-attention at 16 px": shipped(
+        "1e-3",
+        unet={"down_block_types": ["CrossAttnDownBlock2D"] * 3, "up_block_types": ["CrossAttnUpBlock2D"] * 3},
+    ),
     # a shorter warm-up: 100 steps at a rising LR are ~1.6k images learned at half speed
-    "new defaults, warm-up 20": {"flags": ["--lr_warmup_steps", "20", "--learning_rate", "1e-3"], "unet": None},
+    "new defaults, warm-up 20": shipped("1e-3", warmup="20"),
     # AdamW's second moment over ~100 steps instead of ~1000: step sizes follow the gradients' scale sooner
-    "new defaults, adam beta2 0.99": {
-        "flags": ["--lr_warmup_steps", "100", "--learning_rate", "1e-3", "--adam_beta2", "0.99"],
-        "unet": None,
-    },
-    "new defaults, lr 2e-3, adam beta2 0.99": {
-        "flags": ["--lr_warmup_steps", "100", "--learning_rate", "2e-3", "--adam_beta2", "0.99"],
-        "unet": None,
-    },
-    "new defaults, warm-up 20, adam beta2 0.99": {
-        "flags": ["--lr_warmup_steps", "20", "--learning_rate", "1e-3", "--adam_beta2", "0.99"],
-        "unet": None,
-    },
+    "new defaults, adam beta2 0.99": shipped("1e-3", "--adam_beta2", "0.99"),
+    "new defaults, lr 2e-3, adam beta2 0.99": shipped("2e-3", "--adam_beta2", "0.99"),
+    "new defaults, warm-up 20, adam beta2 0.99": shipped("1e-3", "--adam_beta2", "0.99", warmup="20"),
     # past 2e-3: does the small UNet still gain per image, or turn unsteady?
-    "new defaults, lr 3e-3": {"flags": ["--lr_warmup_steps", "100", "--learning_rate", "3e-3"], "unet": None},
+    "new defaults, lr 3e-3": shipped("3e-3"),
     # half the caption dropout: more of each batch teaches the prompt (guidance still has an unconditional model)
-    "new defaults, lr 2e-3, dropout 0.05": {
-        "flags": ["--lr_warmup_steps", "100", "--learning_rate", "2e-3", "--conditioning_dropout_prob", "0.05"],
-        "unet": None,
-    },
-    "after, lr 1e-3, ema power 0.5, cosine betas": {
-        "flags": ["--lr_warmup_steps", "100", "--learning_rate", "1e-3", "--ema_power", "0.5"]
-        + ["--ddpm_beta_schedule", "squaredcos_cap_v2"],
-        "unet": None,
-    },
+    "new defaults, lr 2e-3, dropout 0.05": shipped("2e-3", "--conditioning_dropout_prob", "0.05"),
+    "after, lr 1e-3, ema power 0.5, cosine betas": shipped(
+        "1e-3", "--ema_power", "0.5", "--ddpm_beta_schedule", "squaredcos_cap_v2"
+    ),
 }
 
 
