@@ -48,6 +48,11 @@ MODEL_SIZES = {
     "large": ((192, 192, 384, 384, 768, 768), 2),
 }
 DEFAULT_MODEL_SIZE = "base"
+# --learning_rate's default per --model_size at LEARNING_RATE_REFERENCE_BATCH images per optimizer step: the rate that
+# reached 90% prompt adherence soonest and stayed stable, frozen encoder, three seeds (docs/learning-rates.md)
+PRESET_LEARNING_RATES = {"tiny": 2e-3, "small": 2e-3, "base": 1e-3, "large": 1e-3}
+LEARNING_RATE_REFERENCE_BATCH = 32
+TEXT_ENCODER_RATE_SHARE = 0.5  # a jointly trained encoder's default rate, of the chosen UNet rate
 ATTENTION_MAX_RESOLUTION = 16  # cross-attention only where the feature map is at most this wide
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 CHECKPOINT_MARKER = "train_state.json"
@@ -341,11 +346,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="Stop after this long, e.g. 8h30m, 90m, 3600s (Kaggle/Colab limits): checkpoint, a last grid and the pipeline (EMA weights) are written within it; training stops early by their time, as last measured (estimated from the step time and model size before they first ran).",
     )
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-steps per optimizer step.")
-    optim.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate.")
+    optim.add_argument(
+        "--learning_rate",
+        type=float,
+        help="Peak learning rate. Default: chosen for the UNet and the batch (README 'Model sizes'): the --model_size"
+        " preset's rate, or for a --model_config_name_or_path UNet the presets' rates log-interpolated by parameter"
+        f" count, times sqrt(images per optimizer step / {LEARNING_RATE_REFERENCE_BATCH}); the run plan says which.",
+    )
     optim.add_argument(
         "--text_encoder_learning_rate",
         type=float,
-        help="Peak learning rate of the text encoder with --train_text_encoder (default: --learning_rate); a small UNet can take a higher rate than the encoder learning with it (docs/adherence.md).",
+        help="Peak learning rate of the text encoder with --train_text_encoder. Default: --learning_rate when that is"
+        f" given, else {TEXT_ENCODER_RATE_SHARE:g} x the chosen UNet rate (the encoder learning with a small UNet is"
+        " steadier below its rate, docs/adherence.md).",
     )
     optim.add_argument(
         "--lr_scheduler",
@@ -353,7 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
         help="Learning-rate schedule after warm-up (constant by default: a decay to zero over a short --max_train_steps starves the late phase in which prompts are learned).",
     )
-    optim.add_argument("--lr_warmup_steps", type=int, default=500, help="Warm-up in optimizer steps.")
+    optim.add_argument(
+        "--lr_warmup_steps",
+        type=int,
+        default=100,
+        help="Warm-up in optimizer steps (the original script's 500 spent a third of a 51k-image run below the"
+        " peak rate; docs/learning-rates.md).",
+    )
     optim.add_argument("--adam_beta1", type=float, default=0.95, help="AdamW beta1 (the seed's 0.95).")
     optim.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
     optim.add_argument("--adam_weight_decay", type=float, default=1e-6, help="AdamW weight decay.")
@@ -363,8 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     optim.add_argument(
         "--use_ema",
-        action="store_true",
-        help="Keep an exponential moving average of the UNet; samples and the saved pipeline use it.",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Keep an exponential moving average of the UNet; samples and the saved pipeline use it (--no-use_ema:"
+        " the trained weights, one UNet copy less in memory).",
     )
     optim.add_argument(
         "--ema_inv_gamma",
@@ -766,6 +787,12 @@ class DiffusionConfig:
         )
 
 
+def given_learning_rate(args: argparse.Namespace) -> float | None:
+    if exists(args.learning_rate) and not args.learning_rate > 0:
+        raise UserError(f"--learning_rate must be > 0, got {args.learning_rate}")
+    return args.learning_rate
+
+
 def text_encoder_learning_rate(args: argparse.Namespace) -> float | None:
     if not exists(args.text_encoder_learning_rate):
         return None
@@ -785,8 +812,8 @@ class OptimConfig:
     max_train_steps: int | None
     max_train_seconds: float | None
     gradient_accumulation_steps: int
-    learning_rate: float
-    text_encoder_learning_rate: float | None  # None: the encoder, when trained, shares the UNet's parameter group
+    learning_rate: float | None  # None: chosen for the UNet and the batch (choose_learning_rates)
+    text_encoder_learning_rate: float | None  # as given; see choose_learning_rates for the default
     lr_scheduler: str
     lr_warmup_steps: int
     adam_betas: tuple[float, float]
@@ -824,7 +851,7 @@ class OptimConfig:
             max_train_steps=args.max_train_steps,
             max_train_seconds=parse_duration(args.max_train_time) if exists(args.max_train_time) else None,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
-            learning_rate=args.learning_rate,
+            learning_rate=given_learning_rate(args),
             text_encoder_learning_rate=text_encoder_learning_rate(args),
             lr_scheduler=args.lr_scheduler,
             lr_warmup_steps=args.lr_warmup_steps,
@@ -3365,23 +3392,83 @@ class Intervals:
         )
 
 
-def trained_parameters(unet, text_encoder, model: ModelConfig, optim: OptimConfig) -> list:
+@dataclass(frozen=True, kw_only=True)
+class LearningRates:
+    """The peak rates AdamW trains at, and where the UNet's came from (for the run plan)."""
+
+    unet: float
+    text_encoder: float | None  # None: a trained encoder shares the UNet's parameter group
+    why: str
+
+
+def count_parameters(module: torch.nn.Module) -> int:
+    return sum(parameter.numel() for parameter in module.parameters())
+
+
+def preset_parameter_counts(resolution: int, cross_attention_dim: int) -> dict[str, int]:
+    """Each --model_size UNet's parameters at this resolution and encoder width (built on the meta device: no memory)."""
+    from diffusers import UNet2DConditionModel
+
+    counts = {}
+    for size in MODEL_SIZES:
+        config = default_unet_config(resolution, size) | {"cross_attention_dim": cross_attention_dim}
+        with torch.device("meta"):
+            counts[size] = count_parameters(UNet2DConditionModel.from_config(config))
+    return counts
+
+
+def interpolated_learning_rate(parameters: int, preset_counts: dict[str, int]) -> float:
+    """log(rate) straight in log(parameters) between the two presets around the UNet; the nearest end's rate outside."""
+    points = sorted((count, PRESET_LEARNING_RATES[size]) for size, count in preset_counts.items())
+    if parameters <= points[0][0]:
+        return points[0][1]
+    for (low_count, low_rate), (high_count, high_rate) in itertools.pairwise(points):
+        if parameters <= high_count:
+            share = math.log(parameters / low_count) / math.log(high_count / low_count)
+            return low_rate * (high_rate / low_rate) ** share
+    return points[-1][1]
+
+
+def choose_learning_rates(optim: OptimConfig, model: ModelConfig, unet, images_per_step: int) -> LearningRates:
+    """A given --learning_rate / --text_encoder_learning_rate as given; otherwise the rule of --learning_rate's help.
+
+    Adam's update is normalised, so its rate scales with the square root of the batch, not linearly (Malladi et al.
+    2022); measured at 32 and 128 images a step (docs/learning-rates.md).
+    """
+    if exists(optim.learning_rate):
+        return LearningRates(unet=optim.learning_rate, text_encoder=optim.text_encoder_learning_rate, why="given")
+    if exists(model.unet_config):
+        parameters = count_parameters(unet)
+        counts = preset_parameter_counts(unet.config.sample_size, unet.config.cross_attention_dim)
+        base, source = interpolated_learning_rate(parameters, counts), f"{parameters / 1e6:.1f}M parameters"
+    else:
+        base, source = PRESET_LEARNING_RATES[model.model_size], f"--model_size {model.model_size}"
+    scale = math.sqrt(images_per_step / LEARNING_RATE_REFERENCE_BATCH)
+    rate = base * scale
+    text_encoder = optim.text_encoder_learning_rate
+    if model.train_text_encoder and not exists(text_encoder):
+        text_encoder = rate * TEXT_ENCODER_RATE_SHARE
+    why = f"chosen: {base:.2g} for {source} x sqrt({images_per_step} images a step / {LEARNING_RATE_REFERENCE_BATCH})"
+    return LearningRates(unet=rate, text_encoder=text_encoder, why=why)
+
+
+def trained_parameters(unet, text_encoder, model: ModelConfig, rates: LearningRates) -> list:
     """What AdamW trains: one group, or the encoder in a second at its own learning rate.
 
-    Only a given --text_encoder_learning_rate makes a second group, so checkpoints of runs without it keep
-    the optimizer layout they were saved with.
+    Only an encoder rate of its own makes a second group, so checkpoints of runs that gave --learning_rate and no
+    --text_encoder_learning_rate keep the optimizer layout they were saved with.
     """
     trained = list(unet.parameters())
     if not model.train_text_encoder:
         return trained
-    if not exists(optim.text_encoder_learning_rate):
+    if not exists(rates.text_encoder):
         return trained + list(text_encoder.parameters())
-    return [{"params": trained}, {"params": list(text_encoder.parameters()), "lr": optim.text_encoder_learning_rate}]
+    return [{"params": trained}, {"params": list(text_encoder.parameters()), "lr": rates.text_encoder}]
 
 
-def build_optimizer(parameters, optim: OptimConfig, device: torch.device):
+def build_optimizer(parameters, optim: OptimConfig, learning_rate: float, device: torch.device):
     kwargs = dict(
-        lr=optim.learning_rate,
+        lr=learning_rate,
         betas=optim.adam_betas,
         weight_decay=optim.adam_weight_decay,
         eps=optim.adam_epsilon,
@@ -3774,6 +3861,7 @@ class PreparedModels:
     ema: object | None
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
+    learning_rates: LearningRates
 
 
 def check_checkpoint_augmentation(checkpoint: Path, augmentation: bool) -> None:
@@ -3824,7 +3912,10 @@ def prepare_models(config: RunConfig, accelerator, text_encoder, data: TrainingD
     ema = build_ema(unet, optim)  # from the CPU copy: with --ema_offload the EMA never touches the GPU
     # on the device before the optimizer: torch 2.1-2.3 refuse fused AdamW over CPU parameters at construction
     unet.to(accelerator.device)
-    optimizer = build_optimizer(trained_parameters(unet, text_encoder, model, optim), optim, accelerator.device)
+    images_per_step = config.data.batch_size * accelerator.num_processes * optim.gradient_accumulation_steps
+    rates = choose_learning_rates(optim, model, unet, images_per_step)
+    parameters = trained_parameters(unet, text_encoder, model, rates)
+    optimizer = build_optimizer(parameters, optim, rates.unet, accelerator.device)
     lr_scheduler = get_scheduler(
         optim.lr_scheduler,
         optimizer,
@@ -3850,7 +3941,14 @@ def prepare_models(config: RunConfig, accelerator, text_encoder, data: TrainingD
         # after load_state: accelerate loads custom objects with map_location="cpu" and EMAModel.load_state_dict
         # replaces its shadow tensors, so placing it before would leave a resumed EMA on the CPU
         ema.to(accelerator.device if not optim.ema_offload else "cpu")
-    return PreparedModels(unet=unet, text_encoder=text_encoder, ema=ema, optimizer=optimizer, lr_scheduler=lr_scheduler)
+    return PreparedModels(
+        unet=unet,
+        text_encoder=text_encoder,
+        ema=ema,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        learning_rates=rates,
+    )
 
 
 def setup_run(config: RunConfig) -> Run:
@@ -3938,7 +4036,7 @@ def setup_run(config: RunConfig) -> Run:
         intervals=intervals,
         state=state,
         text_max_length=data.text_max_length,
-        plan=run_plan(data, trainer, models.unet, streaming=config.data.streaming),
+        plan=run_plan(data, trainer, models, streaming=config.data.streaming),
     )
 
 
@@ -3951,9 +4049,9 @@ def encode_grid_prompts(tokenizer, text_encoder, prompts: list[str], data: Train
     return prompt_embeddings, data.conditioner.embed([""])
 
 
-def run_plan(data: TrainingData, trainer: Trainer, unet, *, streaming: bool) -> str:
+def run_plan(data: TrainingData, trainer: Trainer, models: PreparedModels, *, streaming: bool) -> str:
     schedule, accelerator = data.schedule, trainer.accelerator
-    unet_params = sum(parameter.numel() for parameter in unet.parameters()) / 1e6
+    unet_params = count_parameters(models.unet) / 1e6
     if streaming:
         length = f" (with --streaming an 'epoch' is --checkpointing_steps = {schedule.batches_per_epoch // schedule.accumulation} steps)"
     else:
@@ -3964,8 +4062,13 @@ def run_plan(data: TrainingData, trainer: Trainer, unet, *, streaming: bool) -> 
     return (
         f"{data.batches.describe()}{held_out}{each} padded to {data.text_max_length} tokens; batch {trainer.data.batch_size} x "
         f"{accelerator.num_processes} processes x {schedule.accumulation} accumulation = {trainer.images_per_step()} per step; "
-        f"{schedule.max_steps} steps{length}; UNet {unet_params:.1f}M parameters"
+        f"{schedule.max_steps} steps{length}; UNet {unet_params:.1f}M parameters; {describe_rates(models.learning_rates)}"
     )
+
+
+def describe_rates(rates: LearningRates) -> str:
+    encoder = f", text encoder {rates.text_encoder:.2g}" if exists(rates.text_encoder) else ""
+    return f"learning rate {rates.unet:.2g} ({rates.why}){encoder}"
 
 
 # ---------------------------------------------------------------------------------------------
