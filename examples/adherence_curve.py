@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -71,6 +72,13 @@ def recipe(
 def shipped(learning_rate: str, *extra_flags: str, warmup: str = "100", unet: dict | None = None) -> dict:
     """The trainer's defaults of the day and the quickstart's UNet (unless `unet` changes it), with a few flags."""
     return {"flags": ["--lr_warmup_steps", warmup, "--learning_rate", learning_rate, *extra_flags], "unet": unet}
+
+
+def defaults(model_size: str, *extra_flags: str, batch: int = 32, length: int = 1) -> dict:
+    """The trainer's TRUE defaults at a --model_size: only data, encoder, size, batch and step flags reach it
+    (plus `extra_flags`, the one thing a sweep changes). `length` times the images of the other runs."""
+    flags = ["--model_size", model_size, "--train_batch_size", str(batch), *extra_flags]
+    return {"flags": flags, "unet": "preset", "batch": batch, "length": length}
 
 
 # the seed's EMA warm-up (inv_gamma 1, power 3/4: ~20% of the run averaged)
@@ -129,6 +137,36 @@ RECIPES = {
     "after, lr 1e-3, ema power 0.5, cosine betas": shipped(
         "1e-3", "--ema_power", "0.5", "--ddpm_beta_schedule", "squaredcos_cap_v2"
     ),
+    # issue 25: the --model_size UNets on the trainer's true defaults, at their chosen rates and around them
+    **{f"{size} defaults": defaults(size) for size in ("tiny", "small", "base", "large")},
+    **{
+        f"{size} lr {rate}": defaults(size, "--learning_rate", rate)
+        for size in ("tiny", "small", "base")
+        for rate in ("1e-4", "2e-4", "5e-4", "1e-3", "2e-3", "4e-3")
+    },
+    # the batch rule: 4x the batch at the reference rate, x sqrt(4) and x 4 (the same images seen)
+    **{
+        f"tiny batch 128 lr {rate}": defaults("tiny", "--learning_rate", rate, batch=128)
+        for rate in ("2e-3", "4e-3", "8e-3")
+    },
+    # stability: three times the images at the chosen rate and at twice it
+    **{
+        f"{size} lr {rate} x3": defaults(size, "--learning_rate", rate, length=3)
+        for size, rate in (
+            ("tiny", "2e-3"),
+            ("tiny", "4e-3"),
+            ("small", "2e-3"),
+            ("small", "4e-3"),
+            ("base", "1e-3"),
+            ("base", "2e-3"),
+        )
+    },
+    # the other defaults a frozen-encoder user meets, each turned back to what it was
+    "tiny defaults, no EMA": defaults("tiny", "--no-use_ema"),
+    "tiny defaults, warm-up 500": defaults("tiny", "--lr_warmup_steps", "500"),
+    "tiny defaults, dropout 0.2": defaults("tiny", "--conditioning_dropout_prob", "0.2"),
+    "base defaults, no EMA": defaults("base", "--no-use_ema"),
+    "base defaults, warm-up 500": defaults("base", "--lr_warmup_steps", "500"),
 }
 
 
@@ -159,29 +197,40 @@ def unet_config_for(recipe: str, folder: Path) -> Path:
     return path
 
 
-def train(recipe: str, seed: int, args, data: Path, encoder: Path, threads: int) -> Path:
-    run_dir = args.output_dir / f"{recipe}-seed{seed}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, str(ROOT / "train_text_to_image.py"), *COMMON_FLAGS, *RECIPES[recipe]["flags"]]
+def batch_of(recipe: str) -> int:
+    return RECIPES[recipe].get("batch", 32)
+
+
+def train_command(recipe: str, seed: int, args, data: Path, encoder: Path, run_dir: Path) -> list[str]:
+    """The trainer's command line: the recipe's flags over COMMON_FLAGS, or over nothing for a true-defaults recipe.
+
+    A true-defaults run also exports its pipeline every epoch (the scorer loads the first export while it trains)
+    and computes the held-out loss at every checkpoint: neither changes what it trains.
+    """
+    settings = RECIPES[recipe]
+    steps = args.max_train_steps * 32 * settings.get("length", 1) // batch_of(recipe)
+    every = args.eval_every * 32 // batch_of(recipe)
+    command = [sys.executable, str(ROOT / "train_text_to_image.py")]
+    if settings["unet"] == "preset":
+        command += ["--resolution", "16", "--logger", "none", *settings["flags"]]
+        command += ["--save_images_epochs", "100000", "--save_model_epochs", "1", "--validation_steps", str(every)]
+    else:
+        command += [*COMMON_FLAGS, *settings["flags"]]
+        command += ["--model_config_name_or_path", str(unet_config_for(recipe, run_dir))]
     command += ["--train_data_dir", str(data), "--text_encoder_name_or_path", str(encoder)]
-    command += ["--model_config_name_or_path", str(unet_config_for(recipe, run_dir))]
     command += ["--output_dir", str(run_dir / "model"), "--overwrite_output_dir", "--seed", str(seed)]
-    command += ["--max_train_steps", str(args.max_train_steps), "--checkpointing_steps", str(args.eval_every)]
-    environment = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", WANDB_MODE="offline")
-    with open(run_dir / "train.log", "w") as log:
-        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, env=environment)
-    return run_dir / "model"
+    return command + ["--max_train_steps", str(steps), "--checkpointing_steps", str(every)]
 
 
-def checkpoint_ema(checkpoint: Path) -> list:
-    """The EMA's shadow parameters saved in an accelerate checkpoint (the one custom object holding them)."""
+def checkpoint_ema(checkpoint: Path) -> list | None:
+    """The EMA's shadow parameters saved in an accelerate checkpoint (the one custom object holding them), if any."""
     import torch
 
     for path in sorted(checkpoint.glob("custom_checkpoint_*.pkl")):
         state = torch.load(path, map_location="cpu", weights_only=False)
         if isinstance(state, dict) and "shadow_params" in state:
             return state["shadow_params"]
-    raise FileNotFoundError(f"{checkpoint}: no EMA state (was the run trained with --use_ema?)")
+    return None
 
 
 def load_raw_state(checkpoint: Path) -> dict:
@@ -191,45 +240,122 @@ def load_raw_state(checkpoint: Path) -> dict:
     return load_file(checkpoint / "model.safetensors")
 
 
-def score_checkpoints(
-    model: Path, images_per_prompt: int, guidance: float, weights: str = "ema", steps: int = 25
-) -> dict[int, float]:
-    """'all three' share per checkpoint step, sampling every prompt with the checkpoint's EMA (or raw) weights."""
-    import torch
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[1])
 
-    sys.path.insert(0, str(ROOT))
-    from pipeline_text_to_image import TextToImagePipeline
 
-    pipeline = TextToImagePipeline.from_pretrained(model)
-    pipeline.set_progress_bar_config(disable=True)
-    prompts = all_prompts()
-    labels = [prompt for prompt in prompts for _ in range(images_per_prompt)]
-    results = {}
-    for checkpoint in sorted(model.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1])):
-        if weights == "ema":
-            for parameter, shadow in zip(pipeline.unet.parameters(), checkpoint_ema(checkpoint), strict=True):
-                parameter.data.copy_(shadow)
-        else:
-            pipeline.unet.load_state_dict(load_raw_state(checkpoint))
-        images = pipeline(
+def complete_checkpoints(model: Path) -> list[Path]:
+    """Checkpoints in step order; an unfinished one is still a hidden .checkpoint-STEP.tmp folder."""
+    return sorted(model.glob("checkpoint-*"), key=checkpoint_step)
+
+
+class Scorer:
+    """Scores checkpoints with one pipeline (the run's first export) on the GPU when there is one."""
+
+    def __init__(self, model: Path, images_per_prompt: int, guidance: float, weights: str, steps: int):
+        import torch
+
+        sys.path.insert(0, str(ROOT))
+        from pipeline_text_to_image import TextToImagePipeline
+
+        self.pipeline = TextToImagePipeline.from_pretrained(model)
+        self.pipeline.to("cuda" if torch.cuda.is_available() else "cpu")
+        self.pipeline.set_progress_bar_config(disable=True)
+        self.images_per_prompt, self.guidance, self.weights, self.steps = images_per_prompt, guidance, weights, steps
+
+    def load(self, checkpoint: Path) -> None:
+        """The checkpoint's EMA weights (its trained ones with --weights raw, or when it has no EMA)."""
+        import torch
+
+        shadow = checkpoint_ema(checkpoint) if self.weights == "ema" else None
+        if shadow is None:
+            self.pipeline.unet.load_state_dict(load_raw_state(checkpoint))
+            return
+        with torch.no_grad():
+            for parameter, saved in zip(self.pipeline.unet.parameters(), shadow, strict=True):
+                parameter.copy_(saved)
+
+    def __call__(self, checkpoint: Path) -> float:
+        """'all three' share: every prompt of the dataset drawn with the checkpoint's weights."""
+        import torch
+
+        self.load(checkpoint)
+        prompts = all_prompts()
+        labels = [prompt for prompt in prompts for _ in range(self.images_per_prompt)]
+        images = self.pipeline(
             [caption(*prompt) for prompt in prompts],
-            num_images_per_prompt=images_per_prompt,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
+            num_images_per_prompt=self.images_per_prompt,
+            num_inference_steps=self.steps,
+            guidance_scale=self.guidance,
             generator=torch.Generator().manual_seed(0),
             output_type="np",
         ).images
         pixels = (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
-        shares = score([(read_image(image), label) for image, label in zip(pixels, labels, strict=True)])
-        results[int(checkpoint.name.split("-")[1])] = shares["all"]
-    return results
+        return score([(read_image(image), label) for image, label in zip(pixels, labels, strict=True)])["all"]
+
+
+def score_checkpoints(
+    model: Path, images_per_prompt: int, guidance: float, weights: str = "ema", steps: int = 25
+) -> dict[int, float]:
+    """'all three' share per checkpoint step of a finished run."""
+    scorer = Scorer(model, images_per_prompt, guidance, weights, steps)
+    return {checkpoint_step(checkpoint): scorer(checkpoint) for checkpoint in complete_checkpoints(model)}
+
+
+def pipeline_exported(model: Path) -> bool:
+    """A whole export: model_index.json there and no swap of a newer one under way."""
+    swapping = (model / ".pipeline.tmp").exists() or (model / ".pipeline.old").exists()
+    return (model / "model_index.json").is_file() and not swapping
+
+
+def train_and_score(command: list[str], model: Path, args, threads: int, log: Path) -> dict[int, float]:
+    """Trains, scoring and deleting each checkpoint as it appears (a base UNet's run would otherwise hold GBs)."""
+    environment = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    torch_threads(threads)
+    by_step, scorer = {}, None
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=environment)
+        while True:
+            finished = process.poll() is not None
+            if scorer is None and pipeline_exported(model):
+                scorer = Scorer(
+                    model, args.images_per_prompt, args.guidance_scale, args.weights, args.num_inference_steps
+                )
+            for checkpoint in complete_checkpoints(model) if scorer else []:
+                by_step[checkpoint_step(checkpoint)] = scorer(checkpoint)
+                if not args.keep_checkpoints:
+                    shutil.rmtree(checkpoint)
+            if finished:
+                break
+            time.sleep(2)
+    if process.returncode != 0:  # e.g. a NaN at too high a rate: the points scored so far stand, the table says so
+        tail = log.read_text().strip().splitlines()[-1:]
+        log.with_name("failed.txt").write_text(f"exit {process.returncode}: {' '.join(tail)}\n")
+    return by_step
+
+
+def held_out_losses(model: Path) -> dict[int, float]:
+    """val/loss by step, from the run's evaluation.jsonl."""
+    path = model / "evaluation.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    return {line["step"]: line["val/loss"] for line in lines if "val/loss" in line}
+
+
+def train(recipe: str, seed: int, args, data: Path, encoder: Path, threads: int) -> Path:
+    run_dir = args.output_dir / f"{recipe}-seed{seed}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    command = train_command(recipe, seed, args, data, encoder, run_dir)
+    environment = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", WANDB_MODE="offline")
+    with open(run_dir / "train.log", "w") as log:
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, env=environment)
+    return run_dir / "model"
 
 
 def run_recipe(recipe: str, seed: int, args, data: Path, encoder: Path, threads: int) -> dict[int, float]:
     """Images seen -> 'all three' share for one recipe and seed (cached in a scores file).
 
-    A finished run whose checkpoints were kept (--keep_checkpoints) is rescored without training, e.g.
-    with other --weights or --guidance_scale.
+    A true-defaults recipe is scored while it trains. A finished run whose checkpoints were kept
+    (--keep_checkpoints) is rescored without training, e.g. with other --weights or --guidance_scale.
     """
     run_dir = args.output_dir / f"{recipe}-seed{seed}"
     variant = "" if (args.weights, args.guidance_scale) == ("ema", 3.0) else f"-{args.weights}-g{args.guidance_scale:g}"
@@ -237,13 +363,19 @@ def run_recipe(recipe: str, seed: int, args, data: Path, encoder: Path, threads:
     if scores_file.is_file():
         return {int(images): share for images, share in json.loads(scores_file.read_text()).items()}
     model = run_dir / "model"
-    if not ((model / "model_index.json").is_file() and any(model.glob("checkpoint-*"))):
-        model = train(recipe, seed, args, data, encoder, threads)
-    torch_threads(threads)
-    by_step = score_checkpoints(
-        model, args.images_per_prompt, args.guidance_scale, args.weights, args.num_inference_steps
-    )
-    by_images = {step * 32: share for step, share in by_step.items()}
+    if RECIPES[recipe]["unet"] == "preset" and not any(model.glob("checkpoint-*")):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        command = train_command(recipe, seed, args, data, encoder, run_dir)
+        by_step = train_and_score(command, model, args, threads, run_dir / "train.log")
+        (run_dir / "val_loss.json").write_text(json.dumps(held_out_losses(model), indent=2))
+    else:
+        if not ((model / "model_index.json").is_file() and any(model.glob("checkpoint-*"))):
+            model = train(recipe, seed, args, data, encoder, threads)
+        torch_threads(threads)
+        by_step = score_checkpoints(
+            model, args.images_per_prompt, args.guidance_scale, args.weights, args.num_inference_steps
+        )
+    by_images = {step * batch_of(recipe): share for step, share in by_step.items()}
     scores_file.write_text(json.dumps(by_images, indent=2))
     if not args.keep_checkpoints:
         for checkpoint in model.glob("checkpoint-*"):  # ~50 MB each: the scores are what we keep
@@ -356,6 +488,13 @@ def plot(curves: dict[tuple[str, int], dict[int, float]], path: Path) -> None:
     image.save(path)
 
 
+def recipe_seeds(text: str) -> tuple[str, list[int]]:
+    recipe, _, seeds = text.rpartition("@")
+    if recipe not in RECIPES:
+        raise argparse.ArgumentTypeError(f"{recipe!r} is not a recipe; see RECIPES in {Path(__file__).name}")
+    return recipe, [int(seed) for seed in seeds.split(",")]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", nargs="+", default=["before", "after"], choices=list(RECIPES))
@@ -373,10 +512,29 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output_dir", type=Path, default=Path("out/adherence"))
     parser.add_argument("--plot", type=Path, help="Also draw the curves into this PNG.")
     parser.add_argument("--keep_checkpoints", action="store_true", help="Keep each run's checkpoints (rescoring).")
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        type=recipe_seeds,
+        help="'RECIPE@SEED,SEED' each, started in this order (longest first fills --jobs best); instead of"
+        " --recipes x --seeds.",
+    )
+    parser.add_argument(
+        "--report_only", action="store_true", help="Table the runs that have scores; train nothing (a cut sweep)."
+    )
     args = parser.parse_args(argv)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     data, encoder = prepare_inputs(args.output_dir, args.dataset_size)
-    runs = [(recipe, seed) for recipe in args.recipes for seed in args.seeds]
+    if args.runs:
+        runs = [(recipe, seed) for recipe, seeds in args.runs for seed in seeds]
+    else:
+        runs = [(recipe, seed) for recipe in args.recipes for seed in args.seeds]
+    if args.report_only:
+        runs = [
+            (recipe, seed)
+            for recipe, seed in runs
+            if (args.output_dir / f"{recipe}-seed{seed}" / "scores.json").is_file()
+        ]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     if args.jobs == 1:
         curves = {run: run_recipe(*run, args, data, encoder, threads) for run in runs}
@@ -386,6 +544,10 @@ def main(argv: list[str] | None = None) -> dict:
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             futures = {run: pool.submit(run_recipe, *run, args, data, encoder, threads) for run in runs}
             curves = {run: future.result() for run, future in futures.items()}
+    failed = {run: args.output_dir / f"{run[0]}-seed{run[1]}" / "failed.txt" for run in runs}
+    for (recipe, seed), path in failed.items():
+        if path.is_file():
+            print(f"{recipe} seed {seed} stopped early: {path.read_text().strip()}")
     table = format_table(curves) + "\n\n" + format_summary(curves)
     print(table)
     (args.output_dir / "table.md").write_text(table + "\n")
