@@ -30,14 +30,23 @@ runs=(
   "tiny defaults, warm-up 500@0" "tiny defaults, no EMA@0" "base defaults, warm-up 500@0" "base defaults, no EMA@0"
   "base lr 4e-3@0" "tiny defaults, dropout 0.2@0" "small lr 5e-4@0" "tiny lr 5e-4@0"
 )
+if [ -n "${RUNS:-}" ]; then mapfile -t runs <<<"$RUNS"; fi  # one 'RECIPE@SEEDS' a line instead
 printf '%s\n' "${runs[@]}" >"$work/runs.txt"
+snapshot() {  # what is there so far, into $OUT/adherence.tgz, swapped in whole (the call may be cut at any moment)
+  (cd "$work" && for run in */; do
+    [ -f "$run/train.log" ] && tail -n 30 "$run/train.log" >"$run/train-tail.log"
+    last=$(ls "$run"model/samples/epoch-*.png 2>/dev/null | tail -n 1)
+    [ -n "$last" ] && cp "$last" "$run/last-grid.png"
+    [ -f "$run/model/evaluation.jsonl" ] && cp "$run/model/evaluation.jsonl" "$run/evaluation.jsonl"
+  done
+  tar czf "$out/.adherence.tgz" runs.txt */scores*.json */val_loss.json */evaluation.jsonl */failed.txt \
+    */train-tail.log */last-grid.png 2>/dev/null
+  mv "$out/.adherence.tgz" "$out/adherence.tgz")
+}
+(while sleep 15; do snapshot; done) &
+snapshotting=$!
 PYTHONUNBUFFERED=1 timeout "${SWEEP_SECONDS:-530}" python3 examples/adherence_curve.py --runs "${runs[@]}" \
   --jobs "${JOBS:-14}" --output_dir "$work" ${SWEEP_ARGS:-} 2>&1 | grep -v -E "it/s\]|Loading|Writing" | tail -80
-# each run: its scores, held-out losses, why it stopped early, its log's end and its last grid
-(cd "$work" && for run in */; do
-  [ -f "$run/train.log" ] && tail -n 30 "$run/train.log" >"$run/train-tail.log"
-  last=$(ls "$run"model/samples/epoch-*.png 2>/dev/null | tail -n 1)
-  [ -n "$last" ] && cp "$last" "$run/last-grid.png"
-done
-tar czf "$out/adherence.tgz" runs.txt */scores*.json */val_loss.json */failed.txt */train-tail.log */last-grid.png 2>/dev/null)
+kill "$snapshotting" 2>/dev/null
+snapshot
 ls -la "$out"
