@@ -139,6 +139,7 @@ RECIPES = {
     ),
     # issue 25: the --model_size UNets on the trainer's true defaults, at their chosen rates and around them
     **{f"{size} defaults": defaults(size) for size in ("tiny", "small", "base", "large")},
+    "tiny defaults, batch 128": defaults("tiny", batch=128),  # the batch rule's own choice: 2e-3 x sqrt(128 / 32)
     **{
         f"{size} lr {rate}": defaults(size, "--learning_rate", rate)
         for size in ("tiny", "small", "base")
