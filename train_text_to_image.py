@@ -3884,6 +3884,16 @@ def check_checkpoint_augmentation(checkpoint: Path, augmentation: bool) -> None:
         )
 
 
+def check_checkpoint_ema(checkpoint: Path, use_ema: bool) -> None:
+    """The EMA is the second object registered for checkpointing (after the LR schedule): a run trained without it
+    (the default before --use_ema was) cannot resume with it."""
+    if use_ema and not (checkpoint / "custom_checkpoint_1.pkl").is_file():
+        raise UserError(
+            f"--resume_from_checkpoint {checkpoint}: that run trained without an EMA and --use_ema is on (the default"
+            " since 2026-12-04); pass --no-use_ema to resume it, or start a new --output_dir"
+        )
+
+
 def load_checkpoint(accelerator, checkpoint: Path) -> None:
     try:
         accelerator.load_state(str(checkpoint))
@@ -3892,8 +3902,9 @@ def load_checkpoint(accelerator, checkpoint: Path) -> None:
             raise
         raise UserError(
             f"--resume_from_checkpoint {checkpoint}: its optimizer trained other parameters than this run would"
-            " (--train_text_encoder, or --text_encoder_learning_rate given or not); resume with the first run's"
-            " flags, or start a new --output_dir"
+            " (--train_text_encoder, or an encoder rate of its own or not: with --train_text_encoder a run that gives"
+            " no --learning_rate trains the encoder in a group of its own since 2026-12-04); resume with the first"
+            " run's flags (for such an older run: its --learning_rate, 1e-4 by default then), or start a new --output_dir"
         ) from error
 
 
@@ -3936,6 +3947,7 @@ def prepare_models(config: RunConfig, accelerator, text_encoder, data: TrainingD
         accelerator.register_for_checkpointing(ema)
     if exists(resume):
         check_checkpoint_augmentation(resume, config.data.augment_prob > 0)
+        check_checkpoint_ema(resume, optim.use_ema)
         load_checkpoint(accelerator, resume)
         logger.info("resumed from %s at step %d", resume, state.step)
     if exists(ema):
