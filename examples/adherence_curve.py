@@ -326,6 +326,8 @@ def train_and_score(command: list[str], model: Path, args, threads: int, log: Pa
                 by_step[checkpoint_step(checkpoint)] = scorer(checkpoint)
                 if not args.keep_checkpoints:
                     shutil.rmtree(checkpoint)
+                # a sweep cut short keeps what was scored (--report_only reads it)
+                log.with_name("scores.partial.json").write_text(json.dumps(by_step, indent=2))
             if finished:
                 break
             time.sleep(2)
@@ -489,6 +491,28 @@ def plot(curves: dict[tuple[str, int], dict[int, float]], path: Path) -> None:
     image.save(path)
 
 
+def scored_so_far(run_dir: Path, batch: int) -> dict[int, float]:
+    """A finished run's scores, or those of a run cut short (scores.partial.json, by step), by images seen."""
+    if (run_dir / "scores.json").is_file():
+        return {int(images): share for images, share in json.loads((run_dir / "scores.json").read_text()).items()}
+    if (run_dir / "scores.partial.json").is_file():
+        partial = json.loads((run_dir / "scores.partial.json").read_text())
+        return {int(step) * batch: share for step, share in partial.items()}
+    return {}
+
+
+def report_only(runs: list[tuple[str, int]], args) -> dict:
+    """The tables of whatever runs have scores, training nothing."""
+    curves = {run: scored_so_far(args.output_dir / f"{run[0]}-seed{run[1]}", batch_of(run[0])) for run in runs}
+    curves = {run: curve for run, curve in curves.items() if curve}
+    table = format_table(curves) + "\n\n" + format_summary(curves)
+    print(table)
+    (args.output_dir / "table.md").write_text(table + "\n")
+    if args.plot:
+        plot(curves, args.plot)
+    return curves
+
+
 def recipe_seeds(text: str) -> tuple[str, list[int]]:
     recipe, _, seeds = text.rpartition("@")
     if recipe not in RECIPES:
@@ -525,17 +549,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    data, encoder = prepare_inputs(args.output_dir, args.dataset_size)
     if args.runs:
         runs = [(recipe, seed) for recipe, seeds in args.runs for seed in seeds]
     else:
         runs = [(recipe, seed) for recipe in args.recipes for seed in args.seeds]
     if args.report_only:
-        runs = [
-            (recipe, seed)
-            for recipe, seed in runs
-            if (args.output_dir / f"{recipe}-seed{seed}" / "scores.json").is_file()
-        ]
+        return report_only(runs, args)
+    data, encoder = prepare_inputs(args.output_dir, args.dataset_size)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     if args.jobs == 1:
         curves = {run: run_recipe(*run, args, data, encoder, threads) for run in runs}
