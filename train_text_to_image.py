@@ -4028,7 +4028,7 @@ def setup_run(config: RunConfig) -> Run:
             seed=state.seed,
         ),
         output_dir=output.output_dir,
-        public_flags=config.public_flags,
+        public_flags=config.public_flags | rates_used(models.learning_rates),
         checks=build_checks(config, accelerator, data),
     )
     intervals = Intervals(
@@ -4077,6 +4077,11 @@ def run_plan(data: TrainingData, trainer: Trainer, models: PreparedModels, *, st
         f"{accelerator.num_processes} processes x {schedule.accumulation} accumulation = {trainer.images_per_step()} per step; "
         f"{schedule.max_steps} steps{length}; UNet {unet_params:.1f}M parameters; {describe_rates(models.learning_rates)}"
     )
+
+
+def rates_used(rates: LearningRates) -> dict:
+    """The rates the run trained at, given or chosen, as the model card and the trackers show the flags."""
+    return {"learning_rate": rates.unet, "text_encoder_learning_rate": rates.text_encoder}
 
 
 def describe_rates(rates: LearningRates) -> str:
@@ -4287,7 +4292,7 @@ def run_training(args: argparse.Namespace) -> int:
             if (output.output_dir / BEST_DIR).is_dir():
                 finish_interrupted_export(output.output_dir / BEST_DIR)
             run.outputs.resume_log(run.state.step)
-            run.accelerator.init_trackers("train_text_to_image", config=tracker_config(config.public_flags))
+            run.accelerator.init_trackers("train_text_to_image", config=tracker_config(run.outputs.public_flags))
         logger.info("%s", run.plan)
         started = time.perf_counter()
         try:

@@ -323,6 +323,8 @@ def train_and_score(command: list[str], model: Path, args, threads: int, log: Pa
                     model, args.images_per_prompt, args.guidance_scale, args.weights, args.num_inference_steps
                 )
             for checkpoint in complete_checkpoints(model) if scorer else []:
+                if checkpoint_step(checkpoint) in by_step:  # kept (--keep_checkpoints) and scored already
+                    continue
                 by_step[checkpoint_step(checkpoint)] = scorer(checkpoint)
                 if not args.keep_checkpoints:
                     shutil.rmtree(checkpoint)

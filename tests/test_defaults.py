@@ -69,6 +69,8 @@ def test_the_run_trains_at_the_chosen_rate_and_says_why_and_a_given_rate_wins(ar
     assert [group["initial_lr"] for group in first_group(tmp_path / "out")] == [chosen]
     assert f"learning rate {chosen:.2g} (chosen: 0.002 for " in caplog.text
     assert "x sqrt(4 images a step / 32))" in caplog.text
+    card = (tmp_path / "out" / "README.md").read_text()  # the model card gives the rate the run trained at
+    assert f'"learning_rate": {json.dumps(chosen)},' in card
 
     caplog.clear()
     with caplog.at_level("INFO", logger="train_text_to_image"):
