@@ -116,6 +116,46 @@ def test_adherence_plot_draws_each_seed_pale_and_the_seeds_mean_in_the_recipes_c
     assert (200, 40, 40) not in column[seed_at - 2 : seed_at + 3]
 
 
+def test_true_defaults_recipes_give_the_trainer_nothing_that_changes_training_but_size_batch_rate_and_steps(tmp_path):
+    import argparse
+
+    import adherence_curve
+
+    import train_text_to_image as trainer
+
+    args = argparse.Namespace(max_train_steps=1600, eval_every=200)
+    data, encoder = tmp_path / "shapes", tmp_path / "encoder"
+    command = adherence_curve.train_command("tiny defaults, batch 128", 3, args, data, encoder, tmp_path / "run")
+    flags = trainer.build_parser().parse_args(command[2:])
+    given = {key for key, value in vars(flags).items() if value != trainer.build_parser().get_default(key)}
+    writes_only = {"logger", "save_images_epochs", "save_model_epochs", "validation_steps", "checkpointing_steps"}
+    places = {"train_data_dir", "text_encoder_name_or_path", "output_dir", "overwrite_output_dir"}
+    trains = {"resolution", "model_size", "train_batch_size", "seed", "max_train_steps"}
+    assert given == writes_only | places | trains
+    assert (flags.model_size, flags.train_batch_size, flags.max_train_steps, flags.checkpointing_steps) == (
+        "tiny",
+        128,
+        400,  # the same 51.2k images as 1600 steps of 32
+        50,
+    )
+
+
+def test_adherence_report_reads_scores_of_finished_and_cut_runs(tmp_path):
+    import adherence_curve
+
+    (tmp_path / "tiny defaults-seed0").mkdir()
+    (tmp_path / "tiny defaults-seed0" / "scores.json").write_text(json.dumps({"6400": 0.5, "12800": 0.95}))
+    (tmp_path / "tiny defaults, batch 128-seed0").mkdir()  # cut short: scores by step
+    (tmp_path / "tiny defaults, batch 128-seed0" / "scores.partial.json").write_text(json.dumps({"50": 0.25}))
+    runs = ["--runs", "tiny defaults@0,1", "tiny defaults, batch 128@0", "--report_only", "--output_dir"]
+    curves = adherence_curve.main([*runs, str(tmp_path)])
+    assert curves == {
+        ("tiny defaults", 0): {6400: 0.5, 12800: 0.95},
+        ("tiny defaults, batch 128", 0): {6400: 0.25},
+    }
+    assert not (tmp_path / "shapes").exists()  # a report makes no data
+
+
 def test_adherence_curve_trains_scores_each_checkpoint_and_plots(tmp_path):
     import adherence_curve
 
