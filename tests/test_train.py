@@ -94,7 +94,7 @@ def test_saved_pipeline_holds_the_ema_weights(argv, tmp_path):
 
 def test_saved_pipeline_without_ema_holds_the_trained_weights(argv, tmp_path):
     output = tmp_path / "out"
-    run_ok(argv())
+    run_ok(argv("--no-use_ema"))
     assert_same_tensors(unet_weights(output), checkpoint_weights(output / "checkpoint-4"))
 
 
