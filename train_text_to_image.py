@@ -371,8 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr_warmup_steps",
         type=int,
         default=100,
-        help="Warm-up in optimizer steps (the original script's 500 spent a third of a 51k-image run below the"
-        " peak rate; docs/learning-rates.md).",
+        help="Warm-up in optimizer steps (100: what every measured run of the default rates used; the earlier 500"
+        " did as well in the one run that compared them, docs/learning-rates.md).",
     )
     optim.add_argument("--adam_beta1", type=float, default=0.95, help="AdamW beta1 (the seed's 0.95).")
     optim.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
