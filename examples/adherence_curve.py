@@ -503,16 +503,21 @@ def scored_so_far(run_dir: Path, batch: int) -> dict[int, float]:
     return {}
 
 
-def report_only(runs: list[tuple[str, int]], args) -> dict:
-    """The tables of whatever runs have scores, training nothing."""
-    curves = {run: scored_so_far(args.output_dir / f"{run[0]}-seed{run[1]}", batch_of(run[0])) for run in runs}
-    curves = {run: curve for run, curve in curves.items() if curve}
+def write_report(curves: dict[tuple[str, int], dict[int, float]], args) -> dict:
+    """The per-run table and the summary, printed and written to table.md; the plot with --plot."""
     table = format_table(curves) + "\n\n" + format_summary(curves)
     print(table)
     (args.output_dir / "table.md").write_text(table + "\n")
     if args.plot:
         plot(curves, args.plot)
     return curves
+
+
+def report_only(runs: list[tuple[str, int]], args) -> dict:
+    """The tables of whatever runs have scores, training nothing."""
+    curves = {run: scored_so_far(args.output_dir / f"{run[0]}-seed{run[1]}", batch_of(run[0])) for run in runs}
+    curves = {run: curve for run, curve in curves.items() if curve}
+    return write_report(curves, args)
 
 
 def recipe_seeds(text: str) -> tuple[str, list[int]]:
@@ -571,12 +576,7 @@ def main(argv: list[str] | None = None) -> dict:
     for (recipe, seed), path in failed.items():
         if path.is_file():
             print(f"{recipe} seed {seed} stopped early: {path.read_text().strip()}")
-    table = format_table(curves) + "\n\n" + format_summary(curves)
-    print(table)
-    (args.output_dir / "table.md").write_text(table + "\n")
-    if args.plot:
-        plot(curves, args.plot)
-    return curves
+    return write_report(curves, args)
 
 
 if __name__ == "__main__":
