@@ -82,7 +82,7 @@ def measure_bf16(quick: bool) -> bool:
     """bf16 rows only where bf16 is native: on a CPU without AVX512-BF16/AMX it is emulated, 5-10x slower."""
     import torch
 
-    from train_text_to_image import cpu_has_native_bf16
+    from text_to_image.config import cpu_has_native_bf16
 
     return quick or (torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_has_native_bf16())
 
@@ -158,12 +158,13 @@ def wait_for_device() -> None:
 
 def set_up_training(argv: list[str]):
     """The trainer's own Run for these flags (its steps are taken from step 0 on)."""
-    import train_text_to_image as trainer
+    from text_to_image.config import RunConfig, parse_args
+    from text_to_image.setup import setup_run
 
-    args = trainer.parse_args(argv)
-    config = trainer.RunConfig.from_args(args)
+    args = parse_args(argv)
+    config = RunConfig.from_args(args)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    return trainer.setup_run(config)
+    return setup_run(config)
 
 
 def time_optimizer_step(run) -> float:
@@ -480,13 +481,14 @@ def model_size_rows(resolution: int, text_width: int, batch: int, steps: int, pr
     """Parameters, training img/s (forward + backward + AdamW), FLOPs per image, achieved FLOP/s and MFU."""
     import torch
 
-    import train_text_to_image as trainer
+    from text_to_image.config import MODEL_SIZES
+    from text_to_image.models import build_unet
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     rows = []
-    for size in trainer.MODEL_SIZES:
-        unet = trainer.build_unet(None, resolution, text_width, size).to(device)
+    for size in MODEL_SIZES:
+        unet = build_unet(None, resolution, text_width, size).to(device)
         optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)  # as the trainer's on torch >= 2.4
         pixels = torch.randn(batch, 3, resolution, resolution, device=device)
         text = torch.randn(batch, 8, text_width, device=device)
@@ -582,7 +584,8 @@ def evaluation_table(data_dir: Path | None, quick: bool) -> str:
     """Seconds each evaluation part takes at 32 px with the emoji runs' UNet (--model_size tiny)."""
     import torch
 
-    import train_text_to_image as trainer
+    from text_to_image.config import VALIDATION_BUCKETS
+    from text_to_image.evaluation import TrainingReference, eval_mode, to_uint8_batch
 
     with tempfile.TemporaryDirectory(prefix="benchmark-evaluation-") as work:
         work = Path(work)
@@ -602,13 +605,13 @@ def evaluation_table(data_dir: Path | None, quick: bool) -> str:
         table = run.trainer.batches.table
         unet = run.accelerator.unwrap_model(run.trainer.unet)
         resolution = table.cache[0].shape[-1]
-        reference_seconds, _ = timed(lambda: trainer.TrainingReference.from_table(table, resolution))
-        with trainer.eval_mode(unet, None):
+        reference_seconds, _ = timed(lambda: TrainingReference.from_table(table, resolution))
+        with eval_mode(unet, None):
             validation_seconds, _ = timed(lambda: checks.validate(unet, outputs.noise_scheduler))
             grid_seconds, (samples, _) = timed(
                 lambda: outputs.sample(unet, None, outputs.grids.prompts, outputs.grids.count, 0)
             )
-            uint8 = trainer.to_uint8_batch(samples, resolution)
+            uint8 = to_uint8_batch(samples, resolution)
             nearest_seconds, _ = timed(lambda: checks.reference.memorization(uint8))
             quality_seconds, _ = timed(lambda: outputs.sample_quality(unet, None))
             generated = samples * (images // len(samples) + 1)
@@ -617,7 +620,7 @@ def evaluation_table(data_dir: Path | None, quick: bool) -> str:
     rows = [
         ("setup: the whole run's (data, caption cache, models, and the parts below)", "once", setup_seconds),
         (f"training reference: {len(table.usable_rows)} images, copy threshold (leave-one-out)", "once", reference_seconds),
-        (f"validation loss: {held_out} held-out images x {trainer.VALIDATION_BUCKETS} timestep buckets", "each evaluation", validation_seconds),
+        (f"validation loss: {held_out} held-out images x {VALIDATION_BUCKETS} timestep buckets", "each evaluation", validation_seconds),
         (f"grid: {len(samples)} samples (for comparison: the cost without evaluation)", "each grid", grid_seconds),
         (f"memorization check of the grid: nearest of {len(samples)} samples among {len(table.usable_rows)}", "each grid", nearest_seconds),
         (f"FD + KID + CLIP score + copy rate: {images} samples generated and measured", "each --eval_steps", quality_seconds),

@@ -24,7 +24,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import train_text_to_image as trainer  # noqa: E402
+from text_to_image.common import UserError  # noqa: E402
+from text_to_image.config import DataConfig, EvalConfig  # noqa: E402
+from text_to_image.data import read_image_table  # noqa: E402
+from text_to_image.evaluation import (  # noqa: E402
+    Checks,
+    SampleQuality,
+    TrainingReference,
+    ValidationSet,
+    hold_out_rows,
+    to_uint8_batch,
+    without_rows,
+)
+from text_to_image.outputs import sample_images  # noqa: E402
+from text_to_image.setup import read_validation_folder  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,8 +71,8 @@ def training_flags(model: Path) -> dict:
     return json.loads(found.group(1)) if found else {}
 
 
-def data_config(args: argparse.Namespace, resolution: int) -> trainer.DataConfig:
-    return trainer.DataConfig(
+def data_config(args: argparse.Namespace, resolution: int) -> DataConfig:
+    return DataConfig(
         dataset_name=None,
         dataset_config_name=None,
         train_data_dir=args.data,
@@ -79,23 +92,23 @@ def data_config(args: argparse.Namespace, resolution: int) -> trainer.DataConfig
     )
 
 
-def split_data(args: argparse.Namespace, config: trainer.DataConfig):
+def split_data(args: argparse.Namespace, config: DataConfig):
     """(training table, validation set or None), held out as the trainer holds out."""
-    table = trainer.read_image_table(config, None, show_progress=True)
+    table = read_image_table(config, None, show_progress=True)
     if args.validation_data_dir:
-        return table, trainer.read_validation_folder(config, args.validation_data_dir, show_progress=True)
-    held_out = trainer.hold_out_rows(table.usable_rows, args.validation_split) if args.validation_split > 0 else []
+        return table, read_validation_folder(config, args.validation_data_dir, show_progress=True)
+    held_out = hold_out_rows(table.usable_rows, args.validation_split) if args.validation_split > 0 else []
     if len(held_out) == 0:
         return table, None
-    validation = trainer.ValidationSet.from_table(table, held_out.tolist(), config.resolution)
-    return trainer.without_rows(table, held_out), validation
+    validation = ValidationSet.from_table(table, held_out.tolist(), config.resolution)
+    return without_rows(table, held_out), validation
 
 
 def generate(pipeline, prompts: list[str], args: argparse.Namespace) -> list:
     images = []
     for index, start in enumerate(range(0, len(prompts), args.batch_size)):
         chunk = prompts[start : start + args.batch_size]
-        images += trainer.sample_images(
+        images += sample_images(
             pipeline, chunk, len(chunk), args.num_inference_steps, args.guidance_scale, args.seed + index
         )[0]
     return images
@@ -114,7 +127,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     table, validation = split_data(args, data_config(args, resolution))
     flags = training_flags(args.model)
     snr_gamma = args.snr_gamma if args.snr_gamma is not None else flags.get("snr_gamma", 5.0)
-    evaluation = trainer.EvalConfig(
+    evaluation = EvalConfig(
         validation_split=args.validation_split,
         validation_data_dir=args.validation_data_dir,
         validation_steps=None,
@@ -125,14 +138,12 @@ def evaluate(args: argparse.Namespace) -> dict:
         eval_steps=None,
         keep_best=None,
     )
-    quality = trainer.SampleQuality(
-        table=table, config=evaluation, resolution=resolution, device=device, cache_dir=None
-    )
-    reference = trainer.TrainingReference.from_table(table, resolution)
+    quality = SampleQuality(table=table, config=evaluation, resolution=resolution, device=device, cache_dir=None)
+    reference = TrainingReference.from_table(table, resolution)
     metrics = {}
     with torch.no_grad():
         if validation is not None:
-            checks = trainer.Checks(
+            checks = Checks(
                 validation=validation,
                 reference=reference,
                 quality=quality,
@@ -146,7 +157,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             metrics |= checks.validate(pipeline.unet, noise_scheduler)
         images = generate(pipeline, quality.prompts, args)
         metrics |= quality.measure(images)
-        copies = reference.memorization(trainer.to_uint8_batch(images, resolution))[0]
+        copies = reference.memorization(to_uint8_batch(images, resolution))[0]
     return metrics | {"eval/copy_rate": copies["memorization/copy_rate"]} | copies
 
 
@@ -154,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         metrics = evaluate(args)
-    except trainer.UserError as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     width = max(len(name) for name in metrics)

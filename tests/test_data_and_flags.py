@@ -17,6 +17,15 @@ from conftest import tiny_captions, train_argv, write_imagefolder
 from test_train import assert_same_tensors, run_error, run_ok, unet_weights
 
 import train_text_to_image as trainer
+from text_to_image.batches import crop_and_flip, draw_batch
+from text_to_image.checkpoints import list_checkpoints
+from text_to_image.config import DataConfig, DiffusionConfig, RunConfig, build_parser, parse_args, public_flags
+from text_to_image.data import Shard, decode_image, read_image_table
+from text_to_image.loss import diffusion_loss
+from text_to_image.models import build_noise_scheduler
+from text_to_image.optimization import build_ema
+from text_to_image.outputs import append_to_gif, choose_validation_prompts
+from text_to_image.setup import setup_run
 
 # ---------------------------------------------------------------------------------------------
 # Augmentation
@@ -26,7 +35,7 @@ def test_crop_takes_the_asked_window_and_flip_mirrors_it():
     image = torch.arange(3 * 4 * 6, dtype=torch.uint8).reshape(3, 4, 6)  # every pixel differs; 2 spare columns
     crop_at = torch.tensor([[0.0, 0.0], [0.0, 0.99], [0.0, 0.5], [0.0, 0.5]])
     flip = torch.tensor([False, False, False, True])
-    batch = trainer.crop_and_flip([image] * 4, 4, crop_at, flip)
+    batch = crop_and_flip([image] * 4, 4, crop_at, flip)
 
     def scaled(window: torch.Tensor) -> torch.Tensor:
         return window.float() / 127.5 - 1
@@ -46,7 +55,7 @@ def test_center_crop_keeps_the_middle_of_a_wide_image(tmp_path, tiny_text_encode
         wide.paste((30, 180, 60), (16, 0, 32, 16))
         wide.paste((30, 60, 220), (32, 0, 48, 16))
         wide.save(path)
-    middle = trainer.decode_image({"path": str(data / "000.png"), "bytes": None}, 16, center_crop=True)
+    middle = decode_image({"path": str(data / "000.png"), "bytes": None}, 16, center_crop=True)
     assert middle.shape == (3, 16, 16) and middle[:, 4:12, 4:12].float().mean((1, 2)).tolist() == [30, 180, 60]
     run_ok(train_argv(data, tiny_text_encoder_dir, tiny_unet_config_file, tmp_path / "out", "--center_crop"))
 
@@ -123,11 +132,11 @@ def test_per_batch_decoding_of_parquet_data_does_not_load_the_encoded_images(tmp
 
     encoded = write_parquet(tmp_path / "parquet", count=24, size=256)  # ~4.7 MB of encoded images
     flags = ["--dataset_name", str(tmp_path / "parquet"), "--resolution", "16", "--image_cache_max_gb", "0"]
-    args = trainer.parse_args([*flags, "--text_encoder_name_or_path", str(tiny_text_encoder_dir)])
-    config = trainer.DataConfig.from_args(args)
-    trainer.read_image_table(config, None, show_progress=False)  # the first load converts parquet to Arrow
+    args = parse_args([*flags, "--text_encoder_name_or_path", str(tiny_text_encoder_dir)])
+    config = DataConfig.from_args(args)
+    read_image_table(config, None, show_progress=False)  # the first load converts parquet to Arrow
     tracemalloc.start()
-    data = trainer.read_image_table(config, None, show_progress=False)
+    data = read_image_table(config, None, show_progress=False)
     held = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     assert held < encoded / 10, f"{held} bytes held for {encoded} encoded bytes"
@@ -162,17 +171,17 @@ def test_a_save_to_disk_folder_and_a_dataset_config_name_are_read(
         "---\nconfigs:\n- config_name: small\n  data_dir: small\n- config_name: large\n  data_dir: large\n---\n"
     )
     cache = ["--cache_dir", str(tmp_path / "cache")]  # paths inside datasets' shared cache outlive a test's folder
-    args = trainer.parse_args(["--dataset_name", str(hub_style), "--dataset_config_name", "large", *cache])
-    assert len(trainer.read_image_table(trainer.DataConfig.from_args(args), None, False).caption_options) == 8
-    args = trainer.parse_args(["--dataset_name", str(hub_style), "--dataset_config_name", "small", *cache])
-    assert len(trainer.read_image_table(trainer.DataConfig.from_args(args), None, False).caption_options) == 4
+    args = parse_args(["--dataset_name", str(hub_style), "--dataset_config_name", "large", *cache])
+    assert len(read_image_table(DataConfig.from_args(args), None, False).caption_options) == 8
+    args = parse_args(["--dataset_name", str(hub_style), "--dataset_config_name", "small", *cache])
+    assert len(read_image_table(DataConfig.from_args(args), None, False).caption_options) == 4
 
 
 def test_validation_prompts_from_a_file_are_the_grids_captions(argv, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a yellow circle\n\n  a green square  \n")
-    args = trainer.parse_args(argv("--validation_prompts", str(prompts)))
-    assert trainer.choose_validation_prompts(args.validation_prompts, ["", "x"], 4, 0) == [
+    args = parse_args(argv("--validation_prompts", str(prompts)))
+    assert choose_validation_prompts(args.validation_prompts, ["", "x"], 4, 0) == [
         "a yellow circle",
         "a green square",
     ]
@@ -188,14 +197,14 @@ def test_validation_prompts_from_a_file_are_the_grids_captions(argv, tmp_path):
 def test_noise_offset_and_zero_terminal_snr_change_the_noise(tiny_unet_config_file):
     from diffusers import UNet2DConditionModel
 
-    args = trainer.parse_args(
+    args = parse_args(
         ["--dataset_name", "x", "--rescale_betas_zero_snr", "--ddpm_num_steps", "100", "--ddpm_beta_schedule", "linear"]
     )
-    zero_snr = trainer.build_noise_scheduler(trainer.DiffusionConfig.from_args(args))
+    zero_snr = build_noise_scheduler(DiffusionConfig.from_args(args))
     assert zero_snr.alphas_cumprod[-1] < 1e-6 and zero_snr.config.rescale_betas_zero_snr
-    plain = trainer.build_noise_scheduler(
-        trainer.DiffusionConfig.from_args(
-            trainer.parse_args(["--dataset_name", "x", "--ddpm_num_steps", "100", "--ddpm_beta_schedule", "linear"])
+    plain = build_noise_scheduler(
+        DiffusionConfig.from_args(
+            parse_args(["--dataset_name", "x", "--ddpm_num_steps", "100", "--ddpm_beta_schedule", "linear"])
         )
     )
     assert plain.alphas_cumprod[-1] > 1e-4
@@ -204,7 +213,7 @@ def test_noise_offset_and_zero_terminal_snr_change_the_noise(tiny_unet_config_fi
     losses = []
     for offset in (0.0, 0.0, 0.5):
         torch.manual_seed(0)
-        losses.append(trainer.diffusion_loss(unet, plain, clean, text, snr_gamma=0.0, noise_offset=offset).item())
+        losses.append(diffusion_loss(unet, plain, clean, text, snr_gamma=0.0, noise_offset=offset).item())
     assert losses[0] == losses[1] != losses[2]
 
 
@@ -225,9 +234,9 @@ def test_memory_flags_train_the_same_model(argv, tmp_path, flag, same_weights):
 
 
 def test_memory_flags_reach_the_model(argv):
-    args = trainer.parse_args(argv("--gradient_checkpointing", "--channels_last", "--use_ema", "--ema_offload"))
+    args = parse_args(argv("--gradient_checkpointing", "--channels_last", "--use_ema", "--ema_offload"))
     args.output_dir.mkdir(parents=True)
-    run = trainer.setup_run(trainer.RunConfig.from_args(args))
+    run = setup_run(RunConfig.from_args(args))
     unet = run.accelerator.unwrap_model(run.trainer.unet)
     assert unet.is_gradient_checkpointing
     assert unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
@@ -272,7 +281,7 @@ def test_the_hub_token_is_written_nowhere(argv, tmp_path, monkeypatch, logger_na
     assert files
     leaks = [str(path) for path in files if secret.encode() in path.read_bytes()]
     assert not leaks
-    assert "hub_token" not in trainer.public_flags(trainer.parse_args(argv("--hub_token", secret)))
+    assert "hub_token" not in public_flags(parse_args(argv("--hub_token", secret)))
 
 
 def test_leftover_checkpoint_staging_is_removed_and_resume_reuses_the_caption_cache(argv, tmp_path, caplog):
@@ -285,7 +294,7 @@ def test_leftover_checkpoint_staging_is_removed_and_resume_reuses_the_caption_ca
     run_ok(argv("--max_train_steps", "4", "--resume_from_checkpoint", "latest"))
     assert not stale.exists()
     assert "caption embeddings loaded from" in caplog.text
-    assert [path.name for path in trainer.list_checkpoints(output)] == ["checkpoint-2", "checkpoint-4"]
+    assert [path.name for path in list_checkpoints(output)] == ["checkpoint-2", "checkpoint-4"]
 
 
 def test_sigterm_during_setup_exits_cleanly_with_one_line(argv, tmp_path):
@@ -308,12 +317,12 @@ def test_sigterm_during_setup_exits_cleanly_with_one_line(argv, tmp_path):
     assert "Traceback" not in seen + stderr
     (line,) = [line for line in (seen + stderr).splitlines() if "SIGTERM" in line]
     assert "before the first step" in line and "nothing was saved" in line
-    assert not trainer.list_checkpoints(tmp_path / "out")
+    assert not list_checkpoints(tmp_path / "out")
     shutil.rmtree(data)
 
 
 def test_streaming_help_says_what_an_epoch_is():
-    help_text = " ".join(trainer.build_parser().format_help().split())
+    help_text = " ".join(build_parser().format_help().split())
     assert help_text.count("with --streaming, an epoch is --checkpointing_steps steps") == 2
 
 
@@ -328,7 +337,7 @@ def test_the_progress_gif_grows_by_appending_each_grid(tmp_path):
     sizes = []
     for grid in grids:
         before = gif.read_bytes()[:-1] if gif.exists() else b""
-        trainer.append_to_gif(gif, grid)
+        append_to_gif(gif, grid)
         assert gif.read_bytes().startswith(before)  # earlier frames are not rewritten
         sizes.append(gif.stat().st_size)
     assert Image.open(gif).n_frames == 3 and Image.open(gif).info["loop"] == 0
@@ -337,24 +346,24 @@ def test_the_progress_gif_grows_by_appending_each_grid(tmp_path):
         grid.save(alone, format="GIF")
         expected = np.asarray(Image.open(alone).convert("RGB"))
         assert np.array_equal(np.asarray(frame.convert("RGB")), expected) and frame.info["duration"] == 500
-    trainer.append_to_gif(gif, Image.new("RGB", (10, 10)))  # another grid size starts a new GIF
+    append_to_gif(gif, Image.new("RGB", (10, 10)))  # another grid size starts a new GIF
     assert Image.open(gif).n_frames == 1
 
 
 def test_configs_are_frozen_and_keep_the_token_out_of_their_repr(argv):
     import dataclasses
 
-    config = trainer.RunConfig.from_args(trainer.parse_args(argv("--hub_token", "hf_SeCrEt0123")))
+    config = RunConfig.from_args(parse_args(argv("--hub_token", "hf_SeCrEt0123")))
     assert config.output.hub_token == "hf_SeCrEt0123" and "hf_SeCrEt0123" not in repr(config)
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.optim.learning_rate = 1.0  # type: ignore[misc]
 
 
 def test_the_default_ema_averages_the_last_twentieth_of_the_steps_up_to_its_ceiling(argv):
-    config = trainer.RunConfig.from_args(trainer.parse_args(argv("--use_ema")))
+    config = RunConfig.from_args(parse_args(argv("--use_ema")))
     model = torch.nn.Linear(2, 2)
     model.config = {}  # build_ema keeps the UNet's config for saving
-    ema = trainer.build_ema(model, config.optim)
+    ema = build_ema(model, config.optim)
     for step in (600, 1600, 10_000):
         window = 1 / (1 - ema.get_decay(step + 1))  # steps an exponential average effectively spans
         assert window == pytest.approx(step / 20 + 1)
@@ -362,9 +371,9 @@ def test_the_default_ema_averages_the_last_twentieth_of_the_steps_up_to_its_ceil
 
 
 def test_a_micro_batch_draws_caption_choice_dropout_crop_then_flip_for_the_whole_global_batch():
-    shard = trainer.Shard(index=1, count=2, size=3)  # the second of two processes
+    shard = Shard(index=1, count=2, size=3)  # the second of two processes
     torch.manual_seed(7)
-    draws = trainer.draw_batch(shard, dropout_prob=0.5, center_crop=False, random_flip=True)
+    draws = draw_batch(shard, dropout_prob=0.5, center_crop=False, random_flip=True)
     torch.manual_seed(7)
     choice, dropped, crop, flip = torch.rand(6), torch.rand(6) < 0.5, torch.rand(6, 2), torch.rand(6) < 0.5
     assert torch.equal(draws.caption_choice, choice[3:]) and torch.equal(draws.dropped, dropped[3:])
@@ -373,3 +382,12 @@ def test_a_micro_batch_draws_caption_choice_dropout_crop_then_flip_for_the_whole
     torch.manual_seed(7)
     torch.rand(6 * 5)
     assert torch.equal(after, torch.rand(1))
+
+
+def test_flags_doc_is_regenerated_from_the_parser():
+    from text_to_image.config import build_parser, flags_markdown
+
+    written = (Path(__file__).parents[1] / "docs" / "flags.md").read_text()
+    assert written == flags_markdown(build_parser()), (
+        "docs/flags.md is stale: python -m text_to_image.config > docs/flags.md"
+    )

@@ -16,6 +16,12 @@ from conftest import train_argv
 from safetensors.torch import load_file
 
 import train_text_to_image as trainer
+from text_to_image.common import UserError
+from text_to_image.config import DiffusionConfig, RunConfig, parse_args
+from text_to_image.evaluation import BEST_DIR, EVALUATION_LOG
+from text_to_image.loss import diffusion_loss
+from text_to_image.models import build_noise_scheduler, build_unet
+from text_to_image.setup import check_distributed_type
 
 SCRIPT = Path(trainer.__file__)
 
@@ -66,10 +72,10 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(flags, tmp_
     for name, weight in one_weights.items():
         torch.testing.assert_close(two_weights[name], weight, rtol=1e-4, atol=1e-5, msg=name)
     # evaluated on the main process while the other waits: the same held-out loss as one process
-    records = {run: (run / trainer.EVALUATION_LOG).read_text().splitlines() for run in (one, two)}
+    records = {run: (run / EVALUATION_LOG).read_text().splitlines() for run in (one, two)}
     losses = {run: [json.loads(line)["val/loss"] for line in lines] for run, lines in records.items()}
     assert len(losses[two]) == 2 and losses[two] == pytest.approx(losses[one], rel=1e-4)
-    assert (two / trainer.BEST_DIR / "model_index.json").is_file()
+    assert (two / BEST_DIR / "model_index.json").is_file()
 
 
 def test_resume_with_another_process_count_is_refused(flags, tmp_path, capsys):
@@ -146,11 +152,11 @@ def test_launcher_reads_the_configs_as_intended():
 
 def test_loss_runs_on_a_unet_held_in_bf16_as_deepspeed_holds_it(tiny_unet_config_file):
     """DeepSpeed casts the model to bf16 and accelerate does not autocast then: the loss feeds it bf16 inputs."""
-    unet = trainer.build_unet(str(tiny_unet_config_file), 16, 64).to(torch.bfloat16)
-    scheduler = trainer.build_noise_scheduler(
-        trainer.DiffusionConfig.from_args(trainer.parse_args(["--train_data_dir", "d", "--ddpm_num_steps", "100"]))
+    unet = build_unet(str(tiny_unet_config_file), 16, 64).to(torch.bfloat16)
+    scheduler = build_noise_scheduler(
+        DiffusionConfig.from_args(parse_args(["--train_data_dir", "d", "--ddpm_num_steps", "100"]))
     )
-    loss = trainer.diffusion_loss(unet, scheduler, torch.rand(2, 3, 16, 16) * 2 - 1, torch.randn(2, 8, 64), 5.0, 0.0)
+    loss = diffusion_loss(unet, scheduler, torch.rand(2, 3, 16, 16) * 2 - 1, torch.randn(2, 8, 64), 5.0, 0.0)
     loss.backward()
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
     assert unet.conv_in.weight.grad.dtype == torch.bfloat16
@@ -168,21 +174,21 @@ def fake_accelerator(distributed_type: str, deepspeed_config: dict | None = None
 
 
 def run_config(*argv: str):
-    return trainer.RunConfig.from_args(trainer.parse_args(["--train_data_dir", str(Path(__file__).parent), *argv]))
+    return RunConfig.from_args(parse_args(["--train_data_dir", str(Path(__file__).parent), *argv]))
 
 
 def test_fsdp_is_refused_with_what_to_use_instead():
-    with pytest.raises(trainer.UserError, match="FSDP is not supported.*multi_gpu.yaml.*deepspeed_zero2.yaml"):
-        trainer.check_distributed_type(fake_accelerator("FSDP"), run_config())
+    with pytest.raises(UserError, match="FSDP is not supported.*multi_gpu.yaml.*deepspeed_zero2.yaml"):
+        check_distributed_type(fake_accelerator("FSDP"), run_config())
 
 
 def test_deepspeed_gets_the_flags_batch_size_accumulation_and_clipping():
     config = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1, "gradient_clipping": 1.0}
     argv = ["--train_batch_size", "6", "--gradient_accumulation_steps", "4"]
-    trainer.check_distributed_type(fake_accelerator("DEEPSPEED", config), run_config(*argv, "--max_grad_norm", "0.5"))
+    check_distributed_type(fake_accelerator("DEEPSPEED", config), run_config(*argv, "--max_grad_norm", "0.5"))
     assert config == {"train_micro_batch_size_per_gpu": 6, "gradient_accumulation_steps": 4, "gradient_clipping": 0.5}
-    with pytest.raises(trainer.UserError, match="--train_text_encoder with DeepSpeed is not supported"):
-        trainer.check_distributed_type(fake_accelerator("DEEPSPEED", {}), run_config(*argv, "--train_text_encoder"))
+    with pytest.raises(UserError, match="--train_text_encoder with DeepSpeed is not supported"):
+        check_distributed_type(fake_accelerator("DEEPSPEED", {}), run_config(*argv, "--train_text_encoder"))
 
 
 def test_deepspeed_launch_without_deepspeed_installed_says_so(flags, tmp_path):

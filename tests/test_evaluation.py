@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +12,29 @@ import torch
 from conftest import run_ok, write_imagefolder
 
 import train_text_to_image as trainer
+from text_to_image.checkpoints import read_train_state
+from text_to_image.common import UserError
+from text_to_image.config import VALIDATION_MAX_HELD_OUT, RunConfig, parse_args
+from text_to_image.evaluation import (
+    BEST_DIR,
+    EVALUATION_LOG,
+    TrainingReference,
+    copy_threshold,
+    eval_mode,
+    frechet_distance,
+    held_out_count,
+    hold_out_rows,
+    kernel_inception_distance,
+    nearest_neighbours,
+    newest_values,
+)
+from text_to_image.loss import bucket_names
+from text_to_image.setup import setup_run
+from text_to_image.training import Meter, evaluation_summary
 
 
 def evaluations(output: Path) -> list[dict]:
-    return [json.loads(line) for line in (output / trainer.EVALUATION_LOG).read_text().splitlines()]
+    return [json.loads(line) for line in (output / EVALUATION_LOG).read_text().splitlines()]
 
 
 def write_distinct_images(folder: Path, count: int, size: int = 16, seed: int = 0) -> Path:
@@ -38,26 +58,26 @@ def write_distinct_images(folder: Path, count: int, size: int = 16, seed: int = 
 
 
 def test_a_share_holds_out_at_most_256_images_and_rounds_down_to_none_on_tiny_data():
-    assert trainer.held_out_count(0.02, 40) == 0
-    assert trainer.held_out_count(0.02, 1000) == 20
-    assert trainer.held_out_count(0.02, 50_000) == trainer.VALIDATION_MAX_HELD_OUT == 256
-    assert trainer.held_out_count(5, 1000) == 5
+    assert held_out_count(0.02, 40) == 0
+    assert held_out_count(0.02, 1000) == 20
+    assert held_out_count(0.02, 50_000) == VALIDATION_MAX_HELD_OUT == 256
+    assert held_out_count(5, 1000) == 5
 
 
 def test_held_out_rows_depend_on_the_usable_rows_only():
     rows = torch.arange(100)
-    held = trainer.hold_out_rows(rows, 0.1)
+    held = hold_out_rows(rows, 0.1)
     assert len(held) == 10 and torch.equal(held, held.sort().values)
-    assert torch.equal(held, trainer.hold_out_rows(torch.arange(100), 0.1))
-    with pytest.raises(trainer.UserError, match="leaving none to train on"):
-        trainer.hold_out_rows(torch.arange(4), 4)
+    assert torch.equal(held, hold_out_rows(torch.arange(100), 0.1))
+    with pytest.raises(UserError, match="leaving none to train on"):
+        hold_out_rows(torch.arange(4), 4)
 
 
 @pytest.mark.parametrize("seed", ["0", "7"])
 def test_held_out_images_never_train_whatever_the_seed(argv, seed):
-    args = trainer.parse_args(argv("--validation_split", "4", "--seed", seed))
-    run = trainer.setup_run(trainer.RunConfig.from_args(args))
-    held = trainer.hold_out_rows(torch.arange(16), 4).tolist()
+    args = parse_args(argv("--validation_split", "4", "--seed", seed))
+    run = setup_run(RunConfig.from_args(args))
+    held = hold_out_rows(torch.arange(16), 4).tolist()
     batches = run.trainer.batches
     trained = {row for micro_index in range(batches.batches_per_epoch * 3) for row in batches.rows(micro_index)}
     assert trained == set(range(16)) - set(held)
@@ -67,13 +87,13 @@ def test_held_out_images_never_train_whatever_the_seed(argv, seed):
 
 
 def test_validation_loss_is_the_same_on_every_call_for_the_same_weights(argv):
-    args = trainer.parse_args(argv("--validation_split", "4"))
-    run = trainer.setup_run(trainer.RunConfig.from_args(args))
+    args = parse_args(argv("--validation_split", "4"))
+    run = setup_run(RunConfig.from_args(args))
     unet, checks = run.accelerator.unwrap_model(run.trainer.unet), run.outputs.checks
-    with trainer.eval_mode(unet, None):
+    with eval_mode(unet, None):
         first = checks.validate(unet, run.outputs.noise_scheduler)
         second = checks.validate(unet, run.outputs.noise_scheduler)
-    names = trainer.bucket_names("val", 100)
+    names = bucket_names("val", 100)
     assert first == second and set(first) == {"val/loss", *names}
     assert names[0] == "val/loss_t000" and names[-1] == "val/loss_t090"
     assert first["val/loss"] == pytest.approx(sum(first[name] for name in names) / 10)
@@ -99,7 +119,7 @@ def test_resume_drops_the_evaluations_the_interrupted_run_made_after_its_checkpo
     flags = ("--validation_split", "4", "--validation_steps", "1", "--checkpointing_steps", "2")
     run_ok(argv(*flags, "--max_train_steps", "3", output=output))
     assert [record["step"] for record in evaluations(output)] == [1, 2, 3]
-    trainer.shutil.rmtree(output / "checkpoint-3")  # as if killed after evaluating step 3, before its checkpoint
+    shutil.rmtree(output / "checkpoint-3")  # as if killed after evaluating step 3, before its checkpoint
     run_ok(argv(*flags, "--max_train_steps", "4", "--resume_from_checkpoint", "latest", output=output))
     assert [record["step"] for record in evaluations(output)] == [1, 2, 3, 4]
 
@@ -114,7 +134,7 @@ def test_validation_data_dir_scores_captions_the_training_set_lacks(argv, tmp_pa
 
 
 def test_training_loss_is_logged_per_timestep_bucket():
-    meter = trainer.Meter(num_train_timesteps=100)
+    meter = Meter(num_train_timesteps=100)
     buckets = torch.zeros(2, 10)
     buckets[:, 3] = torch.tensor([0.6, 2.0])  # two samples in timesteps 30-39, losses summing to 0.6
     meter.add(torch.tensor(0.3), 2, buckets)
@@ -127,9 +147,9 @@ def test_training_loss_is_logged_per_timestep_bucket():
 
 def test_nearest_neighbours_find_the_closest_image_and_leave_one_out_skips_itself():
     images = torch.tensor([0, 100, 110, 255], dtype=torch.uint8)[:, None, None, None].expand(4, 3, 2, 2).contiguous()
-    distances, indices = trainer.nearest_neighbours(images[[1]], images)
+    distances, indices = nearest_neighbours(images[[1]], images)
     assert indices.tolist() == [1] and distances.tolist() == [0.0]
-    distances, indices = trainer.nearest_neighbours(images, images, exclude=torch.arange(4))
+    distances, indices = nearest_neighbours(images, images, exclude=torch.arange(4))
     assert indices.tolist() == [1, 2, 1, 2]
     assert distances[0].item() == pytest.approx(100 / 255, abs=1e-5)
 
@@ -137,9 +157,7 @@ def test_nearest_neighbours_find_the_closest_image_and_leave_one_out_skips_itsel
 def test_copy_rate_is_one_for_training_images_and_zero_for_noise():
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (20, 3, 8, 8), generator=generator, dtype=torch.uint8)
-    reference = trainer.TrainingReference(
-        images=images, captions=["x"] * 20, copy_threshold=trainer.copy_threshold(images)
-    )
+    reference = TrainingReference(images=images, captions=["x"] * 20, copy_threshold=copy_threshold(images))
     copies = (images.int() + torch.randint(-2, 3, images.shape, generator=generator)).clamp(0, 255).to(torch.uint8)
     assert reference.memorization(copies)[0]["memorization/copy_rate"] == 1.0
     noise = torch.randint(0, 256, (20, 3, 8, 8), generator=generator, dtype=torch.uint8)
@@ -178,7 +196,7 @@ def test_a_model_overfit_on_4_images_copies_them_and_an_untrained_one_does_not(
 
 def test_memorization_check_and_validation_off_write_no_evaluations(argv, tmp_path):
     run_ok(argv("--validation_split", "0", "--no-memorization_check"))
-    assert not (tmp_path / "out" / trainer.EVALUATION_LOG).exists()
+    assert not (tmp_path / "out" / EVALUATION_LOG).exists()
     assert not list((tmp_path / "out" / "samples").glob("nearest-*.png"))
 
 
@@ -193,8 +211,8 @@ def test_frechet_distance_matches_scipy():
     mean_a, mean_b, cov_a, cov_b = a.mean(0), b.mean(0), np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     root = linalg.sqrtm(cov_a @ cov_b).real
     expected = ((mean_a - mean_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root)
-    assert trainer.frechet_distance(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(expected, rel=1e-6)
-    assert trainer.frechet_distance(torch.from_numpy(a), torch.from_numpy(a)) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance(torch.from_numpy(a), torch.from_numpy(a)) == pytest.approx(0.0, abs=1e-6)
 
 
 def kid_by_loops(x: np.ndarray, y: np.ndarray) -> float:
@@ -210,12 +228,12 @@ def kid_by_loops(x: np.ndarray, y: np.ndarray) -> float:
 def test_kid_is_the_unbiased_mmd_of_the_cubic_kernel_and_grows_with_a_shift():
     generator = np.random.default_rng(1)
     a, b = generator.normal(size=(30, 5)), generator.normal(size=(30, 5))
-    kid = trainer.kernel_inception_distance(torch.from_numpy(a), torch.from_numpy(b))
+    kid = kernel_inception_distance(torch.from_numpy(a), torch.from_numpy(b))
     assert kid == pytest.approx(kid_by_loops(a, b), rel=1e-9)
     assert abs(kid) < 0.5
-    shifted = trainer.kernel_inception_distance(torch.from_numpy(a), torch.from_numpy(b + 1.0))
+    shifted = kernel_inception_distance(torch.from_numpy(a), torch.from_numpy(b + 1.0))
     assert shifted > 5 * max(abs(kid), 0.1)
-    subsets = trainer.kernel_inception_distance(torch.from_numpy(a), torch.from_numpy(b), subset_size=10)
+    subsets = kernel_inception_distance(torch.from_numpy(a), torch.from_numpy(b), subset_size=10)
     assert abs(subsets - kid) < 1.0  # random subsets estimate the same quantity
 
 
@@ -270,11 +288,11 @@ def test_fd_kid_clip_score_are_logged_and_keep_best_fd_saves_a_loadable_pipeline
         assert record["eval/fd"] >= 0 and 0 <= record["eval/clip_score"] <= 100
         assert {"eval/kid", "eval/copy_rate"} <= set(record)
     best_step = min(records, key=lambda record: record["eval/fd"])["step"]
-    state = trainer.read_train_state(output / "checkpoint-4")
+    state = read_train_state(output / "checkpoint-4")
     assert state.best == {"metric": "fd", "value": pytest.approx(min(r["eval/fd"] for r in records)), "step": best_step}
-    card = (output / trainer.BEST_DIR / "README.md").read_text()
+    card = (output / BEST_DIR / "README.md").read_text()
     assert f"| eval/fd | {state.best['value']:.6g} | {best_step} |" in card
-    TextToImagePipeline.from_pretrained(output / trainer.BEST_DIR)
+    TextToImagePipeline.from_pretrained(output / BEST_DIR)
     assert f"best fd {state.best['value']:.4g} at step {best_step}" in capsys.readouterr().out
     assert f"| eval/fd | {records[-1]['eval/fd']:.6g} | 4 |" in (output / "README.md").read_text()
 
@@ -286,9 +304,9 @@ def test_keep_best_val_loss_holds_the_ema_weights_of_the_best_step(argv, tmp_pat
     run_ok(argv("--validation_split", "4", "--validation_steps", "1", "--keep_best", "val_loss", "--use_ema"))
     records = evaluations(output)
     best = min(records, key=lambda record: record["val/loss"])
-    assert trainer.read_train_state(output / "checkpoint-4").best["step"] == best["step"]
+    assert read_train_state(output / "checkpoint-4").best["step"] == best["step"]
     if best["step"] in (2, 4):  # a checkpoint holds that step's EMA weights to compare with
-        saved = TextToImagePipeline.from_pretrained(output / trainer.BEST_DIR).unet
+        saved = TextToImagePipeline.from_pretrained(output / BEST_DIR).unet
         ema = torch.load(output / f"checkpoint-{best['step']}" / "custom_checkpoint_1.pkl", weights_only=False)
         for shadow, parameter in zip(ema["shadow_params"], saved.parameters(), strict=True):
             assert torch.equal(shadow, parameter)
@@ -331,11 +349,11 @@ def test_the_last_line_gives_each_metrics_newest_value_with_its_step():
         {"step": 100, "epoch": 1, "val/loss": 0.03, "memorization/copy_rate": 0.5},
         {"step": 112, "epoch": 2, "memorization/copy_rate": 0.25},
     ]
-    latest = trainer.newest_values(records)
+    latest = newest_values(records)
     assert latest == {"val/loss": (100, 0.03), "memorization/copy_rate": (112, 0.25)}
     best = {"metric": "val_loss", "value": 0.02, "step": 50}
-    assert trainer.evaluation_summary(latest, best) == (
+    assert evaluation_summary(latest, best) == (
         "; last evaluated: val/loss 0.03 (step 100), memorization/copy_rate 0.25 (step 112);"
         " best val_loss 0.02 at step 50 (saved in best/)"
     )
-    assert trainer.evaluation_summary({}, None) == ""
+    assert evaluation_summary({}, None) == ""

@@ -121,13 +121,13 @@ def test_true_defaults_recipes_give_the_trainer_nothing_that_changes_training_bu
 
     import adherence_curve
 
-    import train_text_to_image as trainer
+    from text_to_image.config import build_parser
 
     args = argparse.Namespace(max_train_steps=1600, eval_every=200)
     data, encoder = tmp_path / "shapes", tmp_path / "encoder"
     command = adherence_curve.train_command("tiny defaults, batch 128", 3, args, data, encoder, tmp_path / "run")
-    flags = trainer.build_parser().parse_args(command[2:])
-    given = {key for key, value in vars(flags).items() if value != trainer.build_parser().get_default(key)}
+    flags = build_parser().parse_args(command[2:])
+    given = {key for key, value in vars(flags).items() if value != build_parser().get_default(key)}
     writes_only = {"logger", "save_images_epochs", "save_model_epochs", "validation_steps", "checkpointing_steps"}
     places = {"train_data_dir", "text_encoder_name_or_path", "output_dir", "overwrite_output_dir"}
     trains = {"resolution", "model_size", "train_batch_size", "seed", "max_train_steps"}

@@ -11,25 +11,38 @@ from conftest import tiny_captions, train_argv
 from test_distributed import launch
 from test_train import run_error, run_ok
 
-import train_text_to_image as trainer
+from text_to_image.batches import crop_and_flip
+from text_to_image.checkpoints import CHECKPOINT_MARKER, list_checkpoints
+from text_to_image.common import UserError
+from text_to_image.config import OptimConfig, RunConfig, parse_args
+from text_to_image.data import IndexedBatches, Shard, epoch_order
+from text_to_image.models import (
+    CachedEmbeddings,
+    build_text_encoder,
+    encode_captions_once,
+    freeze_what_last_hidden_state_skips,
+)
+from text_to_image.optimization import unet_with_ema
+from text_to_image.setup import make_accelerator, setup_run
+from text_to_image.training import Meter
 
 
 def fake_gpu(monkeypatch, capability: tuple[int, int], name: str) -> None:
-    monkeypatch.setattr(trainer.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(trainer.torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(trainer.torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
 
 
 def test_the_caption_table_stays_in_cpu_memory_and_a_batch_goes_to_the_device(tiny_text_encoder_dir):
-    tokenizer, encoder = trainer.build_text_encoder(str(tiny_text_encoder_dir), None)
+    tokenizer, encoder = build_text_encoder(str(tiny_text_encoder_dir), None)
     captions = ["", *tiny_captions()]
-    table = trainer.encode_captions_once(tokenizer, encoder, captions, 6, None, "cpu")
+    table = encode_captions_once(tokenizer, encoder, captions, 6, None, "cpu")
     assert table.device.type == "cpu" and table.dtype == torch.float32
-    conditioner = trainer.CachedEmbeddings(captions, table, device="meta")  # a device CPU tests can name
+    conditioner = CachedEmbeddings(captions, table, device="meta")  # a device CPU tests can name
     batch = conditioner.embed(["a red square", "", "a red square"])
     assert batch.device.type == "meta" and batch.shape == (3, 6, 64)
     assert conditioner.table.device.type == "cpu"
-    on_cpu = trainer.CachedEmbeddings(captions, table, device="cpu").embed(["a red square", ""])
+    on_cpu = CachedEmbeddings(captions, table, device="cpu").embed(["a red square", ""])
     assert torch.equal(on_cpu, table[[captions.index("a red square"), 0]])
 
 
@@ -44,7 +57,7 @@ def test_pixels_cross_to_the_device_as_uint8_and_are_scaled_there():
 
     torch.Tensor.to = spy
     try:
-        batch = trainer.crop_and_flip([image], 4, torch.zeros(1, 2), None, torch.device("meta"))
+        batch = crop_and_flip([image], 4, torch.zeros(1, 2), None, torch.device("meta"))
     finally:
         torch.Tensor.to = original
     assert crossed == [torch.uint8] and batch.device.type == "meta" and batch.dtype == torch.float32
@@ -54,10 +67,10 @@ def test_one_shuffle_per_epoch_whatever_the_order_micro_batches_are_asked_in(mon
     from types import SimpleNamespace
 
     calls = []
-    shuffle = trainer.epoch_order
-    monkeypatch.setattr(trainer, "epoch_order", lambda *args: calls.append(args[2]) or shuffle(*args))
+    shuffle = epoch_order
+    monkeypatch.setattr("text_to_image.data.epoch_order", lambda *args: calls.append(args[2]) or shuffle(*args))
     table = SimpleNamespace(usable_rows=torch.arange(40))
-    batches = trainer.IndexedBatches(table, seed=1, shard=trainer.Shard(size=4), batches_per_epoch=10, num_workers=0)
+    batches = IndexedBatches(table, seed=1, shard=Shard(size=4), batches_per_epoch=10, num_workers=0)
     for index in [0, 1, 10, 2, 11, 3, 12, 20]:  # the workers' sampler runs into the next epoch
         assert batches.rows(index) == shuffle(table.usable_rows, 1, index // 10)[index % 10 * 4 :][:4].tolist()
     assert calls == [0, 1, 2]
@@ -74,17 +87,17 @@ def test_torch_compile_on_a_gpu_older_than_volta_is_refused_up_front(argv, monke
 @pytest.mark.parametrize("capability, warned", [((7, 5), True), ((8, 0), False)])
 def test_bf16_on_a_gpu_without_native_bf16_warns_and_says_fp16(argv, monkeypatch, caplog, capability, warned):
     fake_gpu(monkeypatch, capability, "Tesla T4" if warned else "A100")
-    trainer.OptimConfig.from_args(trainer.parse_args(argv("--mixed_precision", "bf16")))
+    OptimConfig.from_args(parse_args(argv("--mixed_precision", "bf16")))
     assert ("is emulated and slow; use --mixed_precision fp16" in caplog.text) == warned
 
 
 def test_a_checkpoint_is_resumed_only_with_the_torch_compile_it_was_written_with(argv, tmp_path, capsys):
     run_ok(argv("--max_train_steps", "2"))
     checkpoint = tmp_path / "out" / "checkpoint-2"
-    state = json.loads((checkpoint / trainer.CHECKPOINT_MARKER).read_text())
+    state = json.loads((checkpoint / CHECKPOINT_MARKER).read_text())
     assert state["torch_compile"] is False
     state["torch_compile"] = True  # as a compiled run writes it (weights under "_orig_mod." names)
-    (checkpoint / trainer.CHECKPOINT_MARKER).write_text(json.dumps(state))
+    (checkpoint / CHECKPOINT_MARKER).write_text(json.dumps(state))
     error = run_error(argv("--max_train_steps", "4", "--resume_from_checkpoint", "latest"), capsys)
     assert f"{checkpoint} was written with --torch_compile" in error and "add --torch_compile to resume it" in error
 
@@ -94,7 +107,7 @@ def test_ema_is_placed_on_the_device_after_the_checkpoint_is_loaded(argv, monkey
 
     run_ok(argv("--use_ema", "--max_train_steps", "2"))
     events = []
-    load_state = trainer.make_accelerator
+    load_state = make_accelerator
 
     def accelerator_spy(*args):
         accelerator = load_state(*args)
@@ -103,17 +116,17 @@ def test_ema_is_placed_on_the_device_after_the_checkpoint_is_loaded(argv, monkey
         return accelerator
 
     ema_to = EMAModel.to
-    monkeypatch.setattr(trainer, "make_accelerator", accelerator_spy)
+    monkeypatch.setattr("text_to_image.setup.make_accelerator", accelerator_spy)
     monkeypatch.setattr(EMAModel, "to", lambda self, *a, **k: events.append("ema.to") or ema_to(self, *a, **k))
-    args = trainer.parse_args(argv("--use_ema", "--max_train_steps", "4", "--resume_from_checkpoint", "latest"))
-    trainer.setup_run(trainer.RunConfig.from_args(args))
+    args = parse_args(argv("--use_ema", "--max_train_steps", "4", "--resume_from_checkpoint", "latest"))
+    setup_run(RunConfig.from_args(args))
     assert events[-2:] == ["load_state", "ema.to"]  # accelerate loads custom objects onto the CPU
 
 
 def test_a_nan_on_any_process_stops_every_process_at_the_same_step(tmp_path):
-    meter = trainer.Meter(mean_over_processes=lambda loss: loss + float("nan"))  # another rank's NaN
+    meter = Meter(mean_over_processes=lambda loss: loss + float("nan"))  # another rank's NaN
     meter.add(torch.tensor(0.5), images=4)
-    with pytest.raises(trainer.UserError, match="loss became NaN/inf between steps 0 and 3"):
+    with pytest.raises(UserError, match="loss became NaN/inf between steps 0 and 3"):
         meter.flush(3, tmp_path)
 
 
@@ -144,9 +157,9 @@ def test_ddp_trains_a_bert_encoder_whose_pooler_gets_no_gradient(tiny_imagefolde
     flags[flags.index("--train_batch_size") + 1] = "2"
     result = launch(flags, num_processes=2)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert trainer.list_checkpoints(tmp_path / "out")[-1].name == "checkpoint-4"
-    tokenizer, encoder = trainer.build_text_encoder(str(bert), None)
-    trainer.freeze_what_last_hidden_state_skips(encoder)
+    assert list_checkpoints(tmp_path / "out")[-1].name == "checkpoint-4"
+    tokenizer, encoder = build_text_encoder(str(bert), None)
+    freeze_what_last_hidden_state_skips(encoder)
     assert not any(parameter.requires_grad for parameter in encoder.pooler.parameters())
 
 
@@ -159,7 +172,7 @@ def test_a_unet_held_in_bf16_is_saved_in_fp32_with_the_unrounded_ema_weights(tin
     for shadow in ema.shadow_params:
         shadow.add_(1e-4)  # a difference bf16 cannot hold at these magnitudes
     unet.to(torch.bfloat16)  # as DeepSpeed holds it
-    with trainer.unet_with_ema(unet, ema, fp32=True) as saved:
+    with unet_with_ema(unet, ema, fp32=True) as saved:
         assert all(parameter.dtype == torch.float32 for parameter in saved.parameters())
         assert all(torch.equal(p, s) for p, s in zip(saved.parameters(), ema.shadow_params, strict=True))
     assert next(unet.parameters()).dtype == torch.bfloat16  # the training copy is untouched

@@ -11,7 +11,11 @@ import torch
 from conftest import train_argv, write_imagefolder
 from test_train import assert_same_tensors, checkpoint_weights, run_error, run_ok, unet_weights
 
-import train_text_to_image as trainer
+import text_to_image.data
+from text_to_image.checkpoints import read_train_state
+from text_to_image.config import DataConfig, parse_args
+from text_to_image.evaluation import EVALUATION_LOG
+from text_to_image.models import LiveEncoder, build_text_encoder
 
 
 def write_parquet_shards(folder: Path, images: Path, shards: int = 2) -> Path:
@@ -47,11 +51,11 @@ def as_dataset_name(argv: list[str]) -> list[str]:
 
 
 def stream_args(data: Path, *extra: str):
-    return trainer.parse_args(["--train_data_dir", str(data), "--streaming", "--max_train_steps", "1", *extra])
+    return parse_args(["--train_data_dir", str(data), "--streaming", "--max_train_steps", "1", *extra])
 
 
 def open_stream(args, rank: int = 0, processes: int = 1):
-    return trainer.open_stream(trainer.DataConfig.from_args(args), rank, processes, seed=0, start_micro_index=0)
+    return text_to_image.data.open_stream(DataConfig.from_args(args), rank, processes, seed=0, start_micro_index=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,7 +69,7 @@ def test_streamed_parquet_shards_train_with_decoding_workers_and_save_a_pipeline
     run_ok(as_dataset_name(stream_argv("--dataloader_num_workers", "2", "--max_train_steps", "2", data=shards)))
     output = tmp_path / "out"
     assert (output / "model_index.json").is_file() and (output / "unet" / "config.json").is_file()
-    assert trainer.read_train_state(output / "checkpoint-2").step == 2
+    assert read_train_state(output / "checkpoint-2").step == 2
     assert "finished at step 2/2" in capsys.readouterr().out
 
 
@@ -158,9 +162,9 @@ def test_decoding_workers_return_the_same_batches_in_the_same_order(tmp_path):
 def test_streamed_captions_are_encoded_per_batch_without_autograd(tiny_text_encoder_dir):
     from pipeline_text_to_image import encode_text
 
-    tokenizer, encoder = trainer.build_text_encoder(str(tiny_text_encoder_dir), None)
+    tokenizer, encoder = build_text_encoder(str(tiny_text_encoder_dir), None)
     encoder.requires_grad_(False)
-    frozen = trainer.LiveEncoder(tokenizer=tokenizer, encoder=encoder, max_length=8, trains=False, device="cpu")
+    frozen = LiveEncoder(tokenizer=tokenizer, encoder=encoder, max_length=8, trains=False, device="cpu")
     texts = ["a red square", "", "a red square", "a blue circle"]
     embeddings = frozen.embed(texts)
     assert not embeddings.requires_grad
@@ -168,7 +172,7 @@ def test_streamed_captions_are_encoded_per_batch_without_autograd(tiny_text_enco
         expected = encode_text(tokenizer, encoder, ["a red square", "", "a blue circle"], 8)
     torch.testing.assert_close(embeddings, expected[[0, 1, 0, 2]])
     encoder.requires_grad_(True)
-    trained = trainer.LiveEncoder(tokenizer=tokenizer, encoder=encoder, max_length=8, trains=True, device="cpu")
+    trained = LiveEncoder(tokenizer=tokenizer, encoder=encoder, max_length=8, trains=True, device="cpu")
     assert trained.embed(texts).requires_grad
 
 
@@ -192,7 +196,7 @@ def test_a_stream_is_validated_on_validation_data_dir_and_skips_the_memorization
 
     held_out = write_imagefolder(tmp_path / "held_out", count=4)
     run_ok(stream_argv("--validation_data_dir", str(held_out), "--max_train_steps", "2", "--validation_steps", "1"))
-    lines = (tmp_path / "out" / trainer.EVALUATION_LOG).read_text().splitlines()
+    lines = (tmp_path / "out" / EVALUATION_LOG).read_text().splitlines()
     records = [json.loads(line) for line in lines]
     assert [record["step"] for record in records] == [1, 2]
     assert all("val/loss" in record and "memorization/copy_rate" not in record for record in records)

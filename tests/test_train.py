@@ -18,6 +18,31 @@ from conftest import (
 from safetensors.torch import load_file
 
 import train_text_to_image as trainer
+from text_to_image.batches import choose_captions, crop_and_flip, draw_batch
+from text_to_image.checkpoints import (
+    PIPELINE_RETIRED,
+    PIPELINE_STAGING,
+    STOP_CHECK_STEPS,
+    StopRequest,
+    find_latest_checkpoint,
+    finish_interrupted_export,
+    is_complete_checkpoint,
+    list_checkpoints,
+    read_train_state,
+)
+from text_to_image.config import DataConfig, DiffusionConfig, OptimConfig, RunConfig, parse_args
+from text_to_image.data import IndexedBatches, Shard, decode_image, epoch_order, read_image_table, to_rgb
+from text_to_image.loss import diffusion_loss, min_snr_weights
+from text_to_image.models import (
+    build_noise_scheduler,
+    build_text_encoder,
+    build_unet,
+    default_unet_config,
+    fit_text_pooling_heads,
+)
+from text_to_image.outputs import build_pipeline, sample_images
+from text_to_image.setup import setup_run
+from text_to_image.training import DISK_BYTES_PER_SECOND, Schedule, StopCost, plan_schedule
 
 
 def unet_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -46,7 +71,7 @@ def test_run_leaves_pipeline_checkpoints_grids_and_tensorboard_events(argv, tmp_
         "README.md",
     ):
         assert (output / name).is_file(), name
-    assert [path.name for path in trainer.list_checkpoints(output)] == ["checkpoint-2", "checkpoint-4"]
+    assert [path.name for path in list_checkpoints(output)] == ["checkpoint-2", "checkpoint-4"]
     grids = sorted((output / "samples").glob("*.png"))
     assert grids and (output / "samples" / "progress.gif").is_file()
     assert list((output / "logs").rglob("events.out.tfevents.*"))
@@ -69,7 +94,7 @@ def test_seed_readme_command_parses_and_completes_with_local_data(
         "--max_train_steps", "4", "--ddpm_num_inference_steps", "2",
     ]  # fmt: skip
     run_ok(seed_flags)
-    assert [path.name for path in trainer.list_checkpoints(tmp_path / "out")] == ["checkpoint-4"]
+    assert [path.name for path in list_checkpoints(tmp_path / "out")] == ["checkpoint-4"]
     assert (tmp_path / "out" / "model_index.json").is_file()
 
 
@@ -103,25 +128,25 @@ def test_saved_pipeline_without_ema_holds_the_trained_weights(argv, tmp_path):
 def test_loss_is_finite_and_bounded_for_every_prediction_type_and_schedule(
     prediction_type, beta_schedule, tiny_unet_config_file
 ):
-    args = trainer.parse_args(
+    args = parse_args(
         ["--train_data_dir", ".", "--prediction_type", prediction_type, "--ddpm_beta_schedule", beta_schedule]
     )
-    scheduler = trainer.build_noise_scheduler(trainer.DiffusionConfig.from_args(args))
-    unet = trainer.build_unet(str(tiny_unet_config_file), 16, 64)
+    scheduler = build_noise_scheduler(DiffusionConfig.from_args(args))
+    unet = build_unet(str(tiny_unet_config_file), 16, 64)
     torch.manual_seed(0)
     clean = torch.rand(8, 3, 16, 16) * 2 - 1
-    loss = trainer.diffusion_loss(unet, scheduler, clean, torch.randn(8, 5, 64), snr_gamma=5.0, noise_offset=0.0)
+    loss = diffusion_loss(unet, scheduler, clean, torch.randn(8, 5, 64), snr_gamma=5.0, noise_offset=0.0)
     assert torch.isfinite(loss) and 0 < loss.item() < 20
 
 
 def test_min_snr_weights_stay_bounded_at_tiny_and_zero_snr():
     snr = torch.tensor([0.0, 1e-6, 1.0, 5.0, 1e6])
-    assert torch.equal(trainer.min_snr_weights(snr, 5.0, "epsilon"), torch.tensor([1.0, 1.0, 1.0, 1.0, 5e-6]))
-    assert torch.allclose(trainer.min_snr_weights(snr, 5.0, "sample"), torch.tensor([0.0, 1e-6, 1.0, 5.0, 5.0]))
+    assert torch.equal(min_snr_weights(snr, 5.0, "epsilon"), torch.tensor([1.0, 1.0, 1.0, 1.0, 5e-6]))
+    assert torch.allclose(min_snr_weights(snr, 5.0, "sample"), torch.tensor([0.0, 1e-6, 1.0, 5.0, 5.0]))
     assert torch.allclose(
-        trainer.min_snr_weights(snr, 5.0, "v_prediction"), torch.tensor([0.0, 1e-6, 0.5, 5 / 6, 5 / (1e6 + 1)])
+        min_snr_weights(snr, 5.0, "v_prediction"), torch.tensor([0.0, 1e-6, 0.5, 5 / 6, 5 / (1e6 + 1)])
     )
-    assert torch.equal(trainer.min_snr_weights(snr, 0.0, "sample"), torch.ones(5))
+    assert torch.equal(min_snr_weights(snr, 0.0, "sample"), torch.ones(5))
 
 
 @pytest.mark.parametrize("prediction_type", ["sample", "v_prediction"])
@@ -138,13 +163,13 @@ def test_other_prediction_types_and_cosine_betas_train_and_save(argv, tmp_path, 
 def test_list_captions_and_empty_captions_are_all_used(tmp_path, tiny_text_encoder_dir, tiny_unet_config_file):
     captions = [["a red square", "a red circle"], None, [], ["a blue circle"]] * 4
     data = write_imagefolder(tmp_path / "data", count=16, captions=captions)
-    args = trainer.parse_args(["--train_data_dir", str(data)])
-    loaded = trainer.read_image_table(trainer.DataConfig.from_args(args), None, show_progress=False)
+    args = parse_args(["--train_data_dir", str(data)])
+    loaded = read_image_table(DataConfig.from_args(args), None, show_progress=False)
     assert loaded.captions == ["", "a red square", "a red circle", "a blue circle"]
     assert loaded.caption_options[:4] == [["a red square", "a red circle"], [""], [""], ["a blue circle"]]
     torch.manual_seed(0)
-    draws = trainer.draw_batch(trainer.Shard(size=400), dropout_prob=0.0, center_crop=True, random_flip=False)
-    picked = trainer.choose_captions([loaded.caption_options[0]] * 400, draws)
+    draws = draw_batch(Shard(size=400), dropout_prob=0.0, center_crop=True, random_flip=False)
+    picked = choose_captions([loaded.caption_options[0]] * 400, draws)
     assert set(picked) == {"a red square", "a red circle"}
     run_ok(train_argv(data, tiny_text_encoder_dir, tiny_unet_config_file, tmp_path / "out", "--max_train_steps", "2"))
 
@@ -152,10 +177,10 @@ def test_list_captions_and_empty_captions_are_all_used(tmp_path, tiny_text_encod
 def test_conditioning_dropout_replaces_captions_by_the_empty_one_at_the_given_rate():
     options = [["a red square"], ["a blue circle"]] * 5000
     torch.manual_seed(0)
-    shard = trainer.Shard(size=len(options))
+    shard = Shard(size=len(options))
     for rate in (0.0, 0.1):
-        draws = trainer.draw_batch(shard, dropout_prob=rate, center_crop=True, random_flip=False)
-        captions = trainer.choose_captions(options, draws)
+        draws = draw_batch(shard, dropout_prob=rate, center_crop=True, random_flip=False)
+        captions = choose_captions(options, draws)
         dropped = captions.count("") / len(captions)
         assert dropped == 0 if rate == 0 else 0.08 < dropped < 0.12
         assert all(caption in ("", option[0]) for caption, option in zip(captions, options, strict=True))
@@ -187,8 +212,8 @@ def test_text_encoder_learning_rate_gets_its_own_group_and_resuming_without_it_i
     error = run_error(argv(*flags[:-1], "4", "--resume_from_checkpoint", "latest"), capsys)
     assert "its optimizer trained other parameters than this run would" in error and "start a new --output_dir" in error
     with caplog.at_level("WARNING"):
-        args = trainer.parse_args(argv("--text_encoder_learning_rate", "1e-3"))
-        assert trainer.OptimConfig.from_args(args).text_encoder_learning_rate is None
+        args = parse_args(argv("--text_encoder_learning_rate", "1e-3"))
+        assert OptimConfig.from_args(args).text_encoder_learning_rate is None
     assert "--text_encoder_learning_rate is ignored: the text encoder is frozen" in caplog.text
 
 
@@ -199,14 +224,14 @@ def test_text_encoder_learning_rate_gets_its_own_group_and_resuming_without_it_i
 def test_config_file_gives_values_and_command_line_wins(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("resolution: 32\nlearning_rate: 0.001\nvalidation_prompts: [a cat, a dog]\n")
-    args = trainer.parse_args(["--config", str(config), "--learning_rate", "0.5"])
+    args = parse_args(["--config", str(config), "--learning_rate", "0.5"])
     assert (args.resolution, args.learning_rate, args.validation_prompts) == (32, 0.5, ["a cat", "a dog"])
 
 
 def test_seed_num_epochs_gives_a_sane_learning_rate_schedule():
     from diffusers.optimization import get_scheduler
 
-    args = trainer.parse_args(
+    args = parse_args(
         [
             "--train_data_dir",
             ".",
@@ -216,7 +241,7 @@ def test_seed_num_epochs_gives_a_sane_learning_rate_schedule():
             "--lr_warmup_steps=1000",
         ]
     )
-    schedule = trainer.plan_schedule(
+    schedule = plan_schedule(
         833,
         batch_size=args.train_batch_size,
         num_processes=1,
@@ -236,25 +261,25 @@ def test_seed_num_epochs_gives_a_sane_learning_rate_schedule():
 
 
 def test_epoch_events_fire_once_per_n_epochs_with_accumulation():
-    schedule = trainer.Schedule(batches_per_epoch=5, accumulation=2, max_steps=20)
+    schedule = Schedule(batches_per_epoch=5, accumulation=2, max_steps=20)
     fired = [step for step in range(1, 21) if schedule.crosses(step, 2)]
     assert fired == [5, 10, 15, 20]
     # step 18's first micro-batch is the 36th: epoch 7, second batch of it
     from types import SimpleNamespace
 
     table = SimpleNamespace(usable_rows=torch.arange(10))
-    batches = trainer.IndexedBatches(table, seed=3, shard=trainer.Shard(size=2), batches_per_epoch=5, num_workers=0)
-    assert batches.rows(18 * 2) == trainer.epoch_order(table.usable_rows, 3, 7)[2:4].tolist()
+    batches = IndexedBatches(table, seed=3, shard=Shard(size=2), batches_per_epoch=5, num_workers=0)
+    assert batches.rows(18 * 2) == epoch_order(table.usable_rows, 3, 7)[2:4].tolist()
     assert sorted(row for index in range(35, 40) for row in batches.rows(index)) == list(range(10))
 
 
 def test_save_images_epoch_spelling_of_the_seed_is_accepted():
-    assert trainer.parse_args(["--save_images_epoch", "7"]).save_images_epochs == 7
+    assert parse_args(["--save_images_epoch", "7"]).save_images_epochs == 7
 
 
 @pytest.mark.parametrize(("resolution", "levels"), [(16, 3), (32, 4), (64, 5), (128, 6), (256, 6)])
 def test_default_unet_fits_the_resolution(resolution, levels):
-    config = trainer.default_unet_config(resolution)
+    config = default_unet_config(resolution)
     assert len(config["block_out_channels"]) == levels
     assert resolution // 2 ** (levels - 1) >= 4
 
@@ -265,12 +290,12 @@ DOCUMENTED_MILLIONS = {"tiny": 8.3, "small": 21.5, "base": 48.3, "large": 104.7}
 
 @pytest.mark.parametrize("size", list(DOCUMENTED_MILLIONS))
 def test_model_size_presets_build_unets_of_the_documented_sizes(size):
-    unet = trainer.build_unet(None, 32, 768, size)
+    unet = build_unet(None, 32, 768, size)
     assert round(sum(parameter.numel() for parameter in unet.parameters()) / 1e6, 1) == DOCUMENTED_MILLIONS[size]
 
 
 def test_a_config_file_wins_over_model_size(tiny_unet_config_file):
-    unet = trainer.build_unet(str(tiny_unet_config_file), 16, 64, "large")
+    unet = build_unet(str(tiny_unet_config_file), 16, 64, "large")
     assert list(unet.config.block_out_channels) == [32, 64] and unet.config.addition_embed_type is None
 
 
@@ -303,10 +328,10 @@ def test_default_unet_of_a_model_size_trains_without_a_config_file(tiny_imagefol
 
 def test_pooled_prompt_heads_are_fitted_to_the_encoder_width():
     config = {"addition_embed_type": "text"}
-    trainer.fit_text_pooling_heads(config, 96)
+    fit_text_pooling_heads(config, 96)
     assert config["addition_embed_type_num_heads"] == 32
     untouched = {"addition_embed_type": "text", "addition_embed_type_num_heads": 12}
-    trainer.fit_text_pooling_heads(untouched, 768)
+    fit_text_pooling_heads(untouched, 768)
     assert untouched["addition_embed_type_num_heads"] == 12
 
 
@@ -314,16 +339,16 @@ def test_every_pil_mode_becomes_rgb_with_transparency_on_white():
     from PIL import Image
 
     rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
-    assert trainer.to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
-    assert trainer.to_rgb(Image.new("L", (4, 4), 100)).getpixel((0, 0)) == (100, 100, 100)
-    assert trainer.to_rgb(Image.new("CMYK", (4, 4), (0, 0, 0, 0))).getpixel((0, 0)) == (255, 255, 255)
+    assert to_rgb(rgba).getpixel((0, 0)) == (255, 255, 255)
+    assert to_rgb(Image.new("L", (4, 4), 100)).getpixel((0, 0)) == (100, 100, 100)
+    assert to_rgb(Image.new("CMYK", (4, 4), (0, 0, 0, 0))).getpixel((0, 0)) == (255, 255, 255)
     sixteen = Image.new("I;16", (4, 4))
     sixteen.putdata([65535] * 16)
-    assert trainer.to_rgb(sixteen).getpixel((0, 0)) == (255, 255, 255)
+    assert to_rgb(sixteen).getpixel((0, 0)) == (255, 255, 255)
     palette = Image.new("P", (4, 4), 0)
     palette.putpalette([0, 0, 0] * 256)
     palette.info["transparency"] = 0
-    assert trainer.to_rgb(palette).getpixel((0, 0)) == (255, 255, 255)
+    assert to_rgb(palette).getpixel((0, 0)) == (255, 255, 255)
 
 
 def test_images_are_resized_on_the_short_side_and_cropped_to_the_resolution():
@@ -336,11 +361,9 @@ def test_images_are_resized_on_the_short_side_and_cropped_to_the_resolution():
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     wide["bytes"] = buffer.getvalue()
-    decoded = trainer.decode_image(wide, 16, center_crop=False)
+    decoded = decode_image(wide, 16, center_crop=False)
     assert decoded.shape == (3, 16, 32) and decoded.dtype == torch.uint8
-    batch = trainer.crop_and_flip(
-        [decoded, decoded], 16, torch.tensor([[0.0, 0.0], [0.0, 0.99]]), torch.tensor([False, True])
-    )
+    batch = crop_and_flip([decoded, decoded], 16, torch.tensor([[0.0, 0.0], [0.0, 0.99]]), torch.tensor([False, True]))
     assert batch.shape == (2, 3, 16, 16)
     assert batch.min() >= -1 and batch.max() <= 1
     assert torch.allclose(batch[0, 0, 0, 0], torch.tensor(10 / 127.5 - 1))
@@ -375,14 +398,14 @@ def test_resume_mid_epoch_with_ema_and_accumulation_gives_bit_identical_weights(
 
 def test_images_decoded_per_batch_by_workers_train_and_resume_as_the_cached_run(argv, tmp_path, monkeypatch):
     loaders_opened_at = []
-    examples = trainer.IndexedBatches.examples
+    examples = IndexedBatches.examples
 
     def spy(batches, micro_index):
         if batches.table.cache is None and micro_index != batches.ahead_index:  # workers (re)started here
             loaders_opened_at.append(micro_index)
         return examples(batches, micro_index)
 
-    monkeypatch.setattr(trainer.IndexedBatches, "examples", spy)
+    monkeypatch.setattr(IndexedBatches, "examples", spy)
     flags = ("--max_train_steps", "6", "--checkpointing_steps", "3", "--random_flip")
     per_batch = ("--image_cache_max_gb", "0", "--dataloader_num_workers", "2")
     cached, decoded = tmp_path / "cached", tmp_path / "decoded"
@@ -398,7 +421,7 @@ def test_latest_skips_an_incomplete_checkpoint_with_a_warning(argv, tmp_path, ca
     output = tmp_path / "out"
     run_ok(argv("--max_train_steps", "2"))
     (output / "checkpoint-999999").mkdir()
-    assert trainer.find_latest_checkpoint(output) == output / "checkpoint-2"
+    assert find_latest_checkpoint(output) == output / "checkpoint-2"
     assert "ignoring incomplete checkpoint" in caplog.text and "checkpoint-999999" in caplog.text
     run_ok(argv("--max_train_steps", "3", "--resume_from_checkpoint", "latest"))
     assert (output / "checkpoint-3").is_dir()
@@ -411,7 +434,7 @@ def test_latest_without_checkpoints_starts_fresh_and_says_so(argv, caplog):
 
 def test_checkpoints_total_limit_keeps_the_newest(argv, tmp_path):
     run_ok(argv("--max_train_steps", "4", "--checkpointing_steps", "1", "--checkpoints_total_limit", "2"))
-    assert [path.name for path in trainer.list_checkpoints(tmp_path / "out")] == ["checkpoint-3", "checkpoint-4"]
+    assert [path.name for path in list_checkpoints(tmp_path / "out")] == ["checkpoint-3", "checkpoint-4"]
 
 
 def test_divergence_stops_with_a_clear_error_and_keeps_the_good_pipeline(argv, tmp_path, capsys):
@@ -432,7 +455,7 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_good_pipeline(argv, t
     error = run_error(argv(*diverging, "--overwrite_output_dir"), capsys)
     assert "loss became NaN/inf" in error and "--learning_rate" in error
     assert (output / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == good
-    assert trainer.list_checkpoints(output) == []
+    assert list_checkpoints(output) == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,14 +490,14 @@ def test_original_scripts_unet_at_32px_warns_trains_resumes_and_samples(argv, tm
 
     seed_unet = Path(trainer.__file__).parent / "examples" / "seed_unet.json"
     flags = ["--model_config_name_or_path", str(seed_unet), "--resolution", "32", "--train_batch_size", "2"]
-    with caplog.at_level("WARNING", logger="train_text_to_image"):
+    with caplog.at_level("WARNING", logger="text_to_image"):
         run_ok(argv(*flags, "--max_train_steps", "2", "--checkpointing_steps", "1", "--checkpoints_total_limit", "1"))
     warnings = [
         record.getMessage() for record in caplog.records if "levels take --resolution 32" in record.getMessage()
     ]
     assert len(warnings) == 1 and "32/16/8/4/2/1/1/1 px: levels 5-8" in warnings[0]
     run_ok(argv(*flags, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"))
-    assert [path.name for path in trainer.list_checkpoints(tmp_path / "out")] == ["checkpoint-2", "checkpoint-3"]
+    assert [path.name for path in list_checkpoints(tmp_path / "out")] == ["checkpoint-2", "checkpoint-3"]
     pipeline = TextToImagePipeline.from_pretrained(tmp_path / "out")
     assert len(pipeline.unet.config.down_block_types) == 8
     images = pipeline(["a red square"], num_inference_steps=2, output_type="np").images
@@ -499,9 +522,9 @@ def test_fp16_on_cpu_is_refused(argv, capsys):
 
 @pytest.mark.parametrize("native, warned", [(False, True), (True, False)])
 def test_bf16_on_a_cpu_that_emulates_it_warns(argv, monkeypatch, caplog, native, warned):
-    monkeypatch.setattr(trainer.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: native)
-    trainer.OptimConfig.from_args(trainer.parse_args(argv("--mixed_precision", "bf16")))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr("text_to_image.config.cpu_has_native_bf16", lambda: native)
+    OptimConfig.from_args(parse_args(argv("--mixed_precision", "bf16")))
     assert ("this CPU has no native bf16" in caplog.text) == warned
 
 
@@ -579,16 +602,16 @@ def test_sigterm_finishes_the_step_checkpoints_and_resume_continues(argv, tmp_pa
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr
     assert "SIGTERM received" in stderr and "--resume_from_checkpoint latest" in stderr
-    (checkpoint,) = trainer.list_checkpoints(output)
-    stopped_at = trainer.read_train_state(checkpoint).step
-    assert trainer.is_complete_checkpoint(checkpoint) and 0 < stopped_at < 100000
+    (checkpoint,) = list_checkpoints(output)
+    stopped_at = read_train_state(checkpoint).step
+    assert is_complete_checkpoint(checkpoint) and 0 < stopped_at < 100000
     assert f"stopped at step {stopped_at}/100000" in stdout
     # then the pipeline of that step, without a last grid (a preemption's grace period may be short)
     assert "holds that step's weights" in stderr
     assert f"for {stopped_at} optimizer steps" in (output / "README.md").read_text()
     assert not list(output.glob("samples/*.png"))
     run_ok(argv("--max_train_steps", str(stopped_at + 2), "--resume_from_checkpoint", "latest"))
-    assert trainer.read_train_state(output / f"checkpoint-{stopped_at + 2}").step == stopped_at + 2
+    assert read_train_state(output / f"checkpoint-{stopped_at + 2}").step == stopped_at + 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -605,8 +628,8 @@ def test_max_train_time_exports_the_final_checkpoints_ema_weights_and_a_grid(arg
     output = tmp_path / "out"
     long_run = ("--max_train_steps", "1000", "--save_model_epochs", "1000", "--checkpointing_steps", "1000")
     run_ok(argv("--use_ema", "--max_train_time", "1s", *long_run))
-    (checkpoint,) = trainer.list_checkpoints(output)
-    step = trainer.read_train_state(checkpoint).step
+    (checkpoint,) = list_checkpoints(output)
+    step = read_train_state(checkpoint).step
     assert 0 < step < 1000
     saved = TextToImagePipeline.from_pretrained(output).unet
     for ema, (name, parameter) in zip(ema_of_checkpoint(checkpoint), saved.named_parameters(), strict=True):
@@ -615,11 +638,11 @@ def test_max_train_time_exports_the_final_checkpoints_ema_weights_and_a_grid(arg
     assert [path.name.split("-step-")[1] for path in output.glob("samples/epoch-*.png")] == [f"{step:07d}.png"]
     assert [path.name for path in output.glob("samples/nearest-*.png")] == [f"nearest-{step:07d}.png"]
     assert "holds that step's weights" in capsys.readouterr().err
-    assert not (output / trainer.PIPELINE_STAGING).exists() and not (output / trainer.PIPELINE_RETIRED).exists()
+    assert not (output / PIPELINE_STAGING).exists() and not (output / PIPELINE_RETIRED).exists()
 
 
 def test_stop_reserves_the_measured_time_of_the_final_saves():
-    cost = trainer.StopCost(model_bytes=int(trainer.DISK_BYTES_PER_SECOND), grid_passes_per_step=10.0)
+    cost = StopCost(model_bytes=int(DISK_BYTES_PER_SECOND), grid_passes_per_step=10.0)
     assert cost.seconds(step_seconds=0.5) == pytest.approx(4 + 0.5 * 10 + 2)
     cost.measured.update(checkpoint=1.0, grid=2.0)
     assert cost.seconds(step_seconds=0.5) == pytest.approx(1 + 2 + 2)
@@ -639,18 +662,18 @@ def test_export_that_fails_halfway_keeps_the_previous_pipeline_loadable(argv, tm
     monkeypatch.setattr(pipeline_text_to_image, "copy_pipeline_code", disk_full)
     with pytest.raises(OSError, match="No space left"):
         trainer.main(argv("--max_train_steps", "6", "--resume_from_checkpoint", "latest"))
-    assert (output / trainer.PIPELINE_STAGING / "unet").is_dir()  # the new UNet was written, then the writer failed
+    assert (output / PIPELINE_STAGING / "unet").is_dir()  # the new UNet was written, then the writer failed
     assert_same_tensors(unet_weights(output), before)
     TextToImagePipeline.from_pretrained(output)
     monkeypatch.undo()
     run_ok(argv("--max_train_steps", "8", "--resume_from_checkpoint", "latest"))
-    assert not (output / trainer.PIPELINE_STAGING).exists()
+    assert not (output / PIPELINE_STAGING).exists()
     assert "for 8 optimizer steps" in (output / "README.md").read_text()
 
 
 def test_a_swap_cut_between_two_renames_is_finished_at_the_next_start(tmp_path):
     output, old, new = tmp_path / "out", "old weights", "new weights"
-    staging, retired = output / trainer.PIPELINE_STAGING, output / trainer.PIPELINE_RETIRED
+    staging, retired = output / PIPELINE_STAGING, output / PIPELINE_RETIRED
     for folder in (staging, retired):
         folder.mkdir(parents=True)
     # killed after unet/ was swapped, before text_encoder/ was
@@ -658,18 +681,18 @@ def test_a_swap_cut_between_two_renames_is_finished_at_the_next_start(tmp_path):
     (retired / "unet.txt").write_text(old)
     (output / "text_encoder.txt").write_text(old)
     (staging / "text_encoder.txt").write_text(new)
-    trainer.finish_interrupted_export(output)
+    finish_interrupted_export(output)
     assert (output / "unet.txt").read_text() == new and (output / "text_encoder.txt").read_text() == new
     assert not staging.exists() and not retired.exists()
 
 
 def test_a_half_written_staging_folder_is_dropped_at_the_next_start(tmp_path):
     output = tmp_path / "out"
-    (output / trainer.PIPELINE_STAGING).mkdir(parents=True)
-    (output / trainer.PIPELINE_STAGING / "unet.txt").write_text("half")
+    (output / PIPELINE_STAGING).mkdir(parents=True)
+    (output / PIPELINE_STAGING / "unet.txt").write_text("half")
     (output / "unet.txt").write_text("previous")
-    trainer.finish_interrupted_export(output)
-    assert (output / "unet.txt").read_text() == "previous" and not (output / trainer.PIPELINE_STAGING).exists()
+    finish_interrupted_export(output)
+    assert (output / "unet.txt").read_text() == "previous" and not (output / PIPELINE_STAGING).exists()
 
 
 def test_several_processes_agree_to_stop_every_few_steps_not_every_step():
@@ -680,12 +703,10 @@ def test_several_processes_agree_to_stop_every_few_steps_not_every_step():
             self.reductions += 1
             return tensor
 
-    stop, accelerator = trainer.StopRequest(None), TwoProcesses()
+    stop, accelerator = StopRequest(None), TwoProcesses()
     stop.reason = "SIGTERM"
-    steps = range(1, 2 * trainer.STOP_CHECK_STEPS + 1)
-    assert [stop.requested(accelerator, step) for step in steps] == [
-        step % trainer.STOP_CHECK_STEPS == 0 for step in steps
-    ]
+    steps = range(1, 2 * STOP_CHECK_STEPS + 1)
+    assert [stop.requested(accelerator, step) for step in steps] == [step % STOP_CHECK_STEPS == 0 for step in steps]
     assert accelerator.reductions == 2
 
 
@@ -728,9 +749,9 @@ def test_push_to_hub_uploads_the_pipeline_folder_without_checkpoints(argv, tmp_p
 @pytest.mark.parametrize("requested, expected", [(None, 5), ("12", 12), ("3", 3)])
 def test_captions_are_padded_to_the_longest_or_to_caption_max_length(argv, caplog, requested, expected):
     flags = ("--caption_max_length", requested) if requested else ()
-    args = trainer.parse_args(argv(*flags))
+    args = parse_args(argv(*flags))
     args.output_dir.mkdir(parents=True)
-    run = trainer.setup_run(trainer.RunConfig.from_args(args))
+    run = setup_run(RunConfig.from_args(args))
     assert run.text_max_length == expected  # "a red square": start, 3 words, end
     assert run.trainer.conditioner.table.shape[1] == expected
     assert len(run.trainer.batches.table.cache) == 16  # decoded once
@@ -745,17 +766,17 @@ def test_caption_max_length_beyond_the_tokenizer_is_refused(argv, capsys):
 def test_frozen_encoder_is_freed_after_caching_and_grids_match_the_encoder(argv, tiny_text_encoder_dir):
     import numpy as np
 
-    args = trainer.parse_args(argv("--validation_prompts", "a red square", "a blue circle"))
+    args = parse_args(argv("--validation_prompts", "a red square", "a blue circle"))
     args.output_dir.mkdir(parents=True)
-    run = trainer.setup_run(trainer.RunConfig.from_args(args))
+    run = setup_run(RunConfig.from_args(args))
     assert run.trainer.text_encoder is None and run.outputs.text_encoder is None  # only the cached table trains
-    tokenizer, encoder = trainer.build_text_encoder(str(tiny_text_encoder_dir), None)
+    tokenizer, encoder = build_text_encoder(str(tiny_text_encoder_dir), None)
     unet = run.accelerator.unwrap_model(run.trainer.unet)
-    with_encoder = trainer.build_pipeline(unet, encoder, tokenizer, run.outputs.noise_scheduler, run.text_max_length)
-    without = trainer.build_pipeline(unet, None, tokenizer, run.outputs.noise_scheduler, run.text_max_length)
+    with_encoder = build_pipeline(unet, encoder, tokenizer, run.outputs.noise_scheduler, run.text_max_length)
+    without = build_pipeline(unet, None, tokenizer, run.outputs.noise_scheduler, run.text_max_length)
     sample = (run.outputs.grids.prompts, 4, 2, 3.0, 0)
-    expected, _ = trainer.sample_images(with_encoder, *sample)
-    images, captions = trainer.sample_images(without, *sample, run.outputs.grids.prompt_embeddings)
+    expected, _ = sample_images(with_encoder, *sample)
+    images, captions = sample_images(without, *sample, run.outputs.grids.prompt_embeddings)
     assert captions == ["a red square", "a red square", "a blue circle", "a blue circle"]
     for image, reference in zip(images, expected, strict=True):
         assert np.abs(np.asarray(image, np.int16) - np.asarray(reference, np.int16)).max() <= 1

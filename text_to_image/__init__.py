@@ -1,0 +1,16 @@
+"""The trainer behind train_text_to_image.py, one concern per module, in the order a run meets them:
+
+    config        flags, --config YAML, one frozen config per flag group
+    data          image tables, decoding, unreadable images, the batch sources and their resume contract
+    batches       a micro-batch's random draws: captions, crop/flip, augmentation
+    models        text encoder and caption cache, UNet, noise scheduler
+    loss          targets, weighting, timestep buckets
+    optimization  optimizer, learning rates, EMA
+    checkpoints   atomic checkpoints and exports, resume, stopping
+    evaluation    held-out loss, copies, FD/KID/CLIP
+    outputs       grids, GIF, pipeline folder, model card, Hub
+    training      the Trainer (one step), the schedule, the loop
+    setup         a run built from its configuration
+
+pipeline_text_to_image.py (beside this package) stays standalone: an output folder loads it alone.
+"""

@@ -1,0 +1,316 @@
+"""One micro-batch's random draws and what they do: which caption each image trains with (variants,
+sides), the crop and flip, and --augment_prob's transforms. The order of the draws is draw_batch's contract."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import random
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from text_to_image.common import CPU, exists, to_device
+from text_to_image.config import CaptionVariants, DataConfig
+from text_to_image.data import Shard
+
+SIDE_WORDS = re.compile(r"\b(left|right)(?=\b|ward|most|side|hand)", re.IGNORECASE)
+AUGMENT_TRANSFORM_PROB = 0.5  # an augmented image gets each of the five transforms with this probability
+AUGMENT_MAX_ROTATION = math.pi / 12  # radians
+AUGMENT_MAX_SHIFT = 0.125  # of the side, rounded to whole pixels
+
+
+# --augment_prob: the conditioning vector's entries, zero for an untouched image, and the transforms' ranges
+AUGMENT_LABELS = (
+    "x_flip",
+    "quarter_turn_sin",
+    "quarter_turn_cos_minus_1",
+    "rotation",
+    "log2_scale",
+    "shift_x",
+    "shift_y",
+)
+
+
+AUGMENT_LOG2_SCALE_STD = 0.2
+
+
+@dataclass(frozen=True, kw_only=True)
+class AugmentDraws:
+    """--augment_prob: each example's transform; all zero / False for an untouched one."""
+
+    x_flip: torch.Tensor  # bool
+    quarter_turns: torch.Tensor  # long, 0-3 (clockwise as displayed: y points down)
+    rotation: torch.Tensor  # radians (clockwise as displayed)
+    log2_scale: torch.Tensor
+    shift: torch.Tensor  # [N, 2] (x, y) as fractions of the side, rounded to whole pixels when applied
+
+
+def draw_augmentation(shard: Shard, augment_prob: float) -> AugmentDraws:
+    """Which examples are augmented and their transforms (for draw_batch: a fixed count of draws)."""
+    total = shard.total
+    augmented = torch.rand(total) < augment_prob
+    applied = (torch.rand(total, 5) < AUGMENT_TRANSFORM_PROB) & augmented[:, None]
+    quarter_turns = 1 + (torch.rand(total) * 3).long().clamp(max=2)
+    rotation = (torch.rand(total) * 2 - 1) * AUGMENT_MAX_ROTATION
+    log2_scale = torch.randn(total) * AUGMENT_LOG2_SCALE_STD
+    shift = (torch.rand(total, 2) * 2 - 1) * AUGMENT_MAX_SHIFT
+    return AugmentDraws(
+        x_flip=shard.of(applied[:, 0]),
+        quarter_turns=shard.of(torch.where(applied[:, 1], quarter_turns, 0)),
+        rotation=shard.of(torch.where(applied[:, 2], rotation, 0.0)),
+        log2_scale=shard.of(torch.where(applied[:, 3], log2_scale, 0.0)),
+        shift=shard.of(torch.where(applied[:, 4:5], shift, 0.0)),
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchDraws:
+    """Every random number one micro-batch needs before the loss draws its noise and timesteps."""
+
+    caption_choice: torch.Tensor  # [0, 1) per example: which of its captions
+    dropped: torch.Tensor  # bool per example: shown with the empty caption
+    crop_at: torch.Tensor  # (top, left) as fractions of the spare pixels
+    flip: torch.Tensor | None
+    variant_choice: torch.Tensor | None = None  # [0, 1) per example: which variant of its caption
+    augment: AugmentDraws | None = None
+    background: torch.Tensor | None = None  # [N, 3] in [0, 1]: the flat colour behind transparent pixels
+
+
+def draw_batch(
+    shard: Shard,
+    *,
+    dropout_prob: float,
+    center_crop: bool,
+    random_flip: bool,
+    caption_variants: bool = False,
+    augment_prob: float = 0.0,
+    random_background: bool = False,
+) -> BatchDraws:
+    """The micro-batch's random numbers, from the global RNG, in a fixed order.
+
+    The ordering contract that exact resume and "N processes = 1 process" rest on: per micro-batch,
+    this function draws first (caption choice, dropout, crop, flip, then when turned on caption variant,
+    augmentation, background; each for the whole global batch, then sliced to this process's shard), then
+    `diffusion_loss` draws noise, noise offset, timesteps and input perturbation, and nothing else in the
+    step draws from the global RNG (data loaders own their generators). A draw added anywhere else, or
+    moved, changes every later batch of a run and breaks both guarantees without failing; add new draws
+    here, at the end, and only when their flag is on, so that runs without it keep their batches.
+    """
+    caption_choice = shard.of(torch.rand(shard.total))
+    dropped = shard.of(torch.rand(shard.total)) < dropout_prob
+    crop_at = shard.of(torch.full((shard.total, 2), 0.5) if center_crop else torch.rand(shard.total, 2))
+    flip = shard.of(torch.rand(shard.total) < 0.5) if random_flip else None
+    variant_choice = shard.of(torch.rand(shard.total)) if caption_variants else None
+    augment = draw_augmentation(shard, augment_prob) if augment_prob > 0 else None
+    background = shard.of(torch.rand(shard.total, 3)) if random_background else None
+    return BatchDraws(
+        caption_choice=caption_choice,
+        dropped=dropped,
+        crop_at=crop_at,
+        flip=flip,
+        variant_choice=variant_choice,
+        augment=augment,
+        background=background,
+    )
+
+
+def share_index(share: float, count: int) -> int:
+    """The index at `share` in [0, 1) of `count` options (a share rounding up to 1 still gives the last)."""
+    return min(int(share * count), count - 1)
+
+
+def pick(options: list, share: float):
+    """The option at `share` in [0, 1) of the list."""
+    return options[share_index(share, len(options))]
+
+
+def caption_variant(caption: str, index: int, variants: CaptionVariants) -> str:
+    """Variant `index` of a caption: its tags after the kept ones shuffled and/or dropped, by a generator
+    seeded with (index, caption), so every process, run and resume makes the same K variants."""
+
+    tags = [tag.strip() for tag in caption.split(variants.separator)]
+    tags = [tag for tag in tags if tag]
+    kept, rest = tags[: variants.keep_tokens], tags[variants.keep_tokens :]
+    if not rest:
+        return caption
+    generator = random.Random(f"{index}\0{caption}")  # str seeds hash with sha512: stable across processes
+    if variants.shuffle:
+        generator.shuffle(rest)
+    survivors = [tag for tag in rest if generator.random() >= variants.tag_dropout]
+    if not survivors and not kept:  # one tag always stays: an empty caption is the unconditional one
+        survivors = [rest[0]]
+    joiner = variants.separator if variants.separator.isspace() else variants.separator.strip() + " "
+    return joiner.join(kept + survivors)
+
+
+def caption_variants_of(caption: str, variants: CaptionVariants | None) -> list[str]:
+    """The texts a caption is shown as in training (itself when there are no variants)."""
+    if not exists(variants) or not caption:
+        return [caption]
+    return [caption_variant(caption, index, variants) for index in range(variants.count)]
+
+
+def pick_variant(caption: str, share: float, variants: CaptionVariants | None) -> str:
+    """The variant at `share` in [0, 1) of caption_variants_of(caption), made alone (not all K per showing)."""
+    if not exists(variants) or not caption:
+        return caption
+    return caption_variant(caption, share_index(share, variants.count), variants)
+
+
+def says_side(caption: str) -> bool:
+    return bool(SIDE_WORDS.search(caption))
+
+
+def swap_sides(caption: str) -> str:
+    """'left' <-> 'right' (also in leftward, rightmost, ...), keeping each word's case."""
+
+    def swapped(match: re.Match) -> str:
+        word = match.group(1)
+        other = "right" if word.lower() == "left" else "left"
+        if word.isupper():
+            return other.upper()
+        return other.capitalize() if word[0].isupper() else other
+
+    return SIDE_WORDS.sub(swapped, caption)
+
+
+def training_texts(captions: list[str], data: DataConfig) -> list[str]:
+    """Every text a caption can be shown as (its variants, mirrored ones with sides swapped), for the cache."""
+    texts = {}
+    for caption in captions:
+        for variant in caption_variants_of(caption, data.caption_variants):
+            texts[variant] = None
+            if data.mirrors and data.flip_sided_captions == "swap" and says_side(variant):
+                texts[swap_sides(variant)] = None
+    return list(texts)
+
+
+def mirrored(draws: BatchDraws) -> torch.Tensor | None:
+    """Per example, whether it is shown mirrored: flipped once, by --random_flip or the augmentation's x-flip."""
+    flips = [flip for flip in (draws.flip, draws.augment.x_flip if exists(draws.augment) else None) if exists(flip)]
+    return functools.reduce(torch.logical_xor, flips) if flips else None
+
+
+def without_mirroring(draws: BatchDraws, keep: torch.Tensor) -> BatchDraws:
+    """The draws with no flip where `keep` is False (--flip_sided_captions no_flip)."""
+    flip = draws.flip & keep if exists(draws.flip) else None
+    augment = draws.augment
+    if exists(augment):
+        augment = dataclasses.replace(augment, x_flip=augment.x_flip & keep)
+    return dataclasses.replace(draws, flip=flip, augment=augment)
+
+
+def choose_captions(
+    caption_options: list[list[str]], draws: BatchDraws, variants: CaptionVariants | None = None
+) -> list[str]:
+    """One caption per example, picked among its list, then among its variants; the empty one where dropped
+    (classifier-free guidance)."""
+    captions = [
+        "" if drop else pick(options, share)
+        for options, share, drop in zip(
+            caption_options, draws.caption_choice.tolist(), draws.dropped.tolist(), strict=True
+        )
+    ]
+    if not exists(draws.variant_choice):
+        return captions
+    return [
+        pick_variant(caption, share, variants)
+        for caption, share in zip(captions, draws.variant_choice.tolist(), strict=True)
+    ]
+
+
+def mind_the_sides(captions: list[str], draws: BatchDraws, policy: str) -> tuple[list[str], BatchDraws]:
+    """Mirrored images whose caption says left or right: the words swapped (policy "swap") or the image left
+    unmirrored ("no_flip"), so flips do not teach that left looks like right. (captions, draws as applied)"""
+    flips = mirrored(draws)
+    if not exists(flips):
+        return captions, draws
+    sided = torch.tensor([says_side(caption) for caption in captions], dtype=torch.bool)
+    if policy == "no_flip":
+        return captions, without_mirroring(draws, ~sided)
+    return [swap_sides(text) if flip else text for text, flip in zip(captions, flips.tolist(), strict=True)], draws
+
+
+def crop_and_flip(
+    images: list[torch.Tensor],
+    resolution: int,
+    crop_at: torch.Tensor,
+    flip: torch.Tensor | None,
+    device: torch.device = CPU,
+    background: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A float batch [N, 3, R, R] in [-1, 1] on `device`; crop_at holds (top, left) as fractions of the spare
+    pixels; RGBA images are composited on `background` ([N, 3] in [0, 1]). The batch crosses to the device as
+    uint8 (a quarter of the float bytes) and is scaled there."""
+    crops = []
+    for image, (top_share, left_share) in zip(images, crop_at.tolist(), strict=True):
+        spare_h, spare_w = image.shape[1] - resolution, image.shape[2] - resolution
+        top, left = int(top_share * (spare_h + 1 - 1e-6)), int(left_share * (spare_w + 1 - 1e-6))
+        crops.append(image[:, top : top + resolution, left : left + resolution])
+    batch = torch.stack(crops)
+    if exists(flip):
+        batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+    batch = to_device(batch, device).float()
+    if batch.shape[1] == 4:
+        alpha = batch[:, 3:] / 255.0
+        colour = to_device(background if exists(background) else torch.ones(len(batch), 3), device) * 255.0
+        batch = batch[:, :3] * alpha + colour[:, :, None, None] * (1 - alpha)
+    return batch.div_(127.5).sub_(1.0)
+
+
+def quarter_turn_sin_cos(turns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sine and cosine of 0-3 quarter turns, exact (entries 0 and +-1: no rounding of pi / 2)."""
+    return torch.tensor([0.0, 1.0, 0.0, -1.0])[turns], torch.tensor([1.0, 0.0, -1.0, 0.0])[turns]
+
+
+def augmentation_labels(augment: AugmentDraws, resolution: int) -> torch.Tensor:
+    """The conditioning vector [N, len(AUGMENT_LABELS)] of each example's transform: exactly zero when untouched."""
+    sin, cos = quarter_turn_sin_cos(augment.quarter_turns)
+    shift_pixels = torch.round(augment.shift * resolution)
+    return torch.stack(
+        [
+            augment.x_flip.float(),
+            sin,
+            cos - 1,
+            augment.rotation,
+            augment.log2_scale,
+            shift_pixels[:, 0] / resolution,
+            shift_pixels[:, 1] / resolution,
+        ],
+        dim=1,
+    )
+
+
+def sampling_grids(augment: AugmentDraws, resolution: int) -> torch.Tensor:
+    """affine_grid's [N, 2, 3]: for each output pixel, where in the input it comes from. The image is
+    mirrored, turned, rotated, scaled and shifted, in that order; the grid is that map's inverse."""
+    count = len(augment.x_flip)
+    sin, cos = quarter_turn_sin_cos(augment.quarter_turns)
+    turn = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)
+    angle = augment.rotation
+    rotate = torch.stack([torch.stack([angle.cos(), -angle.sin()], 1), torch.stack([angle.sin(), angle.cos()], 1)], 1)
+    mirror = torch.stack([torch.where(augment.x_flip, -1.0, 1.0), torch.ones(count)], dim=1)
+    # inverse of shift . scale . rotate . turn . mirror: mirror^-1 = mirror, R^-1 = R^T
+    inverse = torch.diag_embed(mirror) @ turn.transpose(1, 2) @ rotate.transpose(1, 2)
+    inverse = inverse / (2.0**augment.log2_scale)[:, None, None]
+    shift = torch.round(augment.shift * resolution) * 2 / resolution  # pixels in [-1, 1] coordinates
+    return torch.cat([inverse, -(inverse @ shift[:, :, None])], dim=2)
+
+
+def augment_pixels(pixels: torch.Tensor, augment: AugmentDraws) -> tuple[torch.Tensor, torch.Tensor]:
+    """--augment_prob: (the batch transformed where drawn, its conditioning labels). Untouched images are kept
+    bit for bit; the others are resampled bilinearly, reflecting at the borders (EDM's choice)."""
+    resolution = pixels.shape[-1]
+    labels = augmentation_labels(augment, resolution)
+    changed = labels.ne(0).any(dim=1)
+    if changed.any():
+        grids = F.affine_grid(
+            sampling_grids(augment, resolution).to(pixels.device), list(pixels.shape), align_corners=False
+        )
+        moved = F.grid_sample(pixels, grids, mode="bilinear", padding_mode="reflection", align_corners=False)
+        pixels = torch.where(to_device(changed, pixels.device)[:, None, None, None], moved, pixels)
+    return pixels, to_device(labels, pixels.device)

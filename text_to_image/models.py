@@ -1,0 +1,299 @@
+"""The text encoder (and the caption-embedding cache that lets a frozen one be freed), the UNet and the noise scheduler."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from text_to_image.batches import AUGMENT_LABELS
+from text_to_image.common import UserError, exists, is_main_process, to_device
+from text_to_image.config import DEFAULT_MODEL_SIZE, MODEL_SIZES, DiffusionConfig
+
+logger = logging.getLogger(__name__)
+
+ATTENTION_MAX_RESOLUTION = 16  # cross-attention only where the feature map is at most this wide
+MIN_USEFUL_LEVEL_SIZE = 4  # px: below it a UNet level sees (almost) one pixel
+
+
+def text_encoder_folders(name_or_path: str) -> tuple[dict, dict]:
+    """from_pretrained kwargs for the tokenizer and the model (diffusers layout uses subfolders)."""
+    folder = Path(name_or_path)
+    if (folder / "text_encoder").is_dir() and (folder / "tokenizer").is_dir():
+        return {"subfolder": "tokenizer"}, {"subfolder": "text_encoder"}
+    return {}, {}
+
+
+def text_encoder_class(model_type: str):
+    import transformers
+
+    if model_type == "clip":
+        return transformers.CLIPTextModel
+    if model_type in ("t5", "mt5", "umt5"):
+        return transformers.T5EncoderModel
+    return transformers.AutoModel
+
+
+def build_text_encoder(name_or_path: str, cache_dir: str | None):
+    """Tokenizer + encoder from a Hub id or a local folder; a clear error when it cannot be had."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer_kwargs, model_kwargs = text_encoder_folders(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, cache_dir=cache_dir, **tokenizer_kwargs)
+        config = AutoConfig.from_pretrained(name_or_path, cache_dir=cache_dir, **model_kwargs)
+        encoder = text_encoder_class(config.model_type).from_pretrained(
+            name_or_path, cache_dir=cache_dir, **model_kwargs
+        )
+    except OSError as error:
+        where = (
+            "is not a local folder"
+            if not Path(name_or_path).exists()
+            else "is a folder without a loadable model and tokenizer"
+        )
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
+        hint = "it needs a download and the Hub is offline" if offline else "it could not be downloaded"
+        raise UserError(
+            f"--text_encoder_name_or_path {name_or_path} {where} and {hint}; download it first or pass a local folder"
+        ) from error
+    return tokenizer, encoder
+
+
+def freeze_what_last_hidden_state_skips(encoder) -> None:
+    """Training reads last_hidden_state only; a BERT/RoBERTa pooler after it never gets a gradient, which
+    DDP reports as an error at the second step. Frozen, it keeps its loaded weights."""
+    pooler = getattr(encoder, "pooler", None)
+    if isinstance(pooler, torch.nn.Module):
+        pooler.requires_grad_(False)
+
+
+def text_hidden_size(encoder) -> int:
+    config = encoder.config
+    return getattr(config, "hidden_size", None) or config.d_model
+
+
+def token_limit(tokenizer) -> int:
+    """The tokenizer's maximum length (some tokenizers report a huge placeholder: cap it)."""
+    return tokenizer.model_max_length if tokenizer.model_max_length < 100_000 else 512
+
+
+def caption_token_lengths(tokenizer, captions: list[str]) -> list[int]:
+    """Tokens of each caption (with special tokens), capped at the tokenizer's maximum."""
+    limit = token_limit(tokenizer)
+    return [len(ids) for ids in tokenizer(captions, truncation=True, max_length=limit)["input_ids"]]
+
+
+def caption_max_length(tokenizer, captions: list[str] | None, requested: int | None) -> int:
+    """--caption_max_length if given (checked against the tokenizer), else the longest caption's length."""
+    limit = token_limit(tokenizer)
+    if exists(requested) and requested > limit:
+        raise UserError(f"--caption_max_length {requested} is more than the tokenizer's maximum; use at most {limit}")
+    if not exists(captions):  # a stream: its captions are not known ahead
+        return requested or limit
+    lengths = caption_token_lengths(tokenizer, captions)
+    if not exists(requested):
+        return max(lengths)
+    truncated = sum(length > requested for length in lengths)
+    if truncated:
+        logger.warning("--caption_max_length %d truncates %d of %d captions", requested, truncated, len(captions))
+    return requested
+
+
+def caption_cache_path(output_dir: Path, encoder_name: str, encoder, captions: list[str], max_length: int) -> Path:
+    digest = hashlib.sha256()
+    for part in (encoder_name, encoder.config.to_json_string(), str(max_length), *captions):
+        digest.update(part.encode() + b"\0")
+    first_weight = next(encoder.parameters())
+    digest.update(first_weight.detach().float().cpu().numpy().tobytes()[:65536])
+    return output_dir / "caption_cache" / f"embeddings-{digest.hexdigest()[:16]}.pt"
+
+
+@torch.no_grad()
+def encode_captions_once(
+    tokenizer, encoder, captions: list[str], max_length: int, cache_file: Path | None, device, batch_size: int = 64
+) -> torch.Tensor:
+    """Embeddings [num_captions, max_length, hidden] of every distinct caption, in CPU memory, cached on disk.
+
+    The encoder runs on `device`; the table stays on the CPU: it grows with the captions (~231 KiB per
+    77-token CLIP-L caption, 11 GiB for 50k) and a batch needs only its own rows on the GPU.
+    """
+    from tqdm.auto import tqdm
+
+    from pipeline_text_to_image import encode_text
+
+    if exists(cache_file) and cache_file.exists():
+        logger.info("caption embeddings loaded from %s", cache_file)
+        return torch.load(cache_file, map_location="cpu", weights_only=True)
+    encoder.eval()
+    # filled in place, batch by batch: concatenating chunks would hold the table twice at the peak
+    embeddings = torch.empty(len(captions), max_length, text_hidden_size(encoder))
+    starts = range(0, len(captions), batch_size)
+    for start in tqdm(starts, desc="encoding captions", disable=not is_main_process() or len(starts) < 2):
+        batch = captions[start : start + batch_size]
+        embeddings[start : start + len(batch)] = encode_text(tokenizer, encoder, batch, max_length, device).cpu()
+    if exists(cache_file) and is_main_process():
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cache_file.with_suffix(".tmp")
+        torch.save(embeddings, temporary)
+        temporary.replace(cache_file)
+    return embeddings
+
+
+class CachedEmbeddings:
+    """A frozen encoder's embedding of every distinct caption, computed once: a batch is a table lookup."""
+
+    def __init__(self, captions: list[str], table: torch.Tensor, device):
+        self.row_of = {text: row for row, text in enumerate(captions)}
+        self.table, self.device = table, torch.device(device)  # [captions, tokens, hidden] in CPU memory
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        """The texts' rows, gathered on the CPU and copied to the device without waiting for it."""
+        return to_device(self.table[[self.row_of[text] for text in texts]], self.device)
+
+
+class LiveEncoder:
+    """Captions through the encoder every batch: when it trains, or when the captions are not cached
+    (a stream, --no_caption_cache). A frozen encoder runs without autograd, once per distinct caption."""
+
+    def __init__(self, *, tokenizer, encoder, max_length: int, trains: bool, device):
+        self.tokenizer, self.encoder, self.max_length = tokenizer, encoder, max_length
+        self.trains, self.device = trains, device
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        from pipeline_text_to_image import encode_text
+
+        if self.trains:
+            return encode_text(self.tokenizer, self.encoder, texts, self.max_length, self.device)
+        # No cache across batches: on data big enough to stream, captions rarely repeat, and an embedding
+        # would then depend on the batch that first encoded it, so a resumed run could differ in the last bits.
+        distinct = list(dict.fromkeys(texts))
+        with torch.no_grad():
+            embeddings = encode_text(self.tokenizer, self.encoder, distinct, self.max_length, self.device)
+        return embeddings[torch.tensor([distinct.index(text) for text in texts], device=embeddings.device)]
+
+
+def default_unet_config(resolution: int, model_size: str = DEFAULT_MODEL_SIZE) -> dict:
+    """Levels = log2(resolution) - 1 (2..6), so the lowest feature map is 4 px or larger.
+
+    No pooled-prompt ("text" addition) embedding: with a frozen encoder it did not make the model follow
+    prompts sooner (examples/adherence_curve.py); a config file can still ask for it.
+    """
+    channels, layers_per_block = MODEL_SIZES[model_size]
+    levels = max(2, min(len(channels), int(math.log2(resolution)) - 1))
+    widths = [resolution // 2**level for level in range(levels)]
+    attention = [width <= ATTENTION_MAX_RESOLUTION for width in widths]
+    return {
+        "sample_size": resolution,
+        "in_channels": 3,
+        "out_channels": 3,
+        "layers_per_block": layers_per_block,
+        "block_out_channels": list(channels[:levels]),
+        "down_block_types": ["CrossAttnDownBlock2D" if attn else "DownBlock2D" for attn in attention],
+        "up_block_types": ["CrossAttnUpBlock2D" if attn else "UpBlock2D" for attn in reversed(attention)],
+        "attention_head_dim": 8,
+    }
+
+
+def load_unet_config(path: str | None, resolution: int, model_size: str = DEFAULT_MODEL_SIZE) -> dict:
+    if not exists(path):
+        return default_unet_config(resolution, model_size)
+    file = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise UserError(f"--model_config_name_or_path {path} has no config.json")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"--model_config_name_or_path {file} is not valid JSON: {error}") from error
+
+
+def level_sizes(resolution: int, levels: int) -> list[int]:
+    """Feature-map side at each UNet level: a stride-2 conv with padding 1 takes n to ceil(n / 2)."""
+    sizes = [resolution]
+    for _ in range(levels - 1):
+        sizes.append((sizes[-1] + 1) // 2)
+    return sizes
+
+
+def warn_collapsed_levels(config: dict, resolution: int) -> None:
+    """diffusers runs levels below 4 px (down to 1x1 again and again), but they cost parameters and buy little."""
+    sizes = level_sizes(resolution, len(config.get("down_block_types", [])))
+    small = [index for index, size in enumerate(sizes) if size < MIN_USEFUL_LEVEL_SIZE]
+    if not small:
+        return
+    useful = len(sizes) - len(small)
+    logger.warning(
+        "the UNet's %d levels take --resolution %d down to %s px: levels %d-%d work on maps under %d px "
+        "(slow, little to learn there); a %d-level config, or a larger --resolution, does the same work cheaper",
+        len(sizes),
+        resolution,
+        "/".join(map(str, sizes)),
+        small[0] + 1,
+        len(sizes),
+        MIN_USEFUL_LEVEL_SIZE,
+        max(useful, 2),
+    )
+
+
+def fit_text_pooling_heads(config: dict, text_width: int) -> None:
+    """The pooled-prompt attention splits the encoder width into heads (diffusers' default 64): keep it a divisor."""
+    if config.get("addition_embed_type") != "text":
+        return
+    heads = config.get("addition_embed_type_num_heads") or 64
+    if text_width % heads:
+        config["addition_embed_type_num_heads"] = math.gcd(text_width, heads)
+
+
+def condition_on_augmentation(config: dict) -> None:
+    """--augment_prob: the transform's parameters enter through the class-embedding projection (added to the
+    timestep embedding); the saved config records it, and the pipeline then passes zeros."""
+    if config.get("class_embed_type") not in (None, "projection") or config.get("num_class_embeds"):
+        raise UserError(
+            f"--augment_prob conditions the UNet through its class embedding, but the --model_config_name_or_path"
+            f" config already uses one (class_embed_type {config.get('class_embed_type')!r}); remove it or pass --augment_prob 0"
+        )
+    config.update(class_embed_type="projection", projection_class_embeddings_input_dim=len(AUGMENT_LABELS))
+
+
+def build_unet(
+    config_path: str | None,
+    resolution: int,
+    cross_attention_dim: int,
+    model_size: str = DEFAULT_MODEL_SIZE,
+    augmentation: bool = False,
+):
+    """UNet2DConditionModel for pixel space; sample_size and cross_attention_dim follow the data and encoder."""
+    from diffusers import UNet2DConditionModel
+
+    config = load_unet_config(config_path, resolution, model_size)
+    if augmentation:
+        condition_on_augmentation(config)
+    warn_collapsed_levels(config, resolution)
+    if config.get("cross_attention_dim") not in (None, cross_attention_dim):
+        logger.info(
+            "UNet cross_attention_dim %s -> %d to match the text encoder",
+            config["cross_attention_dim"],
+            cross_attention_dim,
+        )
+    config.update(sample_size=resolution, cross_attention_dim=cross_attention_dim)
+    fit_text_pooling_heads(config, cross_attention_dim)
+    try:
+        return UNet2DConditionModel.from_config(config)
+    except (TypeError, ValueError) as error:
+        raise UserError(f"--model_config_name_or_path: the UNet config is not valid: {error}") from error
+
+
+def build_noise_scheduler(diffusion: DiffusionConfig):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=diffusion.num_train_timesteps,
+        beta_schedule=diffusion.beta_schedule,
+        prediction_type=diffusion.prediction_type,
+        rescale_betas_zero_snr=diffusion.rescale_betas_zero_snr,
+        clip_sample=False,
+    )

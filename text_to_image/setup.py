@@ -1,0 +1,519 @@
+"""Building a run from its configuration: accelerator, data, models, optimizer, resume state, checks and the run plan."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from text_to_image.batches import training_texts
+from text_to_image.checkpoints import TrainState, read_train_state, resolve_resume_checkpoint
+from text_to_image.common import UserError, exists, unwrap
+from text_to_image.config import DataConfig, ModelConfig, OptimConfig, OutputConfig, RunConfig
+from text_to_image.data import (
+    NEAREST_SCALE_PROBES,
+    STREAM_CAPTION_SAMPLE,
+    IndexedBatches,
+    Shard,
+    StreamedBatches,
+    open_stream,
+    read_image_table,
+    warn_fractional_nearest,
+)
+from text_to_image.evaluation import (
+    Checks,
+    SampleQuality,
+    TrainingReference,
+    ValidationSet,
+    hold_out_rows,
+    without_rows,
+)
+from text_to_image.models import (
+    CachedEmbeddings,
+    LiveEncoder,
+    build_noise_scheduler,
+    build_text_encoder,
+    build_unet,
+    caption_cache_path,
+    caption_max_length,
+    encode_captions_once,
+    freeze_what_last_hidden_state_skips,
+    text_hidden_size,
+)
+from text_to_image.optimization import (
+    LearningRates,
+    build_ema,
+    build_optimizer,
+    choose_learning_rates,
+    count_parameters,
+    describe_rates,
+    rates_used,
+    trained_parameters,
+)
+from text_to_image.outputs import GridConfig, Outputs, choose_validation_prompts
+from text_to_image.training import Intervals, Run, Schedule, Trainer, plan_schedule, stream_schedule
+
+logger = logging.getLogger(__name__)
+
+
+def make_accelerator(optim: OptimConfig, output: OutputConfig):
+    from datetime import timedelta
+
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+
+    project = ProjectConfiguration(
+        project_dir=str(output.output_dir), logging_dir=str(output.output_dir / output.logging_dir)
+    )
+    # non-main processes wait at a barrier while the main one samples grids and saves: allow it time
+    timeout = InitProcessGroupKwargs(timeout=timedelta(hours=2))
+    try:
+        return Accelerator(
+            gradient_accumulation_steps=optim.gradient_accumulation_steps,
+            mixed_precision=optim.mixed_precision,
+            log_with=None if output.logger == "none" else output.logger,
+            project_config=project,
+            kwargs_handlers=[timeout],
+        )
+    except ImportError as error:  # e.g. a DeepSpeed config without deepspeed installed
+        raise UserError(f"the accelerate launch config needs a package that is missing: {error}") from error
+
+
+def check_launch(accelerator) -> None:
+    """`accelerate launch --multi_gpu` on a machine without GPUs starts unconnected single processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and accelerator.num_processes != world:
+        raise UserError(
+            f"launched as {world} processes but they are not connected ({accelerator.num_processes} in the group); on CPU set ACCELERATE_USE_CPU=1 with --multi_gpu"
+        )
+
+
+def check_distributed_type(accelerator, config: RunConfig) -> None:
+    """Refuse the accelerate setups the trainer cannot run correctly, and tell DeepSpeed the batch size."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # EMA, the sample grids and the saved pipeline all read whole weights, which FSDP shards
+        raise UserError(
+            "FSDP is not supported: the trainer's EMA, grids and saved pipeline need whole weights; use DDP "
+            "(examples/accelerate/multi_gpu.yaml) or DeepSpeed ZeRO-2 (examples/accelerate/deepspeed_zero2.yaml)"
+        )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        if config.model.train_text_encoder:
+            raise UserError("--train_text_encoder with DeepSpeed is not supported (one engine per model); use DDP")
+        # no DataLoader goes through accelerator.prepare(), so DeepSpeed cannot read the batch size from one;
+        # the flags win over the config file, so the step arithmetic and clipping are the ones asked for
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=config.data.batch_size,
+            gradient_accumulation_steps=config.optim.gradient_accumulation_steps,
+            gradient_clipping=config.optim.max_grad_norm,
+        )
+
+
+def configure_unet(unet, model: ModelConfig) -> None:
+    if model.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if model.xformers:
+        unet.enable_xformers_memory_efficient_attention()
+    if model.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if model.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingData:
+    """What the loop draws batches from, and what the captions need."""
+
+    batches: IndexedBatches | StreamedBatches
+    conditioner: CachedEmbeddings | LiveEncoder
+    captions: list[str]  # the dataset's distinct captions (a sample of them when streaming), "" first
+    text_max_length: int
+    schedule: Schedule
+    validation: ValidationSet | None  # held-out images, out of the batches
+
+
+def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, text_encoder) -> TrainingData:
+    """The batch source of the dataset's kind and the conditioner that embeds its captions."""
+    data, optim = config.data, config.optim
+    shard_start = state.step * optim.gradient_accumulation_steps
+    validation = None
+    if data.streaming:
+        batches = open_stream(data, accelerator.process_index, accelerator.num_processes, state.seed, shard_start)
+        captions = batches.sample_captions(STREAM_CAPTION_SAMPLE)
+        shown = captions  # a stream's captions are encoded per batch: variants are made there
+        warn_fractional_nearest(batches.first_sources(NEAREST_SCALE_PROBES), data.decoding)
+        text_max_length = caption_max_length(tokenizer, None, data.caption_max_length)
+        schedule = stream_schedule(
+            checkpointing_steps=config.output.checkpointing_steps,
+            accumulation=optim.gradient_accumulation_steps,
+            max_steps=optim.max_train_steps,
+        )
+    else:
+        known = state.unreadable_rows if state.step > 0 else None
+        table = read_image_table(data, known, accelerator.is_local_main_process)
+        state.unreadable_rows, state.skipped_images = table.unreadable_rows, len(table.unreadable_rows)
+        captions = table.captions
+        if config.evaluation.validation_split > 0:
+            held_out = hold_out_rows(table.usable_rows, config.evaluation.validation_split)
+            validation = ValidationSet.from_table(table, held_out.tolist(), data.resolution) if len(held_out) else None
+            table = without_rows(table, held_out)
+        # every text a caption is shown as (variants, sides swapped): the cache holds them all, and a variant
+        # can tokenize longer than its caption (tags rejoined), so captions are padded to the longest
+        shown = list(dict.fromkeys(captions + training_texts(captions, data)))
+        text_max_length = caption_max_length(tokenizer, shown, data.caption_max_length)
+        schedule = plan_schedule(
+            len(table.usable_rows),
+            batch_size=data.batch_size,
+            num_processes=accelerator.num_processes,
+            accumulation=optim.gradient_accumulation_steps,
+            max_steps=optim.max_train_steps,
+            num_epochs=optim.num_epochs,
+        )
+        shard = Shard(accelerator.process_index, accelerator.num_processes, data.batch_size)
+        batches = IndexedBatches(
+            table,
+            seed=state.seed,
+            shard=shard,
+            batches_per_epoch=schedule.batches_per_epoch,
+            num_workers=data.num_workers,
+        )
+    if exists(config.evaluation.validation_data_dir):
+        validation = read_validation_folder(
+            data, config.evaluation.validation_data_dir, accelerator.is_local_main_process
+        )
+    if data.streaming or config.model.train_text_encoder or not data.caption_cache:
+        conditioner = LiveEncoder(
+            tokenizer=tokenizer,
+            encoder=text_encoder,
+            max_length=text_max_length,
+            trains=config.model.train_text_encoder,
+            device=accelerator.device,
+        )
+    else:
+        cached = list(dict.fromkeys(shown + (validation.captions if exists(validation) else [])))
+        cache_file = caption_cache_path(
+            config.output.output_dir, config.model.text_encoder, text_encoder, cached, text_max_length
+        )
+        with accelerator.main_process_first():  # the others then read the main process's cache file
+            embeddings = encode_captions_once(
+                tokenizer, text_encoder, cached, text_max_length, cache_file, accelerator.device
+            )
+        conditioner = CachedEmbeddings(cached, embeddings, accelerator.device)
+    return TrainingData(
+        batches=batches,
+        conditioner=conditioner,
+        captions=captions,
+        text_max_length=text_max_length,
+        schedule=schedule,
+        validation=validation,
+    )
+
+
+def read_validation_folder(data: DataConfig, folder: str, show_progress: bool) -> ValidationSet:
+    """--validation_data_dir: every readable image of another imagefolder, with the training columns."""
+    config = dataclasses.replace(
+        data, train_data_dir=folder, dataset_name=None, dataset_config_name=None, streaming=False, num_workers=0
+    )
+    table = read_image_table(config, None, show_progress)
+    return ValidationSet.from_table(table, table.usable_rows.tolist(), data.resolution)
+
+
+def evaluation_embedder(conditioner: CachedEmbeddings | LiveEncoder, accelerator) -> Callable:
+    """Captions -> embeddings for evaluating on one process: a trained encoder is called unwrapped (its DDP
+    wrapper would wait for the other processes)."""
+    if isinstance(conditioner, CachedEmbeddings):
+        return conditioner.embed
+    from pipeline_text_to_image import encode_text
+
+    return lambda texts: encode_text(
+        conditioner.tokenizer,
+        unwrap(accelerator, conditioner.encoder),
+        texts,
+        conditioner.max_length,
+        conditioner.device,
+    )
+
+
+def build_checks(config: RunConfig, accelerator, data: TrainingData) -> Checks:
+    """The evaluation material, built on the main process only (it alone evaluates)."""
+    evaluation, resolution = config.evaluation, config.data.resolution
+    table = data.batches.table if isinstance(data.batches, IndexedBatches) else None
+    reference = quality = None
+    if accelerator.is_main_process and evaluation.memorization_check:
+        if exists(table) and exists(table.cache):
+            reference = TrainingReference.from_table(table, resolution)
+        else:
+            logger.info(
+                "no memorization check: it compares with the decoded training images, which this run does not keep in memory (--streaming or --image_cache_max_gb)"
+            )
+    if accelerator.is_main_process and evaluation.measures_quality:
+        quality = SampleQuality(
+            table=table,
+            config=evaluation,
+            resolution=resolution,
+            device=accelerator.device,
+            cache_dir=config.data.cache_dir,
+        )
+    return Checks(
+        validation=data.validation if accelerator.is_main_process else None,
+        reference=reference,
+        quality=quality,
+        embed=evaluation_embedder(data.conditioner, accelerator),
+        snr_gamma=config.diffusion.snr_gamma,
+        keep_best=evaluation.keep_best,
+    )
+
+
+def open_state(config: RunConfig, accelerator) -> tuple[Path | None, TrainState]:
+    """The checkpoint to resume from (or None) and the loop state: the checkpoint's, or a fresh one."""
+    resume = resolve_resume_checkpoint(config.output.resume_from_checkpoint, config.output.output_dir)
+    if not exists(resume):
+        seed = config.optim.seed if exists(config.optim.seed) else random.randrange(2**31)
+        return None, TrainState(
+            seed=seed, num_processes=accelerator.num_processes, torch_compile=config.model.torch_compile
+        )
+    state = read_train_state(resume)
+    if exists(state.torch_compile) and state.torch_compile != config.model.torch_compile:
+        have, want = ("with", "add") if state.torch_compile else ("without", "drop")
+        raise UserError(
+            f"{resume} was written {have} --torch_compile (its weights are saved under other names); {want} --torch_compile to resume it"
+        )
+    if state.num_processes != accelerator.num_processes:
+        raise UserError(
+            f"{resume} was written by {state.num_processes} processes; resume it with the same --num_processes {state.num_processes} (this launch has {accelerator.num_processes})"
+        )
+    return resume, state
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreparedModels:
+    """The models, optimizer and schedules as accelerate prepared them, restored when resuming."""
+
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    ema: object | None
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    learning_rates: LearningRates
+
+
+def check_checkpoint_augmentation(checkpoint: Path, augmentation: bool) -> None:
+    """--augment_prob adds the UNet's class embedding: a checkpoint made with it cannot resume without it, nor
+    the other way round; say so instead of a state-dict error."""
+    from safetensors import safe_open
+
+    weights = checkpoint / "model.safetensors"
+    if not weights.is_file():
+        return
+    with safe_open(str(weights), "pt") as opened:
+        trained_with = any("class_embedding." in key for key in opened.keys())
+    if trained_with != augmentation:
+        was, now = ("with", "0") if trained_with else ("without", "> 0")
+        raise UserError(
+            f"--resume_from_checkpoint {checkpoint}: that run trained {was} --augment_prob (its UNet's class embedding"
+            f" {'is' if trained_with else 'is not'} there), this one has --augment_prob {now}; resume with the first run's"
+            " --augment_prob, or start a new --output_dir"
+        )
+
+
+def check_checkpoint_ema(checkpoint: Path, use_ema: bool) -> None:
+    """The EMA is the second object registered for checkpointing (after the LR schedule): a run trained without it
+    (the default before --use_ema was) cannot resume with it."""
+    if use_ema and not (checkpoint / "custom_checkpoint_1.pkl").is_file():
+        raise UserError(
+            f"--resume_from_checkpoint {checkpoint}: that run trained without an EMA and --use_ema is on (the default"
+            " since 2026-12-04); pass --no-use_ema to resume it, or start a new --output_dir"
+        )
+
+
+def load_checkpoint(accelerator, checkpoint: Path) -> None:
+    try:
+        accelerator.load_state(str(checkpoint))
+    except ValueError as error:
+        if "parameter group" not in str(error):  # torch's words for an optimizer over other parameters
+            raise
+        raise UserError(
+            f"--resume_from_checkpoint {checkpoint}: its optimizer trained other parameters than this run would"
+            " (--train_text_encoder, or an encoder rate of its own or not: with --train_text_encoder a run that gives"
+            " no --learning_rate trains the encoder in a group of its own since 2026-12-04); resume with the first"
+            " run's flags (for such an older run: its --learning_rate, 1e-4 by default then), or start a new --output_dir"
+        ) from error
+
+
+def prepare_models(config: RunConfig, accelerator, text_encoder, data: TrainingData, state, resume) -> PreparedModels:
+    """UNet, EMA, optimizer and LR schedule, handed to accelerate and loaded from `resume` when given."""
+    from diffusers.optimization import get_scheduler
+
+    model, optim = config.model, config.optim
+    unet = build_unet(
+        model.unet_config,
+        config.data.resolution,
+        text_hidden_size(text_encoder),
+        model.model_size,
+        augmentation=config.data.augment_prob > 0,
+    )
+    configure_unet(unet, model)
+    ema = build_ema(unet, optim)  # from the CPU copy: with --ema_offload the EMA never touches the GPU
+    # on the device before the optimizer: torch 2.1-2.3 refuse fused AdamW over CPU parameters at construction
+    unet.to(accelerator.device)
+    images_per_step = config.data.batch_size * accelerator.num_processes * optim.gradient_accumulation_steps
+    rates = choose_learning_rates(optim, model, unet, images_per_step)
+    parameters = trained_parameters(unet, text_encoder, model, rates)
+    optimizer = build_optimizer(parameters, optim, rates.unet, accelerator.device)
+    lr_scheduler = get_scheduler(
+        optim.lr_scheduler,
+        optimizer,
+        num_warmup_steps=optim.lr_warmup_steps,
+        num_training_steps=data.schedule.max_steps,
+    )
+    if model.torch_compile:
+        unet = torch.compile(unet)
+    if model.train_text_encoder:
+        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
+        data.conditioner.encoder = text_encoder  # the prepared (DDP) one: its gradients are synced
+    else:
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+    # stepped by hand once per optimizer step: accelerate would step a prepared one per process
+    accelerator.register_for_checkpointing(lr_scheduler)
+    if exists(ema):
+        accelerator.register_for_checkpointing(ema)
+    if exists(resume):
+        check_checkpoint_augmentation(resume, config.data.augment_prob > 0)
+        check_checkpoint_ema(resume, optim.use_ema)
+        load_checkpoint(accelerator, resume)
+        logger.info("resumed from %s at step %d", resume, state.step)
+    if exists(ema):
+        # after load_state: accelerate loads custom objects with map_location="cpu" and EMAModel.load_state_dict
+        # replaces its shadow tensors, so placing it before would leave a resumed EMA on the CPU
+        ema.to(accelerator.device if not optim.ema_offload else "cpu")
+    return PreparedModels(
+        unet=unet,
+        text_encoder=text_encoder,
+        ema=ema,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        learning_rates=rates,
+    )
+
+
+def setup_run(config: RunConfig) -> Run:
+    """Data, models, optimizer, EMA and accelerate, restored from a checkpoint when resuming."""
+    from accelerate.utils import set_seed
+
+    model, output = config.model, config.output
+    # the Rust tokenizers' thread pool, once woken by a batch encode, kept competing with torch's threads:
+    # training steps ran 2x slower on a 2-core CPU after the captions were encoded (measured)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    accelerator = make_accelerator(config.optim, output)
+    check_launch(accelerator)
+    check_distributed_type(accelerator, config)
+    resume, state = open_state(config, accelerator)
+    set_seed(state.seed)
+
+    logger.info("preparing %s and the text encoder %s", config.data.name, model.text_encoder)
+    tokenizer, text_encoder = build_text_encoder(model.text_encoder, config.data.cache_dir)
+    text_encoder.requires_grad_(model.train_text_encoder)
+    freeze_what_last_hidden_state_skips(text_encoder)
+    text_encoder.to(accelerator.device)
+    data = prepare_data(config, accelerator, state, tokenizer, text_encoder)
+    models = prepare_models(config, accelerator, text_encoder, data, state, resume)
+    text_encoder = models.text_encoder
+    prompts = choose_validation_prompts(output.validation_prompts, data.captions, output.eval_batch_size, state.seed)
+    prompt_embeddings = None
+    if isinstance(data.conditioner, CachedEmbeddings):
+        prompt_embeddings = encode_grid_prompts(tokenizer, text_encoder, prompts, data)
+        # training reads the cached table only: free the frozen encoder (~0.5 GB for CLIP-L), reloaded to save
+        text_encoder = None
+    noise_scheduler = build_noise_scheduler(config.diffusion)
+    trainer = Trainer(
+        accelerator=accelerator,
+        unet=models.unet,
+        text_encoder=text_encoder,
+        trains_text_encoder=model.train_text_encoder,
+        noise_scheduler=noise_scheduler,
+        optimizer=models.optimizer,
+        lr_scheduler=models.lr_scheduler,
+        ema=models.ema,
+        ema_offload=config.optim.ema_offload,
+        batches=data.batches,
+        conditioner=data.conditioner,
+        data=config.data,
+        diffusion=config.diffusion,
+        max_grad_norm=config.optim.max_grad_norm,
+        channels_last=model.channels_last,
+    )
+    outputs = Outputs(
+        accelerator=accelerator,
+        unet=models.unet,
+        ema=models.ema,
+        text_encoder=text_encoder,
+        text_encoder_source=(model.text_encoder, config.data.cache_dir),
+        tokenizer=tokenizer,
+        noise_scheduler=noise_scheduler,
+        text_max_length=data.text_max_length,
+        grids=GridConfig(
+            prompts=prompts,
+            prompt_embeddings=prompt_embeddings,
+            count=output.eval_batch_size,
+            num_inference_steps=output.num_inference_steps,
+            guidance_scale=output.guidance_scale,
+            seed=state.seed,
+        ),
+        output_dir=output.output_dir,
+        public_flags=config.public_flags | rates_used(models.learning_rates),
+        checks=build_checks(config, accelerator, data),
+    )
+    intervals = Intervals(
+        schedule=data.schedule,
+        logging_steps=output.logging_steps,
+        checkpointing_steps=output.checkpointing_steps,
+        grid_epochs=output.save_images_epochs,
+        export_epochs=output.save_model_epochs,
+        validation_steps=config.evaluation.validation_steps,
+        quality_steps=config.evaluation.eval_steps,
+        validates=exists(data.validation),
+        measures_quality=config.evaluation.measures_quality,
+    )
+    return Run(
+        accelerator=accelerator,
+        trainer=trainer,
+        outputs=outputs,
+        intervals=intervals,
+        state=state,
+        text_max_length=data.text_max_length,
+        plan=run_plan(data, trainer, models, streaming=config.data.streaming),
+    )
+
+
+def encode_grid_prompts(tokenizer, text_encoder, prompts: list[str], data: TrainingData):
+    """The grids' fixed prompts and the empty caption, encoded now so the frozen encoder can be freed."""
+    from pipeline_text_to_image import encode_text
+
+    with torch.no_grad():
+        prompt_embeddings = encode_text(tokenizer, text_encoder, prompts, data.text_max_length).float()
+    return prompt_embeddings, data.conditioner.embed([""])
+
+
+def run_plan(data: TrainingData, trainer: Trainer, models: PreparedModels, *, streaming: bool) -> str:
+    schedule, accelerator = data.schedule, trainer.accelerator
+    unet_params = count_parameters(models.unet) / 1e6
+    if streaming:
+        length = f" (with --streaming an 'epoch' is --checkpointing_steps = {schedule.batches_per_epoch // schedule.accumulation} steps)"
+    else:
+        length = f" ({schedule.max_steps * schedule.accumulation / schedule.batches_per_epoch:.1f} epochs)"
+    held_out = f" ({len(data.validation.captions)} more held out for the validation loss)" if data.validation else ""
+    variants = trainer.data.caption_variants
+    each = f", {variants.count} variants each" if exists(variants) else ""
+    return (
+        f"{data.batches.describe()}{held_out}{each} padded to {data.text_max_length} tokens; batch {trainer.data.batch_size} x "
+        f"{accelerator.num_processes} processes x {schedule.accumulation} accumulation = {trainer.images_per_step()} per step; "
+        f"{schedule.max_steps} steps{length}; UNet {unet_params:.1f}M parameters; {describe_rates(models.learning_rates)}"
+    )

@@ -1,0 +1,405 @@
+"""The Trainer (one optimizer step), the step arithmetic, and the training loop."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from text_to_image.batches import augment_pixels, choose_captions, crop_and_flip, draw_batch, mind_the_sides
+from text_to_image.checkpoints import StopRequest, TrainState, check_finite_loss, save_checkpoint
+from text_to_image.common import UserError, exists, unwrap
+from text_to_image.config import VALIDATION_BUCKETS, DataConfig, DiffusionConfig
+from text_to_image.data import IndexedBatches, Shard, StreamedBatches
+from text_to_image.evaluation import BEST_DIR, SUMMARY_METRICS, Due
+from text_to_image.loss import bucket_names, diffusion_losses, timestep_buckets
+from text_to_image.models import CachedEmbeddings, LiveEncoder
+from text_to_image.outputs import Outputs
+
+logger = logging.getLogger(__name__)
+
+DISK_BYTES_PER_SECOND = 100e6  # a slow notebook disk: the estimate of a save's time before one is measured
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Step arithmetic in one place: micro-batches per epoch, optimizer steps, epoch flags as steps."""
+
+    batches_per_epoch: int  # micro-batches of batch size x processes
+    accumulation: int
+    max_steps: int
+
+    def epoch_of(self, step: int) -> int:
+        """Epochs completed after `step` optimizer steps."""
+        return step * self.accumulation // self.batches_per_epoch
+
+    def crosses(self, step: int, every_epochs: int) -> bool:
+        """True when optimizer step `step` completes a multiple of `every_epochs` epochs."""
+        return self.epoch_of(step) // every_epochs > self.epoch_of(step - 1) // every_epochs
+
+
+def plan_schedule(
+    num_rows: int, *, batch_size: int, num_processes: int, accumulation: int, max_steps: int | None, num_epochs: int
+) -> Schedule:
+    global_batch = batch_size * num_processes
+    batches_per_epoch = num_rows // global_batch
+    if batches_per_epoch == 0:
+        raise UserError(
+            f"the dataset has {num_rows} usable images, fewer than one batch of {global_batch} (--train_batch_size {batch_size} x {num_processes} processes); lower --train_batch_size"
+        )
+    max_steps = max_steps or math.ceil(num_epochs * batches_per_epoch / accumulation)
+    return Schedule(batches_per_epoch, accumulation, max_steps)
+
+
+def stream_schedule(*, checkpointing_steps: int, accumulation: int, max_steps: int) -> Schedule:
+    """A stream has no length: --max_train_steps sets the run, and an 'epoch' is --checkpointing_steps steps."""
+    return Schedule(checkpointing_steps * accumulation, accumulation, max_steps)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Intervals:
+    """When the loop logs, samples a grid, exports the pipeline and checkpoints, in optimizer steps."""
+
+    schedule: Schedule
+    logging_steps: int
+    checkpointing_steps: int
+    grid_epochs: int
+    export_epochs: int
+    validation_steps: int | None = None  # None: with every grid; validation and quality only when there is some
+    quality_steps: int | None = None
+    validates: bool = False
+    measures_quality: bool = False
+
+    def last(self, step: int) -> bool:
+        return step >= self.schedule.max_steps
+
+    def log(self, step: int) -> bool:
+        return step % self.logging_steps == 0
+
+    def grid(self, step: int) -> bool:
+        return self.schedule.crosses(step, self.grid_epochs) or self.last(step)
+
+    def export(self, step: int) -> bool:
+        return self.schedule.crosses(step, self.export_epochs) or self.last(step)
+
+    def checkpoint(self, step: int) -> bool:
+        return step % self.checkpointing_steps == 0 or self.last(step)
+
+    def every(self, step: int, steps: int | None) -> bool:
+        return self.grid(step) if not exists(steps) else step % steps == 0 or self.last(step)
+
+    def due(self, step: int) -> Due:
+        return Due(
+            grid=self.grid(step),
+            validation=self.validates and self.every(step, self.validation_steps),
+            quality=self.measures_quality and self.every(step, self.quality_steps),
+        )
+
+
+class Trainer:
+    """One optimizer step at a time: micro-batches in; weights, learning rate and EMA out."""
+
+    def __init__(
+        self,
+        *,
+        accelerator,
+        unet,
+        text_encoder,
+        trains_text_encoder: bool,
+        noise_scheduler,
+        optimizer,
+        lr_scheduler,
+        ema,
+        ema_offload: bool,
+        batches: IndexedBatches | StreamedBatches,
+        conditioner: CachedEmbeddings | LiveEncoder,
+        data: DataConfig,
+        diffusion: DiffusionConfig,
+        max_grad_norm: float,
+        channels_last: bool,
+    ):
+        self.accelerator, self.unet, self.text_encoder = accelerator, unet, text_encoder
+        self.trained = (unet, text_encoder) if trains_text_encoder else (unet,)
+        self.noise_scheduler, self.optimizer, self.lr_scheduler = noise_scheduler, optimizer, lr_scheduler
+        self.ema, self.ema_offload = ema, ema_offload
+        self.batches, self.conditioner, self.data, self.diffusion = batches, conditioner, data, diffusion
+        self.max_grad_norm = max_grad_norm
+        self.channels_last = channels_last
+        self.shard = Shard(accelerator.process_index, accelerator.num_processes, data.batch_size)
+        self.accumulation = accelerator.gradient_accumulation_steps
+
+    def micro_batch(self, micro_index: int) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+        """Pixels in [-1, 1], one caption each and the augmentation labels (None without --augment_prob), for
+        this process's share of one global micro-batch."""
+        data = self.data
+        examples = self.batches.examples(micro_index)
+        draws = draw_batch(
+            self.shard,
+            dropout_prob=self.diffusion.conditioning_dropout_prob,
+            center_crop=data.center_crop,
+            random_flip=data.random_flip,
+            caption_variants=exists(data.caption_variants),
+            augment_prob=data.augment_prob,
+            random_background=data.alpha_background == "random",
+        )
+        captions = choose_captions(examples.caption_options, draws, data.caption_variants)
+        captions, draws = mind_the_sides(captions, draws, data.flip_sided_captions)
+        device = self.accelerator.device
+        pixels = crop_and_flip(examples.images, data.resolution, draws.crop_at, draws.flip, device, draws.background)
+        labels = None
+        if exists(draws.augment):
+            pixels, labels = augment_pixels(pixels, draws.augment)
+        if self.channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        return pixels, captions, labels
+
+    def step(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Optimizer step `step` + 1: its micro-batches forward and backward, clip, update, LR and EMA.
+        Returns the mean loss, the gradient norm (None when not clipping) and the loss per timestep bucket
+        ([2, VALIDATION_BUCKETS]: sums, counts), all on the device: no sync."""
+        accelerator, losses, grad_norm = self.accelerator, [], None
+        num_timesteps = self.noise_scheduler.config.num_train_timesteps
+        buckets = torch.zeros(2, VALIDATION_BUCKETS, device=accelerator.device)
+        for micro_index in range(step * self.accumulation, (step + 1) * self.accumulation):
+            pixels, captions, labels = self.micro_batch(micro_index)
+            with accelerator.accumulate(*self.trained):
+                with accelerator.autocast():
+                    text = self.conditioner.embed(captions)
+                    per_sample, timesteps = diffusion_losses(
+                        self.unet,
+                        self.noise_scheduler,
+                        pixels,
+                        text,
+                        self.diffusion.snr_gamma,
+                        self.diffusion.noise_offset,
+                        self.shard,
+                        augment_labels=labels,
+                        input_perturbation=self.diffusion.input_perturbation,
+                    )
+                    loss = per_sample.mean()
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and self.max_grad_norm > 0:
+                    parameters = [parameter for model in self.trained for parameter in model.parameters()]
+                    grad_norm = accelerator.clip_grad_norm_(parameters, self.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+            bucket = timestep_buckets(timesteps, num_timesteps)
+            buckets[0].index_add_(0, bucket, per_sample.detach().float())
+            buckets[1].index_add_(0, bucket, torch.ones_like(per_sample, dtype=torch.float))
+        self.lr_scheduler.step()
+        self.update_ema()
+        return torch.stack(losses).mean(), grad_norm, buckets
+
+    def update_ema(self) -> None:
+        if not exists(self.ema):
+            return
+        if self.ema_offload:
+            self.ema.to(self.accelerator.device, non_blocking=True)
+        self.ema.step(unwrap(self.accelerator, self.unet).parameters())
+        if self.ema_offload:
+            self.ema.to("cpu", non_blocking=True)
+
+    def images_per_step(self) -> int:
+        return self.shard.total * self.accumulation
+
+
+@dataclass(kw_only=True)
+class Run:
+    """A run ready to train: the trainer, what it writes, when, and the loop state."""
+
+    accelerator: object
+    trainer: Trainer
+    outputs: Outputs
+    intervals: Intervals
+    state: TrainState
+    text_max_length: int
+    plan: str  # the run plan, logged once
+
+
+@dataclass
+class Meter:
+    """Loss and throughput between log lines; .item() only here, once per logging interval.
+
+    The loss is averaged over all processes (`mean_over_processes`) before it is logged or checked,
+    so every process sees a NaN any one of them had and all stop together, at the same step, rather
+    than one aborting while the others wait in a collective until a timeout.
+    """
+
+    mean_over_processes: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss
+    num_train_timesteps: int = 1000
+    loss_sum: torch.Tensor | None = None
+    bucket_sums: torch.Tensor | None = None  # [2, VALIDATION_BUCKETS]: loss sums and counts per timestep bucket
+    steps: int = 0
+    images: int = 0
+    since_step: int = 0
+    since_time: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: torch.Tensor, images: int, buckets: torch.Tensor | None = None) -> None:
+        self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        if exists(buckets):
+            self.bucket_sums = buckets if self.bucket_sums is None else self.bucket_sums + buckets
+        self.steps += 1
+        self.images += images
+
+    def check_finite(self, step: int, output_dir: Path) -> torch.Tensor | None:
+        """The loss summed since the last log line, averaged over processes; an error if it is NaN/inf anywhere."""
+        if not exists(self.loss_sum):
+            return None
+        loss_sum = self.mean_over_processes(self.loss_sum)
+        check_finite_loss(loss_sum, step, self.since_step, output_dir)
+        return loss_sum
+
+    def flush(self, step: int, output_dir: Path) -> dict:
+        loss_sum = self.check_finite(step, output_dir)
+        now = time.perf_counter()
+        logs = {
+            "loss": loss_sum.item() / self.steps,
+            "images_per_second": self.images / max(now - self.since_time, 1e-9),
+        }
+        if exists(self.bucket_sums):  # a mean of sums over a mean of counts: the processes' shared ratio
+            sums, counts = self.mean_over_processes(self.bucket_sums).tolist()
+            names = bucket_names("train", self.num_train_timesteps)
+            logs |= {name: total / count for name, total, count in zip(names, sums, counts, strict=True) if count}
+        self.loss_sum, self.bucket_sums, self.steps, self.images, self.since_step, self.since_time = (
+            None,
+            None,
+            0,
+            0,
+            step,
+            now,
+        )
+        return logs
+
+
+def mean_over_processes(accelerator) -> Callable[[torch.Tensor], torch.Tensor]:
+    if accelerator.num_processes == 1:
+        return lambda tensor: tensor
+    return lambda tensor: accelerator.reduce(tensor.detach().clone(), reduction="mean")
+
+
+def log_step(run: Run, meter: Meter, grad_norm, progress) -> None:
+    trainer = run.trainer
+    logs = meter.flush(run.state.step, run.outputs.output_dir)
+    rates = trainer.lr_scheduler.get_last_lr()
+    logs["lr"] = rates[0]
+    if len(rates) > 1:  # --text_encoder_learning_rate: the encoder's group
+        logs["lr_text_encoder"] = rates[1]
+    if exists(grad_norm):
+        logs["grad_norm"] = float(grad_norm)
+    if exists(trainer.ema):
+        logs["ema_decay"] = trainer.ema.cur_decay_value or 0.0
+    progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+    run.accelerator.log(logs, step=run.state.step)
+
+
+@dataclass(kw_only=True)
+class StopCost:
+    """Seconds the final checkpoint, grid and export take: as last measured, estimated before they first ran."""
+
+    model_bytes: int
+    grid_passes_per_step: float  # grid UNet passes over training passes (forward + backward ~ 3) in one step
+    measured: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timed(self, kind: str) -> Iterator[None]:
+        started = time.monotonic()
+        yield
+        self.measured[kind] = time.monotonic() - started
+
+    def seconds(self, step_seconds: float) -> float:
+        estimate = {
+            "checkpoint": 4 * self.model_bytes / DISK_BYTES_PER_SECOND,  # weights, two Adam moments, EMA
+            "grid": step_seconds * self.grid_passes_per_step,
+            "export": 2 * self.model_bytes / DISK_BYTES_PER_SECOND,  # UNet and text encoder, roughly
+        }
+        return sum(self.measured.get(kind, guess) for kind, guess in estimate.items())
+
+
+def stop_cost(run: Run) -> StopCost:
+    grids, unet = run.outputs.grids, unwrap(run.accelerator, run.trainer.unet)
+    model_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
+    grid_passes = (2 if grids.guidance_scale > 1 else 1) * grids.num_inference_steps * grids.count
+    return StopCost(model_bytes=model_bytes, grid_passes_per_step=grid_passes / (3 * run.trainer.images_per_step()))
+
+
+def train(run: Run, stop: StopRequest, checkpoints_total_limit: int | None) -> str:
+    """The loop. Returns why it ended: 'done' or the stop reason."""
+    from tqdm.auto import tqdm
+
+    trainer, outputs, intervals, state = run.trainer, run.outputs, run.intervals, run.state
+    schedule, output_dir = intervals.schedule, outputs.output_dir
+    meter = Meter(
+        mean_over_processes=mean_over_processes(run.accelerator),
+        num_train_timesteps=trainer.noise_scheduler.config.num_train_timesteps,
+        since_step=state.step,
+    )
+    grad_norm, grid = None, None
+    cost, started, start_step = stop_cost(run), time.monotonic(), state.step
+    progress = tqdm(
+        total=schedule.max_steps,
+        initial=state.step,
+        desc="training",
+        unit="step",
+        disable=not run.accelerator.is_local_main_process,
+    )
+    trainer.unet.train()
+    if exists(trainer.text_encoder):
+        trainer.text_encoder.train(len(trainer.trained) > 1)
+    while state.step < schedule.max_steps:
+        loss, norm, buckets = trainer.step(state.step)
+        state.step += 1
+        meter.add(loss, trainer.images_per_step(), buckets)
+        grad_norm = norm if exists(norm) else grad_norm
+        progress.update(1)
+        if intervals.log(state.step):
+            log_step(run, meter, grad_norm, progress)
+        if due := intervals.due(state.step):
+            with cost.timed("grid"):
+                grid = outputs.evaluate(state, schedule.epoch_of(state.step), due) or grid
+        if intervals.export(state.step):
+            meter.check_finite(state.step, output_dir)
+            with cost.timed("export"):
+                outputs.export(state, grid)
+        stop.reserve = cost.seconds((time.monotonic() - started) / (state.step - start_step))
+        stopping = stop.requested(run.accelerator, state.step)
+        if intervals.checkpoint(state.step) or stopping:
+            meter.check_finite(state.step, output_dir)
+            with cost.timed("checkpoint"):
+                path = save_checkpoint(run.accelerator, output_dir, state, checkpoints_total_limit)
+            logger.info("saved checkpoint %s", path)
+        if stopping:
+            progress.close()
+            if not intervals.last(state.step):  # the last step has exported already
+                if not stop.by_signal:  # a preemption's grace period may be short: no last grid then
+                    due = Due(grid=True, validation=intervals.validates)
+                    grid = outputs.evaluate(state, schedule.epoch_of(state.step), due)
+                outputs.export(state, grid)
+            return stop.reason
+    progress.close()
+    return "done"
+
+
+def summary_line(run: Run, images: int, seconds: float, reason: str) -> str:
+    rate = images / max(seconds, 1e-9)
+    skipped = run.trainer.batches.skipped
+    skipped = f", skipped {skipped} unreadable images" if skipped else ""
+    line = f"{'finished' if reason == 'done' else 'stopped'} at step {run.state.step}/{run.intervals.schedule.max_steps}: {images} images in {seconds:.1f} s, {rate:.2f} img/s{skipped}"
+    return line + evaluation_summary(run.outputs.latest, run.state.best)
+
+
+def evaluation_summary(latest: dict[str, tuple[int, float]], best: dict | None) -> str:
+    """'; last evaluated: val/loss 0.1 (step S), ...; best val_loss 0.09 at step T (saved in best/)'."""
+    shown = [name for name in SUMMARY_METRICS if name in latest]
+    if not shown:
+        return ""
+    text = "; last evaluated: " + ", ".join(f"{name} {latest[name][1]:.4g} (step {latest[name][0]})" for name in shown)
+    if exists(best):
+        text += f"; best {best['metric']} {best['value']:.4g} at step {best['step']} (saved in {BEST_DIR}/)"
+    return text
