@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The learning-rate sweep behind the --model_size defaults (docs/learning-rates.md), in one call on one GPU:
+# The learning-rate sweep behind the --model_size defaults (docs/results/learning-rates.md), in one call on one GPU:
 # tiny, small and base on the trainer's true defaults at candidate rates and seeds, the batch rule, three-times-longer
 # runs for stability, and the other defaults turned back. Runs go --jobs at a time (a run this small leaves a GPU
 # waiting on Python); whatever finishes within SWEEP_SECONDS is kept, and the scores, held-out losses, last grids
