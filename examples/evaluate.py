@@ -73,22 +73,14 @@ def training_flags(model: Path) -> dict:
 
 def data_config(args: argparse.Namespace, resolution: int) -> DataConfig:
     return DataConfig(
-        dataset_name=None,
-        dataset_config_name=None,
         train_data_dir=args.data,
-        cache_dir=None,
         image_column=args.image_column,
         caption_column=args.caption_column,
         resolution=resolution,
         center_crop=True,
-        random_flip=False,
         image_cache_max_gb=float("inf"),
-        num_workers=0,
-        streaming=False,
-        shuffle_buffer_size=1,
-        caption_max_length=None,
         caption_cache=False,
-        batch_size=1,
+        train_batch_size=1,
     )
 
 
@@ -130,13 +122,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     evaluation = EvalConfig(
         validation_split=args.validation_split,
         validation_data_dir=args.validation_data_dir,
-        validation_steps=None,
-        memorization_check=True,
-        feature_model=args.eval_feature_model,
-        clip_model=args.eval_clip_model,
-        num_images=args.num_images,
-        eval_steps=None,
-        keep_best=None,
+        eval_feature_model=args.eval_feature_model,
+        eval_clip_model=args.eval_clip_model,
+        eval_num_images=args.num_images,
     )
     quality = SampleQuality(table=table, config=evaluation, resolution=resolution, device=device, cache_dir=None)
     reference = TrainingReference.from_table(table, resolution)

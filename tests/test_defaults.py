@@ -43,7 +43,7 @@ def test_the_measured_rates_are_the_ones_the_docs_give():
 @pytest.mark.parametrize("size", list(MODEL_SIZES))
 def test_each_model_size_gets_its_rate_at_the_reference_batch_scaled_by_the_square_root_of_the_batch(argv, size):
     optim, model = configs(argv)
-    model = dataclasses.replace(model, unet_config=None, model_size=size)
+    model = dataclasses.replace(model, model_config_name_or_path=None, model_size=size)
     rates = {batch: choose_learning_rates(optim, model, None, batch) for batch in (8, 32, 128)}
     preset = PRESET_LEARNING_RATES[size]
     assert [rates[batch].unet for batch in (8, 32, 128)] == [preset / 2, preset, preset * 2]

@@ -279,8 +279,8 @@ class RecordingUNet(torch.nn.Module):
 def test_input_perturbation_noises_the_input_but_not_the_target():
     noise_scheduler = build_noise_scheduler(
         DiffusionConfig(
-            num_train_timesteps=100,
-            beta_schedule="linear",
+            ddpm_num_steps=100,
+            ddpm_beta_schedule="linear",
             prediction_type="epsilon",
             rescale_betas_zero_snr=False,
             snr_gamma=0.0,

@@ -212,8 +212,8 @@ def test_text_encoder_learning_rate_gets_its_own_group_and_resuming_without_it_i
     error = run_error(argv(*flags[:-1], "4", "--resume_from_checkpoint", "latest"), capsys)
     assert "its optimizer trained other parameters than this run would" in error and "start a new --output_dir" in error
     with caplog.at_level("WARNING"):
-        args = parse_args(argv("--text_encoder_learning_rate", "1e-3"))
-        assert OptimConfig.from_args(args).text_encoder_learning_rate is None
+        run = setup_run(RunConfig.from_args(parse_args(argv("--text_encoder_learning_rate", "1e-3"))))
+        assert len(run.trainer.optimizer.param_groups) == 1  # the frozen encoder trains at no rate
     assert "--text_encoder_learning_rate is ignored: the text encoder is frozen" in caplog.text
 
 

@@ -182,7 +182,7 @@ def training_texts(captions: list[str], data: DataConfig) -> list[str]:
     """Every text a caption can be shown as (its variants, mirrored ones with sides swapped), for the cache."""
     texts = {}
     for caption in captions:
-        for variant in caption_variants_of(caption, data.caption_variants):
+        for variant in caption_variants_of(caption, data.tag_variants):
             texts[variant] = None
             if data.mirrors and data.flip_sided_captions == "swap" and says_side(variant):
                 texts[swap_sides(variant)] = None

@@ -359,10 +359,10 @@ def read_image_table(config: DataConfig, known_unreadable: list[int] | None, sho
             estimated_gb,
             config.resolution,
             config.image_cache_max_gb,
-            config.num_workers,
+            config.dataloader_num_workers,
         )
     if keep or not exists(known_unreadable):
-        cache, failures, unreadable = check_images(decoder, config.num_workers, keep, show_progress)
+        cache, failures, unreadable = check_images(decoder, config.dataloader_num_workers, keep, show_progress)
         name_unreadable(failures)
         refuse_mostly_unreadable(len(failures), len(table), failures[0] if failures else "")
     else:
@@ -493,7 +493,7 @@ class StreamedBatches:
         self.examples_seen, self.unreadable = 0, 0
         self.stream = self.new_pass()
         self.taken = 0  # examples taken from the stream, across passes: an example's row number
-        self.skip(start_micro_index * config.batch_size)
+        self.skip(start_micro_index * config.train_batch_size)
         self.decoded = None  # the DataLoader's iterator, opened by the first batch (after a resume's skip)
 
     def new_pass(self) -> Iterator[dict]:
@@ -525,12 +525,12 @@ class StreamedBatches:
     def raw_batches(self) -> Iterator[list[dict]]:
         """batch_size undecoded examples at a time, forever (the DataLoader's batch sampler)."""
         while True:
-            yield self.take(self.config.batch_size)
+            yield self.take(self.config.train_batch_size)
 
     def examples(self, micro_index: int) -> Examples:
         if not exists(self.decoded):
             self.decoded = iter(
-                decoding_loader(ExampleDecoder(self.config), self.raw_batches(), self.config.num_workers)
+                decoding_loader(ExampleDecoder(self.config), self.raw_batches(), self.config.dataloader_num_workers)
             )
         images, cells = zip(*next(self.decoded), strict=True)
         first_row, self.taken = self.taken, self.taken + len(images)

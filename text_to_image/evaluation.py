@@ -326,14 +326,16 @@ class SampleQuality:
     def __init__(self, *, table: ImageTable, config: EvalConfig, resolution: int, device, cache_dir: str | None):
         generator = torch.Generator().manual_seed(VALIDATION_SPLIT_SEED)
         usable = table.usable_rows
-        if len(usable) >= config.num_images:
-            chosen = usable[torch.randperm(len(usable), generator=generator)[: config.num_images]]
+        if len(usable) >= config.eval_num_images:
+            chosen = usable[torch.randperm(len(usable), generator=generator)[: config.eval_num_images]]
         else:
-            chosen = usable[torch.randint(len(usable), (config.num_images,), generator=generator)]
+            chosen = usable[torch.randint(len(usable), (config.eval_num_images,), generator=generator)]
         self.rows = chosen.tolist()
         self.prompts = [table.caption_options[row][0] for row in self.rows]
-        self.features = ImageFeatures(config.feature_model, device, cache_dir) if config.feature_model else None
-        self.clip = ClipScore(config.clip_model, device, cache_dir) if config.clip_model else None
+        self.features = (
+            ImageFeatures(config.eval_feature_model, device, cache_dir) if config.eval_feature_model else None
+        )
+        self.clip = ClipScore(config.eval_clip_model, device, cache_dir) if config.eval_clip_model else None
         self.real_features = None
         if exists(self.features):
             self.real_features = self.features(to_pil(centre_crops(table, self.rows, resolution)))

@@ -291,8 +291,8 @@ def build_noise_scheduler(diffusion: DiffusionConfig):
     from diffusers import DDPMScheduler
 
     return DDPMScheduler(
-        num_train_timesteps=diffusion.num_train_timesteps,
-        beta_schedule=diffusion.beta_schedule,
+        num_train_timesteps=diffusion.ddpm_num_steps,
+        beta_schedule=diffusion.ddpm_beta_schedule,
         prediction_type=diffusion.prediction_type,
         rescale_betas_zero_snr=diffusion.rescale_betas_zero_snr,
         clip_sample=False,

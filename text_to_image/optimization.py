@@ -118,9 +118,11 @@ def choose_learning_rates(optim: OptimConfig, model: ModelConfig, unet, images_p
     Adam's update is normalised, so its rate scales with the square root of the batch, not linearly (Malladi et al.
     2022); measured at 32 and 128 images a step (docs/results/learning-rates.md).
     """
+    # a frozen encoder has no rate, whatever --text_encoder_learning_rate says (the run warns)
+    given_encoder_rate = optim.text_encoder_learning_rate if model.train_text_encoder else None
     if exists(optim.learning_rate):
-        return LearningRates(unet=optim.learning_rate, text_encoder=optim.text_encoder_learning_rate, why="given")
-    if exists(model.unet_config):
+        return LearningRates(unet=optim.learning_rate, text_encoder=given_encoder_rate, why="given")
+    if exists(model.model_config_name_or_path):
         parameters = count_parameters(unet)
         counts = preset_parameter_counts(unet.config.sample_size, unet.config.cross_attention_dim)
         base, source = interpolated_learning_rate(parameters, counts), f"{parameters / 1e6:.1f}M parameters"
@@ -128,7 +130,7 @@ def choose_learning_rates(optim: OptimConfig, model: ModelConfig, unet, images_p
         base, source = PRESET_LEARNING_RATES[model.model_size], f"--model_size {model.model_size}"
     scale = math.sqrt(images_per_step / LEARNING_RATE_REFERENCE_BATCH)
     rate = base * scale
-    text_encoder = optim.text_encoder_learning_rate
+    text_encoder = given_encoder_rate
     if model.train_text_encoder and not exists(text_encoder):
         text_encoder = rate * TEXT_ENCODER_RATE_SHARE
     why = f"chosen: {base:.2g} for {source} x sqrt({images_per_step} images a step / {LEARNING_RATE_REFERENCE_BATCH})"

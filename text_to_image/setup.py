@@ -110,7 +110,7 @@ def check_distributed_type(accelerator, config: RunConfig) -> None:
         # no DataLoader goes through accelerator.prepare(), so DeepSpeed cannot read the batch size from one;
         # the flags win over the config file, so the step arithmetic and clipping are the ones asked for
         accelerator.state.deepspeed_plugin.deepspeed_config.update(
-            train_micro_batch_size_per_gpu=config.data.batch_size,
+            train_micro_batch_size_per_gpu=config.data.train_batch_size,
             gradient_accumulation_steps=config.optim.gradient_accumulation_steps,
             gradient_clipping=config.optim.max_grad_norm,
         )
@@ -119,7 +119,7 @@ def check_distributed_type(accelerator, config: RunConfig) -> None:
 def configure_unet(unet, model: ModelConfig) -> None:
     if model.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    if model.xformers:
+    if model.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     if model.channels_last:
         unet.to(memory_format=torch.channels_last)
@@ -161,8 +161,8 @@ def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, t
         table = read_image_table(data, known, accelerator.is_local_main_process)
         state.unreadable_rows, state.skipped_images = table.unreadable_rows, len(table.unreadable_rows)
         captions = table.captions
-        if config.evaluation.validation_split > 0:
-            held_out = hold_out_rows(table.usable_rows, config.evaluation.validation_split)
+        if config.evaluation.held_out_share > 0:
+            held_out = hold_out_rows(table.usable_rows, config.evaluation.held_out_share)
             validation = ValidationSet.from_table(table, held_out.tolist(), data.resolution) if len(held_out) else None
             table = without_rows(table, held_out)
         # every text a caption is shown as (variants, sides swapped): the cache holds them all, and a variant
@@ -171,19 +171,19 @@ def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, t
         text_max_length = caption_max_length(tokenizer, shown, data.caption_max_length)
         schedule = plan_schedule(
             len(table.usable_rows),
-            batch_size=data.batch_size,
+            batch_size=data.train_batch_size,
             num_processes=accelerator.num_processes,
             accumulation=optim.gradient_accumulation_steps,
             max_steps=optim.max_train_steps,
             num_epochs=optim.num_epochs,
         )
-        shard = Shard(accelerator.process_index, accelerator.num_processes, data.batch_size)
+        shard = Shard(accelerator.process_index, accelerator.num_processes, data.train_batch_size)
         batches = IndexedBatches(
             table,
             seed=state.seed,
             shard=shard,
             batches_per_epoch=schedule.batches_per_epoch,
-            num_workers=data.num_workers,
+            num_workers=data.dataloader_num_workers,
         )
     if exists(config.evaluation.validation_data_dir):
         validation = read_validation_folder(
@@ -200,7 +200,7 @@ def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, t
     else:
         cached = list(dict.fromkeys(shown + (validation.captions if exists(validation) else [])))
         cache_file = caption_cache_path(
-            config.output.output_dir, config.model.text_encoder, text_encoder, cached, text_max_length
+            config.output.output_dir, config.model.text_encoder_name_or_path, text_encoder, cached, text_max_length
         )
         with accelerator.main_process_first():  # the others then read the main process's cache file
             embeddings = encode_captions_once(
@@ -220,7 +220,12 @@ def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, t
 def read_validation_folder(data: DataConfig, folder: str, show_progress: bool) -> ValidationSet:
     """--validation_data_dir: every readable image of another imagefolder, with the training columns."""
     config = dataclasses.replace(
-        data, train_data_dir=folder, dataset_name=None, dataset_config_name=None, streaming=False, num_workers=0
+        data,
+        train_data_dir=folder,
+        dataset_name=None,
+        dataset_config_name=None,
+        streaming=False,
+        dataloader_num_workers=0,
     )
     table = read_image_table(config, None, show_progress)
     return ValidationSet.from_table(table, table.usable_rows.tolist(), data.resolution)
@@ -354,7 +359,7 @@ def prepare_models(config: RunConfig, accelerator, text_encoder, data: TrainingD
 
     model, optim = config.model, config.optim
     unet = build_unet(
-        model.unet_config,
+        model.model_config_name_or_path,
         config.data.resolution,
         text_hidden_size(text_encoder),
         model.model_size,
@@ -364,7 +369,7 @@ def prepare_models(config: RunConfig, accelerator, text_encoder, data: TrainingD
     ema = build_ema(unet, optim)  # from the CPU copy: with --ema_offload the EMA never touches the GPU
     # on the device before the optimizer: torch 2.1-2.3 refuse fused AdamW over CPU parameters at construction
     unet.to(accelerator.device)
-    images_per_step = config.data.batch_size * accelerator.num_processes * optim.gradient_accumulation_steps
+    images_per_step = config.data.train_batch_size * accelerator.num_processes * optim.gradient_accumulation_steps
     rates = choose_learning_rates(optim, model, unet, images_per_step)
     parameters = trained_parameters(unet, text_encoder, model, rates)
     optimizer = build_optimizer(parameters, optim, rates.unet, accelerator.device)
@@ -418,8 +423,8 @@ def setup_run(config: RunConfig) -> Run:
     resume, state = open_state(config, accelerator)
     set_seed(state.seed)
 
-    logger.info("preparing %s and the text encoder %s", config.data.name, model.text_encoder)
-    tokenizer, text_encoder = build_text_encoder(model.text_encoder, config.data.cache_dir)
+    logger.info("preparing %s and the text encoder %s", config.data.name, model.text_encoder_name_or_path)
+    tokenizer, text_encoder = build_text_encoder(model.text_encoder_name_or_path, config.data.cache_dir)
     text_encoder.requires_grad_(model.train_text_encoder)
     freeze_what_last_hidden_state_skips(text_encoder)
     text_encoder.to(accelerator.device)
@@ -455,7 +460,7 @@ def setup_run(config: RunConfig) -> Run:
         unet=models.unet,
         ema=models.ema,
         text_encoder=text_encoder,
-        text_encoder_source=(model.text_encoder, config.data.cache_dir),
+        text_encoder_source=(model.text_encoder_name_or_path, config.data.cache_dir),
         tokenizer=tokenizer,
         noise_scheduler=noise_scheduler,
         text_max_length=data.text_max_length,
@@ -463,7 +468,7 @@ def setup_run(config: RunConfig) -> Run:
             prompts=prompts,
             prompt_embeddings=prompt_embeddings,
             count=output.eval_batch_size,
-            num_inference_steps=output.num_inference_steps,
+            num_inference_steps=output.ddpm_num_inference_steps,
             guidance_scale=output.guidance_scale,
             seed=state.seed,
         ),
@@ -510,10 +515,10 @@ def run_plan(data: TrainingData, trainer: Trainer, models: PreparedModels, *, st
     else:
         length = f" ({schedule.max_steps * schedule.accumulation / schedule.batches_per_epoch:.1f} epochs)"
     held_out = f" ({len(data.validation.captions)} more held out for the validation loss)" if data.validation else ""
-    variants = trainer.data.caption_variants
+    variants = trainer.data.tag_variants
     each = f", {variants.count} variants each" if exists(variants) else ""
     return (
-        f"{data.batches.describe()}{held_out}{each} padded to {data.text_max_length} tokens; batch {trainer.data.batch_size} x "
+        f"{data.batches.describe()}{held_out}{each} padded to {data.text_max_length} tokens; batch {trainer.data.train_batch_size} x "
         f"{accelerator.num_processes} processes x {schedule.accumulation} accumulation = {trainer.images_per_step()} per step; "
         f"{schedule.max_steps} steps{length}; UNet {unet_params:.1f}M parameters; {describe_rates(models.learning_rates)}"
     )

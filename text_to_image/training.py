@@ -131,7 +131,7 @@ class Trainer:
         self.batches, self.conditioner, self.data, self.diffusion = batches, conditioner, data, diffusion
         self.max_grad_norm = max_grad_norm
         self.channels_last = channels_last
-        self.shard = Shard(accelerator.process_index, accelerator.num_processes, data.batch_size)
+        self.shard = Shard(accelerator.process_index, accelerator.num_processes, data.train_batch_size)
         self.accumulation = accelerator.gradient_accumulation_steps
 
     def micro_batch(self, micro_index: int) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
@@ -144,11 +144,11 @@ class Trainer:
             dropout_prob=self.diffusion.conditioning_dropout_prob,
             center_crop=data.center_crop,
             random_flip=data.random_flip,
-            caption_variants=exists(data.caption_variants),
+            caption_variants=exists(data.tag_variants),
             augment_prob=data.augment_prob,
             random_background=data.alpha_background == "random",
         )
-        captions = choose_captions(examples.caption_options, draws, data.caption_variants)
+        captions = choose_captions(examples.caption_options, draws, data.tag_variants)
         captions, draws = mind_the_sides(captions, draws, data.flip_sided_captions)
         device = self.accelerator.device
         pixels = crop_and_flip(examples.images, data.resolution, draws.crop_at, draws.flip, device, draws.background)
