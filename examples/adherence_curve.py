@@ -341,9 +341,12 @@ def train_and_score(command: list[str], model: Path, args, threads: int, log: Pa
 
 def held_out_losses(model: Path) -> dict[int, float]:
     """val/loss by step, from the run's evaluation.jsonl."""
+    sys.path.insert(0, str(ROOT))
+    from text_to_image.metrics import VAL_LOSS
+
     path = model / "evaluation.jsonl"
     lines = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-    return {line["step"]: line["val/loss"] for line in lines if "val/loss" in line}
+    return {line["step"]: line[VAL_LOSS.logged] for line in lines if VAL_LOSS.logged in line}
 
 
 def train(recipe: str, seed: int, args, data: Path, encoder: Path, threads: int) -> Path:

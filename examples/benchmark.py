@@ -1,6 +1,6 @@
 """Measure what the trainer's caching and batched sampling buy: a Markdown table of img/s and peak memory.
 
-Training rows run the trainer's own setup and step (`setup_run`, `take_micro_step`), each
+Training rows run the trainer's own setup and step (`setup.setup_run`, `training.Trainer.step`), each
 configuration in its own process so its peak memory is its own:
   (a) the seed README configuration: the original UNet (`seed_unet.json`, 32 px), batch 3 x
       accumulation 4, a CLIP-L-shaped text encoder (768 wide, 12 layers, random weights, no

@@ -36,6 +36,8 @@ from text_to_image.evaluation import (  # noqa: E402
     to_uint8_batch,
     without_rows,
 )
+from text_to_image.loss import MinSnrWeighting  # noqa: E402
+from text_to_image.metrics import COPY_RATE, EVAL_COPY_RATE  # noqa: E402
 from text_to_image.outputs import sample_images  # noqa: E402
 from text_to_image.setup import read_validation_folder  # noqa: E402
 
@@ -138,7 +140,7 @@ def evaluate(args: argparse.Namespace) -> dict:
                 embed=lambda texts: encode_text(
                     pipeline.tokenizer, pipeline.text_encoder, texts, pipeline.text_max_length, device
                 ),
-                snr_gamma=snr_gamma,
+                weighting=MinSnrWeighting(snr_gamma),
                 keep_best=None,
             )
             noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
@@ -146,7 +148,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         images = generate(pipeline, quality.prompts, args)
         metrics |= quality.measure(images)
         copies = reference.memorization(to_uint8_batch(images, resolution))[0]
-    return metrics | {"eval/copy_rate": copies["memorization/copy_rate"]} | copies
+    return metrics | {EVAL_COPY_RATE.logged: copies[COPY_RATE.logged]} | copies
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from text_to_image.metrics import COPY_RATE, VAL_LOSS  # noqa: E402
 
 PALETTE = [(200, 40, 40), (40, 90, 220), (30, 150, 60), (230, 140, 20), (140, 50, 170)]
 WIDTH, PANEL, MARGIN = 720, 260, 56
@@ -75,8 +80,8 @@ def plot(runs: dict[str, Path], output: Path) -> None:
     for index, (name, folder) in enumerate(runs.items()):
         colour = PALETTE[index % len(PALETTE)]
         records = read_evaluations(folder)
-        validation = [(r["step"], r["val/loss"]) for r in records if "val/loss" in r]
-        copy_rate = [(r["step"], r["memorization/copy_rate"]) for r in records if "memorization/copy_rate" in r]
+        validation = [(r["step"], r[VAL_LOSS.logged]) for r in records if VAL_LOSS.logged in r]
+        copy_rate = [(r["step"], r[COPY_RATE.logged]) for r in records if COPY_RATE.logged in r]
         training = smooth(read_training_loss(folder))
         losses += [(colour, False, validation), (colour, True, training)]
         copies.append((colour, False, copy_rate))

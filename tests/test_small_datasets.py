@@ -37,7 +37,7 @@ from text_to_image.batches import (
 from text_to_image.config import ALPHA_BACKGROUNDS, CaptionVariants, Decoding, DiffusionConfig
 from text_to_image.data import Shard, decode_image, warn_fractional_nearest
 from text_to_image.evaluation import on_white
-from text_to_image.loss import diffusion_losses
+from text_to_image.loss import DiffusionObjective, MinSnrWeighting, diffusion_losses
 from text_to_image.models import build_noise_scheduler
 from text_to_image.training import Trainer
 
@@ -290,12 +290,47 @@ def test_input_perturbation_noises_the_input_but_not_the_target():
     )
     clean, text, unet = torch.rand(4, 3, 8, 8) * 2 - 1, torch.zeros(4, 2, 8), RecordingUNet()
     torch.manual_seed(0)
-    losses, timesteps = diffusion_losses(unet, noise_scheduler, clean, text, 0.0, 0.0, input_perturbation=0.1)
+    losses, timesteps = diffusion_losses(
+        unet, noise_scheduler, clean, text, DiffusionObjective(MinSnrWeighting(0.0), input_perturbation=0.1)
+    )
     torch.manual_seed(0)
     noise, drawn, extra = torch.randn(4, 3, 8, 8), torch.randint(0, 100, (4,)), torch.randn(4, 3, 8, 8)
     assert torch.equal(timesteps, drawn)
     assert torch.allclose(unet.inputs[0], noise_scheduler.add_noise(clean, noise + 0.1 * extra, drawn))
     assert torch.allclose(losses, noise.pow(2).mean(dim=(1, 2, 3)))  # the target is the unperturbed noise
+
+
+class LastTimestep:
+    def draw(self, shard, num_timesteps, device):
+        return shard.of(torch.full((shard.total,), num_timesteps - 1, device=device))
+
+
+class HalfWeight:
+    def __call__(self, snr, prediction_type):
+        return torch.full_like(snr, 0.5)
+
+
+def test_the_loss_calls_the_objectives_weighting_and_timestep_sampling():
+    noise_scheduler = build_noise_scheduler(
+        DiffusionConfig(
+            ddpm_num_steps=100,
+            ddpm_beta_schedule="linear",
+            prediction_type="epsilon",
+            rescale_betas_zero_snr=False,
+            snr_gamma=0.0,
+            noise_offset=0.0,
+            conditioning_dropout_prob=0.0,
+        )
+    )
+    clean, text, unet = torch.rand(2, 3, 8, 8) * 2 - 1, torch.zeros(2, 2, 8), RecordingUNet()
+    objective = DiffusionObjective(HalfWeight(), timesteps=LastTimestep())
+    torch.manual_seed(0)
+    shard = Shard(index=1, count=2, size=2)  # the second process's half of a global batch of 4
+    losses, timesteps = diffusion_losses(unet, noise_scheduler, clean, text, objective, shard)
+    torch.manual_seed(0)
+    noise = torch.randn(4, 3, 8, 8)[2:]
+    assert torch.equal(timesteps, torch.tensor([99, 99]))
+    assert torch.allclose(losses, 0.5 * noise.pow(2).mean(dim=(1, 2, 3)))  # the zero UNet's error is the noise
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from text_to_image.checkpoints import (
 )
 from text_to_image.config import DataConfig, DiffusionConfig, OptimConfig, RunConfig, parse_args
 from text_to_image.data import IndexedBatches, Shard, decode_image, epoch_order, read_image_table, to_rgb
-from text_to_image.loss import diffusion_loss, min_snr_weights
+from text_to_image.loss import DiffusionObjective, MinSnrWeighting, diffusion_loss, min_snr_weights
 from text_to_image.models import (
     build_noise_scheduler,
     build_text_encoder,
@@ -135,7 +135,7 @@ def test_loss_is_finite_and_bounded_for_every_prediction_type_and_schedule(
     unet = build_unet(str(tiny_unet_config_file), 16, 64)
     torch.manual_seed(0)
     clean = torch.rand(8, 3, 16, 16) * 2 - 1
-    loss = diffusion_loss(unet, scheduler, clean, torch.randn(8, 5, 64), snr_gamma=5.0, noise_offset=0.0)
+    loss = diffusion_loss(unet, scheduler, clean, torch.randn(8, 5, 64), DiffusionObjective(MinSnrWeighting(5.0)))
     assert torch.isfinite(loss) and 0 < loss.item() < 20
 
 
@@ -649,7 +649,6 @@ def test_stop_reserves_the_measured_time_of_the_final_saves():
 
 
 def test_export_that_fails_halfway_keeps_the_previous_pipeline_loadable(argv, tmp_path, monkeypatch):
-    import pipeline_text_to_image
     from pipeline_text_to_image import TextToImagePipeline
 
     output = tmp_path / "out"
@@ -659,7 +658,7 @@ def test_export_that_fails_halfway_keeps_the_previous_pipeline_loadable(argv, tm
     def disk_full(folder):
         raise OSError(28, "No space left on device", str(folder))
 
-    monkeypatch.setattr(pipeline_text_to_image, "copy_pipeline_code", disk_full)
+    monkeypatch.setattr("text_to_image.checkpoints.copy_pipeline_code", disk_full)
     with pytest.raises(OSError, match="No space left"):
         trainer.main(argv("--max_train_steps", "6", "--resume_from_checkpoint", "latest"))
     assert (output / PIPELINE_STAGING / "unet").is_dir()  # the new UNet was written, then the writer failed

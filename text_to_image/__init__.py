@@ -1,10 +1,11 @@
 """The trainer behind train_text_to_image.py, one concern per module, in the order a run meets them:
 
-    config        flags, --config YAML, one frozen config per flag group
+    metrics       each evaluation metric named once
+    config        each flag declared once, in the frozen config of its group; --config YAML
     data          image tables, decoding, unreadable images, the batch sources and their resume contract
     batches       a micro-batch's random draws: captions, crop/flip, augmentation
     models        text encoder and caption cache, UNet, noise scheduler
-    loss          targets, weighting, timestep buckets
+    loss          what a step minimizes: weighting and timestep sampling as objects, targets
     optimization  optimizer, learning rates, EMA
     checkpoints   atomic checkpoints and exports, resume, stopping
     evaluation    held-out loss, copies, FD/KID/CLIP

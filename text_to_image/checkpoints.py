@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline_text_to_image import copy_pipeline_code
 from text_to_image.common import UserError, exists, is_main_process
 from text_to_image.config import OutputConfig
 
@@ -159,8 +160,6 @@ def all_finite(model) -> bool:
 
 def save_pipeline(pipeline, output_dir: Path, card: str, step: int) -> None:
     """The diffusers pipeline at output_dir, its code as pipeline.py, and a model card."""
-    from pipeline_text_to_image import copy_pipeline_code
-
     if not all_finite(pipeline.unet):
         raise UserError(f"the UNet weights hold NaN/inf at step {step}; not overwriting the pipeline in {output_dir}")
     staging = output_dir / PIPELINE_STAGING

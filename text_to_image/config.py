@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from text_to_image.common import UserError, exists
+from text_to_image.metrics import FD, KEEP_BEST, KID, VAL_LOSS
 
 logger = logging.getLogger(__name__)
 
@@ -667,7 +668,7 @@ class EvalConfig(FlagGroup):
     keep_best: str | None = flag(
         None,
         "Keep the pipeline of the best evaluation so far (lowest value) in OUTPUT_DIR/best, with its metrics in its model card.",
-        choices=["val_loss", "kid", "fd"],
+        choices=list(KEEP_BEST),
     )
 
     def __post_init__(self):
@@ -680,13 +681,14 @@ class EvalConfig(FlagGroup):
             if exists(getattr(self, name)):
                 require_at_least(1, **{name: getattr(self, name)})
         require_at_least(2, eval_num_images=self.eval_num_images)
-        has_validation = split > 0 or exists(self.validation_data_dir)
-        if self.keep_best == "val_loss" and not has_validation:
-            raise UserError(
-                "--keep_best val_loss needs held-out images: pass --validation_split or --validation_data_dir"
-            )
-        if self.keep_best in ("kid", "fd") and not exists(self.eval_feature_model):
-            raise UserError(f"--keep_best {self.keep_best} needs --eval_feature_model (e.g. facebook/dinov2-small)")
+        measured = {
+            VAL_LOSS: split > 0 or exists(self.validation_data_dir),
+            FD: exists(self.eval_feature_model),
+            KID: exists(self.eval_feature_model),
+        }
+        best = KEEP_BEST.get(self.keep_best)
+        if exists(best) and not measured[best]:
+            raise UserError(f"--keep_best {self.keep_best} needs {best.needs}")
 
     @property
     def held_out_share(self) -> float:

@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -410,6 +411,24 @@ class Examples:
 
     images: list[torch.Tensor]  # uint8 [3, H, W], the short side at the resolution
     caption_options: list[list[str]]
+
+
+class BatchSource(Protocol):
+    """Where a run's micro-batches come from (IndexedBatches, StreamedBatches; setup.prepare_data picks one).
+
+    The resume contract: `examples(k)` is a pure function of (seed, k) and the process's Shard, so a
+    run resumed at micro-batch k, or split over another number of processes, reads the same examples
+    as the straight run, without decoding the k batches before it. It draws nothing from the global
+    RNG (a loader owns its generators): the global RNG is for the step's draws (CONTRIBUTING.md).
+    Every micro-batch is full: an unreadable image is stood in for (stand_in_for_unreadable) and
+    counted in `skipped`."""
+
+    def examples(self, micro_index: int) -> Examples: ...
+
+    @property
+    def skipped(self) -> int: ...
+
+    def describe(self) -> str: ...
 
 
 class IndexedBatches:

@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline_text_to_image import make_captioned_grid, unaugmented_labels
 from text_to_image.common import UserError, exists, to_device
 from text_to_image.config import COPY_PERCENTILE, VALIDATION_BUCKETS, VALIDATION_MAX_HELD_OUT, EvalConfig
 from text_to_image.data import ImageTable, stand_in_for_unreadable
-from text_to_image.loss import bucket_names, weighted_losses
+from text_to_image.loss import LossWeighting, bucket_names, weighted_losses
+from text_to_image.metrics import CLIP_SCORE, COPY_RATE, COPY_THRESHOLD, FD, KID, NEAREST_DISTANCE, VAL_LOSS
 
 VALIDATION_SPLIT_SEED = 20261126  # held-out rows depend on the data only, not on --seed: runs compare
 COPY_PROBES = 2000  # training images whose nearest neighbour calibrates the copy threshold
@@ -24,8 +26,6 @@ BEST_DIR = "best"  # --keep_best's pipeline, in --output_dir
 VALIDATION_CHUNK = 32  # held-out images per validation forward pass (fixes the noise draws too)
 NEAREST_CHUNK = 256  # samples compared with the training images at once
 FEATURE_CHUNK = 32  # images per feature-model forward pass
-SUMMARY_METRICS = ("val/loss", "memorization/copy_rate", "eval/fd", "eval/kid", "eval/clip_score", "eval/copy_rate")
-BEST_METRICS = {"val_loss": "val/loss", "kid": "eval/kid", "fd": "eval/fd"}  # --keep_best -> logged name
 
 
 def held_out_count(split: float, usable: int) -> int:
@@ -97,14 +97,14 @@ def fixed_noise(chunk: int, bucket: int, shape: tuple[int, ...], num_train_times
 
 
 @torch.no_grad()
-def validation_losses(unet, noise_scheduler, validation: ValidationSet, embed, snr_gamma: float, device) -> list[float]:
+def validation_losses(
+    unet, noise_scheduler, validation: ValidationSet, embed, weighting: LossWeighting, device
+) -> list[float]:
     """The training loss (same weighting) on the held-out images, one mean per timestep bucket.
 
     Noise and timesteps are fixed (fixed_noise), so the same weights give the same numbers on every call
     and after a resume; the plain mean over buckets estimates the loss at uniform timesteps, as trained.
     """
-    from pipeline_text_to_image import unaugmented_labels
-
     num_timesteps = noise_scheduler.config.num_train_timesteps
     totals = [0.0] * VALIDATION_BUCKETS
     for chunk, start in enumerate(range(0, len(validation.captions), VALIDATION_CHUNK)):
@@ -115,7 +115,7 @@ def validation_losses(unet, noise_scheduler, validation: ValidationSet, embed, s
         for bucket in range(VALIDATION_BUCKETS):
             noise, timesteps = fixed_noise(chunk, bucket, tuple(pixels.shape), num_timesteps)
             losses = weighted_losses(
-                unet, noise_scheduler, clean, noise.to(device), timesteps.to(device), text, snr_gamma, labels
+                unet, noise_scheduler, clean, noise.to(device), timesteps.to(device), text, weighting, labels
             )
             totals[bucket] += losses.double().sum().item()
     return [total / len(validation.captions) for total in totals]
@@ -182,9 +182,9 @@ class TrainingReference:
         """Copy rate and nearest distances of uint8 samples [M, 3, R, R]: (metrics, distances, indices)."""
         distances, indices = nearest_neighbours(samples, self.images)
         metrics = {
-            "memorization/copy_rate": (distances <= self.copy_threshold).float().mean().item(),
-            "memorization/nearest_distance_median": distances.median().item(),
-            "memorization/copy_threshold": self.copy_threshold,
+            COPY_RATE.logged: (distances <= self.copy_threshold).float().mean().item(),
+            NEAREST_DISTANCE.logged: distances.median().item(),
+            COPY_THRESHOLD.logged: self.copy_threshold,
         }
         return metrics, distances, indices
 
@@ -203,8 +203,6 @@ def to_pil(images: torch.Tensor) -> list:
 
 def write_nearest_strip(samples, prompts, reference: TrainingReference, distances, indices, path: Path) -> Path:
     """samples/nearest-STEP.png: each sample (its prompt) beside its nearest training image (distance, caption)."""
-    from pipeline_text_to_image import make_captioned_grid
-
     cells, captions = [], []
     for sample, prompt, distance, index in zip(samples, prompts, distances.tolist(), indices.tolist(), strict=True):
         copied = " COPY," if distance <= reference.copy_threshold else ""
@@ -344,10 +342,10 @@ class SampleQuality:
         metrics = {}
         if exists(self.features):
             generated = self.features(images)
-            metrics["eval/fd"] = frechet_distance(generated, self.real_features)
-            metrics["eval/kid"] = kernel_inception_distance(generated, self.real_features)
+            metrics[FD.logged] = frechet_distance(generated, self.real_features)
+            metrics[KID.logged] = kernel_inception_distance(generated, self.real_features)
         if exists(self.clip):
-            metrics["eval/clip_score"] = self.clip(images, self.prompts)
+            metrics[CLIP_SCORE.logged] = self.clip(images, self.prompts)
         return metrics
 
 
@@ -406,7 +404,7 @@ class Checks:
     reference: TrainingReference | None  # for --memorization_check
     quality: SampleQuality | None  # for --eval_feature_model / --eval_clip_model
     embed: Callable[[list[str]], torch.Tensor]  # captions -> text embeddings, as in training
-    snr_gamma: float
+    weighting: LossWeighting  # the training loss's, so that val/loss measures what training optimizes
     keep_best: str | None
 
     def validate(self, unet, noise_scheduler) -> dict:
@@ -414,9 +412,9 @@ class Checks:
         if not exists(self.validation):
             return {}
         device = next(unet.parameters()).device
-        per_bucket = validation_losses(unet, noise_scheduler, self.validation, self.embed, self.snr_gamma, device)
+        per_bucket = validation_losses(unet, noise_scheduler, self.validation, self.embed, self.weighting, device)
         names = bucket_names("val", noise_scheduler.config.num_train_timesteps)
-        return {"val/loss": sum(per_bucket) / len(per_bucket)} | dict(zip(names, per_bucket, strict=True))
+        return {VAL_LOSS.logged: sum(per_bucket) / len(per_bucket)} | dict(zip(names, per_bucket, strict=True))
 
 
 @contextlib.contextmanager

@@ -1,12 +1,68 @@
-"""The diffusion loss: the target of each prediction type, min-SNR weighting, and the timestep buckets of the validation loss."""
+"""The diffusion loss: what a step minimizes (weighting and timestep sampling as objects), the target of each
+prediction type, and the timestep buckets of the validation loss.
+
+A new weighting or timestep sampling: a class with the protocol's method, chosen in `objective_for`."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
-from text_to_image.config import VALIDATION_BUCKETS
+from text_to_image.config import VALIDATION_BUCKETS, DiffusionConfig
 from text_to_image.data import Shard
+
+
+class LossWeighting(Protocol):
+    """Each sample's weight in the loss, from its SNR and the scheduler's prediction type."""
+
+    def __call__(self, snr: torch.Tensor, prediction_type: str) -> torch.Tensor: ...
+
+
+class TimestepSampling(Protocol):
+    """The timesteps of a global batch, drawn from the global RNG (one draw: the RNG-order contract), sliced to the shard."""
+
+    def draw(self, shard: Shard, num_timesteps: int, device) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class MinSnrWeighting:
+    """--snr_gamma: min-SNR-gamma weights, bounded for every prediction type and finite at SNR 0; gamma 0 weighs all 1.
+    The held-out loss is weighted the same way, so that it measures what training optimizes."""
+
+    gamma: float
+
+    def __call__(self, snr: torch.Tensor, prediction_type: str) -> torch.Tensor:
+        return min_snr_weights(snr, self.gamma, prediction_type)
+
+
+@dataclass(frozen=True)
+class UniformTimesteps:
+    """Every timestep equally likely. The held-out loss averages fixed timestep buckets equally, i.e. uniformly,
+    whatever the training sampling, so that runs sampling timesteps differently still compare."""
+
+    def draw(self, shard: Shard, num_timesteps: int, device) -> torch.Tensor:
+        return shard.of(torch.randint(0, num_timesteps, (shard.total,), device=device))
+
+
+@dataclass(frozen=True)
+class DiffusionObjective:
+    """What a training step minimizes: the weighting, the timestep sampling, and the noise options."""
+
+    weighting: LossWeighting
+    timesteps: TimestepSampling = UniformTimesteps()
+    noise_offset: float = 0.0
+    input_perturbation: float = 0.0
+
+
+def objective_for(diffusion: DiffusionConfig) -> DiffusionObjective:
+    return DiffusionObjective(
+        weighting=MinSnrWeighting(diffusion.snr_gamma),
+        noise_offset=diffusion.noise_offset,
+        input_perturbation=diffusion.input_perturbation,
+    )
 
 
 def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
@@ -28,11 +84,11 @@ def weighted_losses(
     noise: torch.Tensor,
     timesteps: torch.Tensor,
     text_embeddings,
-    snr_gamma,
+    weighting: LossWeighting,
     augment_labels: torch.Tensor | None = None,
     input_noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-sample min-SNR weighted MSE against the prediction type's target, for given noise and timesteps.
+    """Per-sample weighted MSE against the prediction type's target, for given noise and timesteps.
     `input_noise` (--input_perturbation) noises the UNet's input in place of `noise`; the target keeps `noise`."""
     noisy = noise_scheduler.add_noise(clean, noise if input_noise is None else input_noise, timesteps)
     prediction_type = noise_scheduler.config.prediction_type
@@ -47,7 +103,7 @@ def weighted_losses(
     labels = {} if augment_labels is None else {"class_labels": augment_labels.to(dtype)}
     prediction = unet(noisy.to(dtype), timesteps, encoder_hidden_states=text_embeddings.to(dtype), **labels).sample
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(clean.device)[timesteps]
-    weights = min_snr_weights(alphas_cumprod / (1 - alphas_cumprod), snr_gamma, prediction_type)
+    weights = weighting(alphas_cumprod / (1 - alphas_cumprod), prediction_type)
     return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)) * weights
 
 
@@ -56,33 +112,39 @@ def diffusion_losses(
     noise_scheduler,
     clean: torch.Tensor,
     text_embeddings: torch.Tensor,
-    snr_gamma: float,
-    noise_offset: float,
+    objective: DiffusionObjective,
     shard: Shard | None = None,
     augment_labels: torch.Tensor | None = None,
-    input_perturbation: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random noise and timesteps for this shard of the global batch: (per-sample weighted losses, timesteps)."""
+    """Random noise and timesteps for this shard of the global batch: (per-sample weighted losses, timesteps).
+    The draws, in this order: noise, noise offset, timesteps, input perturbation (CONTRIBUTING.md)."""
     shard = shard or Shard(size=len(clean))
     batch = (shard.total, clean.shape[1])
     noise = shard.of(torch.randn(*batch, *clean.shape[2:], device=clean.device, dtype=clean.dtype))
-    if noise_offset:
-        noise += noise_offset * shard.of(torch.randn(*batch, 1, 1, device=clean.device, dtype=clean.dtype))
-    num_timesteps = noise_scheduler.config.num_train_timesteps
-    timesteps = shard.of(torch.randint(0, num_timesteps, (shard.total,), device=clean.device))
+    if objective.noise_offset:
+        noise += objective.noise_offset * shard.of(torch.randn(*batch, 1, 1, device=clean.device, dtype=clean.dtype))
+    timesteps = objective.timesteps.draw(shard, noise_scheduler.config.num_train_timesteps, clean.device)
     input_noise = None
-    if input_perturbation:
+    if objective.input_perturbation:
         extra = shard.of(torch.randn(*batch, *clean.shape[2:], device=clean.device, dtype=clean.dtype))
-        input_noise = noise + input_perturbation * extra
+        input_noise = noise + objective.input_perturbation * extra
     losses = weighted_losses(
-        unet, noise_scheduler, clean, noise, timesteps, text_embeddings, snr_gamma, augment_labels, input_noise
+        unet,
+        noise_scheduler,
+        clean,
+        noise,
+        timesteps,
+        text_embeddings,
+        objective.weighting,
+        augment_labels,
+        input_noise,
     )
     return losses, timesteps
 
 
-def diffusion_loss(unet, noise_scheduler, clean, text_embeddings, snr_gamma, noise_offset, shard=None) -> torch.Tensor:
-    """The training loss: noise, random timesteps, target per prediction type, min-SNR weighted MSE."""
-    return diffusion_losses(unet, noise_scheduler, clean, text_embeddings, snr_gamma, noise_offset, shard)[0].mean()
+def diffusion_loss(unet, noise_scheduler, clean, text_embeddings, objective: DiffusionObjective, shard=None):
+    """The training loss: noise, timesteps, target per prediction type, weighted MSE, mean over the shard."""
+    return diffusion_losses(unet, noise_scheduler, clean, text_embeddings, objective, shard)[0].mean()
 
 
 def timestep_buckets(timesteps: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline_text_to_image import encode_text
 from text_to_image.batches import AUGMENT_LABELS
 from text_to_image.common import UserError, exists, is_main_process, to_device
 from text_to_image.config import DEFAULT_MODEL_SIZE, MODEL_SIZES, DiffusionConfig
@@ -124,8 +125,6 @@ def encode_captions_once(
     """
     from tqdm.auto import tqdm
 
-    from pipeline_text_to_image import encode_text
-
     if exists(cache_file) and cache_file.exists():
         logger.info("caption embeddings loaded from %s", cache_file)
         return torch.load(cache_file, map_location="cpu", weights_only=True)
@@ -165,8 +164,6 @@ class LiveEncoder:
         self.trains, self.device = trains, device
 
     def embed(self, texts: list[str]) -> torch.Tensor:
-        from pipeline_text_to_image import encode_text
-
         if self.trains:
             return encode_text(self.tokenizer, self.encoder, texts, self.max_length, self.device)
         # No cache across batches: on data big enough to stream, captions rarely repeat, and an embedding

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline_text_to_image import TextToImagePipeline, make_captioned_grid, make_sampling_scheduler
 from text_to_image.checkpoints import TrainState, save_pipeline
 from text_to_image.common import exists, unwrap
 from text_to_image.config import OutputConfig
 from text_to_image.evaluation import (
     BEST_DIR,
-    BEST_METRICS,
     Checks,
     Due,
     EvaluationLog,
@@ -28,6 +28,7 @@ from text_to_image.evaluation import (
     to_uint8_batch,
     write_nearest_strip,
 )
+from text_to_image.metrics import COPY_RATE, EVAL_COPY_RATE, KEEP_BEST
 from text_to_image.models import build_text_encoder
 from text_to_image.optimization import main_process_with_ema, unet_as_fp32
 
@@ -37,8 +38,6 @@ GIF_TRAILER = b";"
 
 
 def build_pipeline(unet, text_encoder, tokenizer, noise_scheduler, text_max_length: int):
-    from pipeline_text_to_image import TextToImagePipeline, make_sampling_scheduler
-
     scheduler = make_sampling_scheduler("dpm", noise_scheduler.config)
     pipeline = TextToImagePipeline(
         unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, text_max_length=text_max_length
@@ -83,8 +82,6 @@ def sample_images(
 
 def write_grid(images, captions, samples_dir: Path, step: int, epoch: int) -> Path:
     """A captioned PNG grid, also appended to the run's animated GIF."""
-    from pipeline_text_to_image import make_captioned_grid
-
     samples_dir.mkdir(parents=True, exist_ok=True)
     grid = make_captioned_grid(images, captions, columns=min(len(images), 8))
     path = samples_dir / f"epoch-{epoch:05d}-step-{step:07d}.png"
@@ -332,7 +329,7 @@ class Outputs:
         if exists(self.checks.reference):
             reference = self.checks.reference
             copies, _, _ = reference.memorization(to_uint8_batch(images, reference.resolution))
-            metrics["eval/copy_rate"] = copies["memorization/copy_rate"]
+            metrics[EVAL_COPY_RATE.logged] = copies[COPY_RATE.logged]
         return metrics
 
     def record(self, unet, state: TrainState, epoch: int, metrics: dict, grid: Path | None) -> None:
@@ -341,7 +338,7 @@ class Outputs:
         self.accelerator.log(metrics, step=state.step)
         self.latest |= newest_values([record])
         metric = self.checks.keep_best
-        name = BEST_METRICS.get(metric)
+        name = KEEP_BEST[metric].logged if exists(metric) else None
         if exists(name) and name in metrics and (not exists(state.best) or metrics[name] < state.best["value"]):
             state.best = {"metric": metric, "value": metrics[name], "step": state.step}
             best = self.output_dir / BEST_DIR

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline_text_to_image import encode_text
 from text_to_image.batches import training_texts
 from text_to_image.checkpoints import TrainState, read_train_state, resolve_resume_checkpoint
 from text_to_image.common import UserError, exists, unwrap
@@ -19,9 +20,9 @@ from text_to_image.config import DataConfig, ModelConfig, OptimConfig, OutputCon
 from text_to_image.data import (
     NEAREST_SCALE_PROBES,
     STREAM_CAPTION_SAMPLE,
+    BatchSource,
     IndexedBatches,
     Shard,
-    StreamedBatches,
     open_stream,
     read_image_table,
     warn_fractional_nearest,
@@ -34,6 +35,7 @@ from text_to_image.evaluation import (
     hold_out_rows,
     without_rows,
 )
+from text_to_image.loss import objective_for
 from text_to_image.models import (
     CachedEmbeddings,
     LiveEncoder,
@@ -132,7 +134,7 @@ def configure_unet(unet, model: ModelConfig) -> None:
 class TrainingData:
     """What the loop draws batches from, and what the captions need."""
 
-    batches: IndexedBatches | StreamedBatches
+    batches: BatchSource
     conditioner: CachedEmbeddings | LiveEncoder
     captions: list[str]  # the dataset's distinct captions (a sample of them when streaming), "" first
     text_max_length: int
@@ -236,8 +238,6 @@ def evaluation_embedder(conditioner: CachedEmbeddings | LiveEncoder, accelerator
     wrapper would wait for the other processes)."""
     if isinstance(conditioner, CachedEmbeddings):
         return conditioner.embed
-    from pipeline_text_to_image import encode_text
-
     return lambda texts: encode_text(
         conditioner.tokenizer,
         unwrap(accelerator, conditioner.encoder),
@@ -272,7 +272,7 @@ def build_checks(config: RunConfig, accelerator, data: TrainingData) -> Checks:
         reference=reference,
         quality=quality,
         embed=evaluation_embedder(data.conditioner, accelerator),
-        snr_gamma=config.diffusion.snr_gamma,
+        weighting=objective_for(config.diffusion).weighting,
         keep_best=evaluation.keep_best,
     )
 
@@ -500,8 +500,6 @@ def setup_run(config: RunConfig) -> Run:
 
 def encode_grid_prompts(tokenizer, text_encoder, prompts: list[str], data: TrainingData):
     """The grids' fixed prompts and the empty caption, encoded now so the frozen encoder can be freed."""
-    from pipeline_text_to_image import encode_text
-
     with torch.no_grad():
         prompt_embeddings = encode_text(tokenizer, text_encoder, prompts, data.text_max_length).float()
     return prompt_embeddings, data.conditioner.embed([""])

@@ -16,9 +16,10 @@ from text_to_image.batches import augment_pixels, choose_captions, crop_and_flip
 from text_to_image.checkpoints import StopRequest, TrainState, check_finite_loss, save_checkpoint
 from text_to_image.common import UserError, exists, unwrap
 from text_to_image.config import VALIDATION_BUCKETS, DataConfig, DiffusionConfig
-from text_to_image.data import IndexedBatches, Shard, StreamedBatches
-from text_to_image.evaluation import BEST_DIR, SUMMARY_METRICS, Due
-from text_to_image.loss import bucket_names, diffusion_losses, timestep_buckets
+from text_to_image.data import BatchSource, Shard
+from text_to_image.evaluation import BEST_DIR, Due
+from text_to_image.loss import bucket_names, diffusion_losses, objective_for, timestep_buckets
+from text_to_image.metrics import SUMMARY
 from text_to_image.models import CachedEmbeddings, LiveEncoder
 from text_to_image.outputs import Outputs
 
@@ -117,7 +118,7 @@ class Trainer:
         lr_scheduler,
         ema,
         ema_offload: bool,
-        batches: IndexedBatches | StreamedBatches,
+        batches: BatchSource,
         conditioner: CachedEmbeddings | LiveEncoder,
         data: DataConfig,
         diffusion: DiffusionConfig,
@@ -129,6 +130,7 @@ class Trainer:
         self.noise_scheduler, self.optimizer, self.lr_scheduler = noise_scheduler, optimizer, lr_scheduler
         self.ema, self.ema_offload = ema, ema_offload
         self.batches, self.conditioner, self.data, self.diffusion = batches, conditioner, data, diffusion
+        self.objective = objective_for(diffusion)
         self.max_grad_norm = max_grad_norm
         self.channels_last = channels_last
         self.shard = Shard(accelerator.process_index, accelerator.num_processes, data.train_batch_size)
@@ -172,15 +174,7 @@ class Trainer:
                 with accelerator.autocast():
                     text = self.conditioner.embed(captions)
                     per_sample, timesteps = diffusion_losses(
-                        self.unet,
-                        self.noise_scheduler,
-                        pixels,
-                        text,
-                        self.diffusion.snr_gamma,
-                        self.diffusion.noise_offset,
-                        self.shard,
-                        augment_labels=labels,
-                        input_perturbation=self.diffusion.input_perturbation,
+                        self.unet, self.noise_scheduler, pixels, text, self.objective, self.shard, labels
                     )
                     loss = per_sample.mean()
                 accelerator.backward(loss)
@@ -396,7 +390,7 @@ def summary_line(run: Run, images: int, seconds: float, reason: str) -> str:
 
 def evaluation_summary(latest: dict[str, tuple[int, float]], best: dict | None) -> str:
     """'; last evaluated: val/loss 0.1 (step S), ...; best val_loss 0.09 at step T (saved in best/)'."""
-    shown = [name for name in SUMMARY_METRICS if name in latest]
+    shown = [metric.logged for metric in SUMMARY if metric.logged in latest]
     if not shown:
         return ""
     text = "; last evaluated: " + ", ".join(f"{name} {latest[name][1]:.4g} (step {latest[name][0]})" for name in shown)
