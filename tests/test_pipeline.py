@@ -171,6 +171,41 @@ def test_negative_prompt_replaces_the_empty_unconditional_prompt(pipe):
     assert not np.array_equal(plain, negative)
 
 
+@torch.no_grad()
+def test_guided_output_is_unconditional_plus_scale_times_the_difference(pipe, text_parts):
+    tokenizer, text_encoder = text_parts
+    conditional = encode_text(tokenizer, text_encoder, PROMPTS, TEXT_MAX_LENGTH)
+    negative = encode_text(tokenizer, text_encoder, ["a yellow square"] * 2, TEXT_MAX_LENGTH)
+    latents = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    pipe.scheduler.set_timesteps(3)
+    timestep = pipe.scheduler.timesteps[1]
+    pipe._guidance_scale = 4.0
+    guided, _ = pipe.predict(latents, timestep, torch.cat([negative, conditional]), clip_denoised=False)
+    model_input = pipe.scheduler.scale_model_input(latents, timestep)
+    apart = [pipe.unet(model_input, timestep, encoder_hidden_states=text).sample for text in (negative, conditional)]
+    assert torch.allclose(guided, apart[0] + 4.0 * (apart[1] - apart[0]), atol=1e-5)
+    assert not torch.allclose(guided, apart[1] + 4.0 * (apart[0] - apart[1]), atol=1e-3)  # the order matters
+
+
+def test_the_unconditional_branch_is_the_negative_prompts_embedding(pipe, text_parts):
+    tokenizer, text_encoder = text_parts
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"]), with_kwargs=True
+    )
+    try:
+        generate(pipe, guidance_scale=4.0, negative_prompt="a yellow square", num_inference_steps=1)
+        generate(pipe, guidance_scale=4.0, num_inference_steps=1)
+    finally:
+        hook.remove()
+    with torch.no_grad():
+        prompts = encode_text(tokenizer, text_encoder, PROMPTS, TEXT_MAX_LENGTH)
+        negative = encode_text(tokenizer, text_encoder, ["a yellow square"] * 2, TEXT_MAX_LENGTH)
+        empty = encode_text(tokenizer, text_encoder, ["", ""], TEXT_MAX_LENGTH)
+    assert torch.allclose(seen[0], torch.cat([negative, prompts]), atol=1e-6)
+    assert torch.allclose(seen[1], torch.cat([empty, prompts]), atol=1e-6)
+
+
 def test_precomputed_prompt_embeds_give_the_same_images_as_prompts(pipe, text_parts):
     tokenizer, text_encoder = text_parts
     with torch.no_grad():

@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ import torch
 from text_to_image.common import UserError, exists
 from text_to_image.config import ALPHA_BACKGROUNDS, DataConfig, Decoding
 
+T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 MAX_BAD_IMAGE_SHARE = 0.5  # more unreadable images than this refuses the run
@@ -258,12 +259,14 @@ def refuse_mostly_unreadable(failures: int, total: int, example: str) -> None:
         raise UserError(f"{failures} of {total} images could not be read (e.g. {example}); check the dataset files")
 
 
-def stand_in_for_unreadable(images: list[torch.Tensor | str]) -> list[torch.Tensor]:
-    """Each unreadable image (its error text) replaced by a readable one of its batch: the batch keeps its size."""
-    readable = [image for image in images if isinstance(image, torch.Tensor)]
+def stand_in_for_unreadable(images: list[torch.Tensor | str], captions: list[T]) -> tuple[list[torch.Tensor], list[T]]:
+    """Each unreadable image (its error text) replaced by the first readable one of its batch, and its caption by
+    that image's: the batch keeps its size (the resume contract), and every image trains with its own caption."""
+    readable = [index for index, image in enumerate(images) if isinstance(image, torch.Tensor)]
     if not readable:
         raise UserError(f"no image of a whole batch could be read (e.g. {images[0]}); check the dataset files")
-    return [image if isinstance(image, torch.Tensor) else readable[0] for image in images]
+    sources = [index if isinstance(image, torch.Tensor) else readable[0] for index, image in enumerate(images)]
+    return [images[source] for source in sources], [captions[source] for source in sources]
 
 
 def collate_as_list(items):
@@ -440,6 +443,7 @@ class IndexedBatches:
         self.batches_per_epoch, self.num_workers = batches_per_epoch, num_workers
         self.ahead: Iterator | None = None  # worker-decoded micro-batches
         self.ahead_index = -1  # the micro-batch index `ahead` yields next
+        self.stood_in = 0  # images that became unreadable after the start-up check, each time one came up
         # epoch -> its row order: one shuffle per epoch, not per micro-batch; two kept, as the decoding
         # workers' sampler runs into the next epoch while the step still reads the current one
         self.orders: dict[int, torch.Tensor] = {}
@@ -473,12 +477,15 @@ class IndexedBatches:
                 f"decoded rows {[row for row, _ in decoded]} are not the micro-batch's {rows}: a bug, please report it"
             )
         images = [image for _, image in decoded]
-        name_unreadable([image for image in images if not isinstance(image, torch.Tensor)])  # changed since checked
-        return Examples(images=stand_in_for_unreadable(images), caption_options=options)
+        failures = [image for image in images if not isinstance(image, torch.Tensor)]  # changed since checked
+        name_unreadable(failures)
+        self.stood_in += len(failures)
+        images, options = stand_in_for_unreadable(images, options)
+        return Examples(images=images, caption_options=options)
 
     @property
     def skipped(self) -> int:
-        return len(self.table.unreadable_rows)
+        return len(self.table.unreadable_rows) + self.stood_in
 
     def describe(self) -> str:
         return f"{len(self.table.usable_rows)} images ({self.skipped} skipped), {len(self.table.captions)} captions"
@@ -560,7 +567,8 @@ class StreamedBatches:
         self.examples_seen, self.unreadable = self.examples_seen + len(images), self.unreadable + len(failures)
         if self.examples_seen >= MIN_EXAMPLES_TO_JUDGE_A_STREAM and failures:
             refuse_mostly_unreadable(self.unreadable, self.examples_seen, failures[0])
-        return Examples(images=stand_in_for_unreadable(list(images)), caption_options=options)
+        images, options = stand_in_for_unreadable(list(images), options)
+        return Examples(images=images, caption_options=options)
 
     def first_sources(self, count: int) -> Iterator:
         """The image cells of the first examples of one pass, as decode_image takes them."""

@@ -61,15 +61,14 @@ def on_white(image: torch.Tensor) -> torch.Tensor:
     return (image[:3].float() * alpha + 255 * (1 - alpha)).round().to(torch.uint8)
 
 
-def centre_crops(table: ImageTable, rows: list[int], resolution: int) -> torch.Tensor:
-    """uint8 [N, 3, R, R]: the rows' images cropped at the centre, decoded again where they are not cached."""
+def centre_crops(table: ImageTable, rows: list[int], resolution: int) -> tuple[torch.Tensor, list[int]]:
+    """uint8 [N, 3, R, R]: the rows' images cropped at the centre, decoded again where they are not cached;
+    and the row each image is of, to caption it by (an image unreadable since the start is stood in for)."""
+    if not rows:
+        return torch.zeros(0, 3, resolution, resolution, dtype=torch.uint8), []
     images = [table.cache[row] if exists(table.cache) else table.decoder[row][1] for row in rows]
-    images = stand_in_for_unreadable(images)
-    return (
-        torch.stack([on_white(centre_crop(image, resolution)) for image in images])
-        if images
-        else torch.zeros(0, 3, resolution, resolution, dtype=torch.uint8)
-    )
+    images, rows = stand_in_for_unreadable(images, rows)
+    return torch.stack([on_white(centre_crop(image, resolution)) for image in images]), rows
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,10 +80,8 @@ class ValidationSet:
 
     @classmethod
     def from_table(cls, table: ImageTable, rows: list[int], resolution: int) -> ValidationSet:
-        return cls(
-            pixels=centre_crops(table, rows, resolution),
-            captions=[table.caption_options[row][0] for row in rows],
-        )
+        pixels, rows = centre_crops(table, rows, resolution)
+        return cls(pixels=pixels, captions=[table.caption_options[row][0] for row in rows])
 
 
 def fixed_noise(chunk: int, bucket: int, shape: tuple[int, ...], num_train_timesteps: int):
@@ -166,8 +163,7 @@ class TrainingReference:
 
     @classmethod
     def from_table(cls, table: ImageTable, resolution: int) -> TrainingReference:
-        rows = table.usable_rows.tolist()
-        images = centre_crops(table, rows, resolution)
+        images, rows = centre_crops(table, table.usable_rows.tolist(), resolution)
         return cls(
             images=images,
             captions=[table.caption_options[row][0] for row in rows],
@@ -336,7 +332,7 @@ class SampleQuality:
         self.clip = ClipScore(config.eval_clip_model, device, cache_dir) if config.eval_clip_model else None
         self.real_features = None
         if exists(self.features):
-            self.real_features = self.features(to_pil(centre_crops(table, self.rows, resolution)))
+            self.real_features = self.features(to_pil(centre_crops(table, self.rows, resolution)[0]))
 
     def measure(self, images) -> dict:
         metrics = {}
