@@ -164,7 +164,36 @@ def test_copy_rate_is_one_for_training_images_and_zero_for_noise():
     assert reference.memorization(noise)[0]["memorization/copy_rate"] == 0.0
 
 
-@pytest.mark.parametrize(("steps", "low", "high"), [("1", 0.0, 0.0), ("120", 0.75, 1.0)])
+def known_pairs() -> torch.Tensor:
+    """20 pairs of images: pair k is a random image and the same image k + 1 levels brighter, so every image's
+    nearest other training image is its pair, at an RMS distance of (k + 1) / 255 (random images lie ~0.18 apart)."""
+    generator = torch.Generator().manual_seed(0)
+    bases = torch.randint(70, 180, (20, 3, 8, 8), generator=generator, dtype=torch.uint8)
+    brighter = bases + torch.arange(1, 21, dtype=torch.uint8).view(20, 1, 1, 1)
+    return torch.stack([bases, brighter], dim=1).reshape(40, 3, 8, 8)
+
+
+def test_the_copy_threshold_is_the_5th_percentile_of_leave_one_out_distances():
+    images = known_pairs()
+    distances, indices = nearest_neighbours(images, images, exclude=torch.arange(40))
+    assert indices.tolist() == [index ^ 1 for index in range(40)]  # each image's nearest other: its pair
+    # distances 1/255, 1/255, 2/255, 2/255, ...: the 5th percentile of 40 lies at 1.95 (numpy's linear rule)
+    assert copy_threshold(images) == pytest.approx(1.95 / 255, rel=1e-3)
+
+
+@pytest.mark.parametrize(("brightened", "copy"), [(64, True), (96, False)])
+def test_a_sample_just_inside_the_threshold_is_a_copy_and_just_outside_is_not(brightened, copy):
+    images = known_pairs()
+    reference = TrainingReference(images=images, captions=["x"] * 40, copy_threshold=copy_threshold(images))
+    sample = images[38].clone().reshape(-1)  # of the pair 20 levels apart: its nearest is images[38]
+    sample[:brightened] += 3  # of its 192 values: RMS distance 3 * sqrt(n / 192) / 255, 1.73 / 255 or 2.12 / 255
+    metrics, distances, indices = reference.memorization(sample.reshape(1, 3, 8, 8))
+    assert indices.tolist() == [38]
+    assert distances.item() == pytest.approx(3 * (brightened / 192) ** 0.5 / 255, rel=1e-3)
+    assert metrics["memorization/copy_rate"] == (1.0 if copy else 0.0)
+
+
+@pytest.mark.parametrize(("steps", "low", "high"), [("1", 0.0, 0.0)])
 def test_a_model_overfit_on_4_images_copies_them_and_an_untrained_one_does_not(
     tmp_path, tiny_text_encoder_dir, tiny_unet_config_file, steps, low, high
 ):
