@@ -480,6 +480,26 @@ def test_empty_dataset_is_refused(argv, tmp_path, capsys):
     assert f"error: --train_data_dir {empty}: metadata.jsonl has no rows" in error
 
 
+@pytest.mark.parametrize("streaming", [(), ("--streaming",)])
+@pytest.mark.parametrize(
+    ("caption", "says"),
+    [
+        (7, 'line 3: the caption column "text" holds 7, not a string; write it in quotes: "7"'),
+        (["a red circle"], 'line 3: the caption column "text" holds a list where earlier rows hold a string;'),
+    ],
+)
+def test_a_caption_pyarrow_cannot_read_is_named_by_file_and_line(
+    argv, tiny_imagefolder, capsys, caption, says, streaming
+):
+    metadata = tiny_imagefolder / "metadata.jsonl"
+    rows = [json.loads(line) for line in metadata.read_text().splitlines()]
+    rows[2]["text"] = caption
+    metadata.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    error = run_error(argv(*streaming), capsys)
+    assert f"error: --train_data_dir {tiny_imagefolder}: {metadata} {says}" in error
+    assert "Traceback" not in error
+
+
 def test_resolution_the_unet_halves_unevenly_trains_like_diffusers_allows(argv, tmp_path):
     run_ok(argv("--resolution", "17", "--max_train_steps", "1"))
     assert (tmp_path / "out" / "model_index.json").is_file()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -54,9 +55,40 @@ def metadata_has_rows(path: Path) -> bool:
         return next(filled, None) is not None and (path.suffix == ".jsonl" or next(filled, None) is not None)
 
 
+def first_bad_caption_row(metadata: list[Path], column: str) -> str | None:
+    """Where a metadata.jsonl stops being readable as a caption table: 'FILE line N: ...', or None.
+    pyarrow reads a column as one type; a caption written as a number, or a list among strings, breaks it."""
+    for path in (path for path in metadata if path.suffix == ".jsonl"):
+        kinds = set()
+        with open(path, encoding="utf-8", errors="replace") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line).get(column)
+                except (json.JSONDecodeError, AttributeError):
+                    return f"{path} line {number} is not a JSON object; write one object per line"
+                if value is None:
+                    continue
+                if not isinstance(value, (str, list)):
+                    return (
+                        f'{path} line {number}: the caption column "{column}" holds {json.dumps(value)}, not a'
+                        f" string; write it in quotes: {json.dumps(str(value))}"
+                    )
+                kinds.add(type(value))
+                if len(kinds) > 1:
+                    held, earlier = ("a list", "a string") if isinstance(value, list) else ("a string", "a list")
+                    return (
+                        f'{path} line {number}: the caption column "{column}" holds {held} where earlier rows hold'
+                        f" {earlier}; write every caption as a string, or every one as a list of strings"
+                    )
+    return None
+
+
 def load_raw_dataset(config: DataConfig):
     """datasets.load_dataset on a Hub id, a local folder, a save_to_disk folder or an imagefolder."""
     import datasets
+    import pyarrow
 
     if exists(config.train_data_dir):
         folder = Path(config.train_data_dir)
@@ -71,9 +103,13 @@ def load_raw_dataset(config: DataConfig):
             dataset = datasets.load_dataset(
                 "imagefolder", data_dir=str(folder), cache_dir=config.cache_dir, streaming=config.streaming
             )
-        except datasets.exceptions.DatasetGenerationError as error:  # the metadata file itself is malformed
+        # the metadata file itself is malformed: datasets wraps some of pyarrow's errors and not others
+        except (datasets.exceptions.DatasetGenerationError, pyarrow.ArrowInvalid, pyarrow.ArrowTypeError) as error:
+            bad_row = first_bad_caption_row(metadata, config.caption_column)
             raise UserError(
-                f"--train_data_dir {folder}: the dataset could not be read ({error.__cause__ or error}); check that"
+                f"--train_data_dir {folder}: {bad_row}"
+                if exists(bad_row)
+                else f"--train_data_dir {folder}: the dataset could not be read ({error.__cause__ or error}); check that"
                 " metadata.jsonl/csv has rows and that every caption is a string, or every caption a list of strings"
             ) from error
         return resolve_split(dataset, str(folder))
