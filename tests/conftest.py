@@ -15,6 +15,12 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_DIR"] = tempfile.mkdtemp(prefix="wandb-tests-")
+# nothing from this machine's Hugging Face cache (a cached openai/clip-vit-large-patch14 would load), and the
+# CPU even where there is a GPU: the bit-identity tests compare CPU kernels' results
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="hf-home-tests-")
+for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_DATASETS_CACHE"):
+    os.environ.pop(variable, None)
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,6 +134,21 @@ def run_error(argv: list[str], capsys) -> str:
 
     assert trainer.main(argv) == 2
     return capsys.readouterr().err
+
+
+def read_until(stream, pattern: str, seconds: float) -> str:
+    """What a process wrote to `stream` up to where `pattern` (a regex) appears: a wait on the process's own
+    progress, not on the clock, so that it holds on a slow machine and a fast one alike."""
+    import re
+    import time
+
+    deadline, seen = time.monotonic() + seconds, ""
+    while not re.search(pattern, seen[-400:]):
+        character = stream.read(1)
+        if not character or time.monotonic() > deadline:
+            raise AssertionError(f"no {pattern!r} within {seconds} s; the process wrote: {seen[-2000:]}")
+        seen += character
+    return seen
 
 
 def assert_same_tensors(first: dict, second: dict) -> None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import (
     assert_same_tensors,
+    read_until,
     resume_from_the_checkpoint_before,
     run_error,
     run_ok,
@@ -597,7 +598,6 @@ def test_sigterm_finishes_the_step_checkpoints_and_resume_continues(argv, tmp_pa
     import signal
     import subprocess
     import sys
-    import time
 
     output = tmp_path / "out"
     flags = argv(
@@ -614,10 +614,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_resume_continues(argv, tmp_pa
     process = subprocess.Popen(
         [sys.executable, str(script), *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    deadline = time.monotonic() + 60
-    while not (output / "caption_cache").exists() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(3)  # a few training steps
+    read_until(process.stderr, r"training: .*\| *[1-9]\d*/100000", seconds=120)  # a step or more taken
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 0, stderr
@@ -647,6 +644,7 @@ def test_max_train_time_exports_the_final_checkpoints_ema_weights_and_a_grid(arg
 
     output = tmp_path / "out"
     long_run = ("--max_train_steps", "1000", "--save_model_epochs", "1000", "--checkpointing_steps", "1000")
+    long_run += ("--save_images_epochs", "1000")  # a fast machine would otherwise reach a periodic grid within 1 s
     run_ok(argv("--use_ema", "--max_train_time", "1s", *long_run))
     (checkpoint,) = list_checkpoints(output)
     step = read_train_state(checkpoint).step
