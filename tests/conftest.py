@@ -159,10 +159,14 @@ def assert_same_tensors(first: dict, second: dict) -> None:
         assert torch.equal(first[name], second[name]), name
 
 
-def resume_from_the_checkpoint_before(argv, flags: tuple, output: Path, last_step: int) -> None:
-    """As if the run in `output` had stopped before its last checkpoint and export: drop them, resume."""
+def resume_from_the_checkpoint_before(argv, flags: tuple, straight: Path, last_step: int, resumed: Path) -> None:
+    """`resumed`: the finished run in `straight` as if it had stopped before its last checkpoint and export
+    (a copy without them), resumed from the checkpoint before. The export must then be written again."""
     import shutil
 
-    shutil.rmtree(output / f"checkpoint-{last_step}")
-    (output / "model_index.json").unlink()
-    run_ok(argv(*flags, "--resume_from_checkpoint", "latest", output=output))
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / f"checkpoint-{last_step}")
+    shutil.rmtree(resumed / "unet")
+    (resumed / "model_index.json").unlink()
+    run_ok(argv(*flags, "--resume_from_checkpoint", "latest", output=resumed))
+    assert (resumed / "model_index.json").is_file() and (resumed / "unet").is_dir()

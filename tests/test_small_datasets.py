@@ -130,8 +130,7 @@ def test_augmented_run_resumes_bit_identically_and_its_pipeline_samples_with_zer
     )  # fmt: skip
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_ok(argv(*flags, output=straight))
-    run_ok(argv(*flags, output=resumed))
-    resume_from_the_checkpoint_before(argv, flags, resumed, 6)
+    resume_from_the_checkpoint_before(argv, flags, straight, 6, resumed)
     assert_same_tensors(
         load_file(straight / "checkpoint-6" / "model.safetensors"),
         load_file(resumed / "checkpoint-6" / "model.safetensors"),

@@ -387,14 +387,52 @@ def test_resume_mid_epoch_with_ema_and_accumulation_gives_bit_identical_weights(
     )
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_ok(argv(*flags, output=straight))
-    run_ok(argv(*flags, output=resumed))
-    resume_from_the_checkpoint_before(argv, flags, resumed, 6)
+    resume_from_the_checkpoint_before(argv, flags, straight, 6, resumed)
     assert_same_tensors(checkpoint_weights(straight / "checkpoint-6"), checkpoint_weights(resumed / "checkpoint-6"))
     assert_same_tensors(unet_weights(straight), unet_weights(resumed))  # EMA weights
     first = torch.load(straight / "checkpoint-6" / "custom_checkpoint_1.pkl", weights_only=False)
     second = torch.load(resumed / "checkpoint-6" / "custom_checkpoint_1.pkl", weights_only=False)
     assert first["optimization_step"] == second["optimization_step"] == 6
     assert all(torch.equal(a, b) for a, b in zip(first["shadow_params"], second["shadow_params"], strict=True))
+
+
+def test_resume_inside_a_cosine_warm_up_with_a_trained_encoder_logs_and_trains_as_the_straight_run(
+    argv, tmp_path, monkeypatch
+):
+    """The quickstart's setup (a trained encoder at its own rate), resumed at step 3 of a 5-step warm-up into a
+    cosine decay: every step's rate differs, so a schedule restored a step off shows in the log and the weights."""
+    from accelerate import Accelerator
+
+    logged, log = {}, Accelerator.log
+
+    def recording(self, values, step=None, log_kwargs=None):
+        if "lr" in values:  # a training step's log, not an evaluation's
+            logged[step] = (values["lr"], values["lr_text_encoder"])
+        return log(self, values, step=step, log_kwargs=log_kwargs)
+
+    monkeypatch.setattr(Accelerator, "log", recording)
+    flags = ("--train_text_encoder", "--text_encoder_learning_rate", "1e-3", "--learning_rate", "2e-3")
+    flags += ("--lr_scheduler", "cosine", "--lr_warmup_steps", "5", "--logging_steps", "1")
+    flags += ("--max_train_steps", "6", "--checkpointing_steps", "3")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_ok(argv(*flags, output=straight))
+    straight_rates = dict(logged)
+    assert len({rates for step, rates in straight_rates.items() if step > 3}) == 3
+    logged.clear()
+    resume_from_the_checkpoint_before(argv, flags, straight, 6, resumed)
+    assert logged == {step: straight_rates[step] for step in (4, 5, 6)}
+    for name in ("model.safetensors", "model_1.safetensors"):  # the UNet and the text encoder
+        assert_same_tensors(load_file(straight / "checkpoint-6" / name), load_file(resumed / "checkpoint-6" / name))
+    first, second = (
+        torch.load(run / "checkpoint-6" / "optimizer.bin", weights_only=False) for run in (straight, resumed)
+    )
+    assert [group["lr"] for group in first["param_groups"]] == [group["lr"] for group in second["param_groups"]]
+    for state, other in zip(first["state"].values(), second["state"].values(), strict=True):
+        assert_same_tensors(state, other)  # step count and both moments of AdamW
+    assert_same_tensors(
+        load_file(straight / "text_encoder" / "model.safetensors"),
+        load_file(resumed / "text_encoder" / "model.safetensors"),
+    )
 
 
 def test_images_decoded_per_batch_by_workers_train_and_resume_as_the_cached_run(argv, tmp_path, monkeypatch):
@@ -413,8 +451,9 @@ def test_images_decoded_per_batch_by_workers_train_and_resume_as_the_cached_run(
     run_ok(argv(*flags, output=cached))
     run_ok(argv(*flags, *per_batch, output=decoded))
     assert_same_tensors(unet_weights(cached), unet_weights(decoded))
-    resume_from_the_checkpoint_before(argv, (*flags, *per_batch), decoded, 6)
-    assert_same_tensors(checkpoint_weights(cached / "checkpoint-6"), checkpoint_weights(decoded / "checkpoint-6"))
+    resumed = tmp_path / "resumed"
+    resume_from_the_checkpoint_before(argv, (*flags, *per_batch), decoded, 6, resumed)
+    assert_same_tensors(checkpoint_weights(cached / "checkpoint-6"), checkpoint_weights(resumed / "checkpoint-6"))
     assert loaders_opened_at == [0, 3]  # 16 images / batch 4: step 3 resumes mid-epoch, at micro-batch 3
 
 
