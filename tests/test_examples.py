@@ -160,6 +160,7 @@ def test_adherence_curve_trains_scores_each_checkpoint_and_plots(tmp_path):
     import adherence_curve
 
     argv = ["--recipes", "after", "--seeds", "0", "--max_train_steps", "2", "--eval_every", "1"]
+    argv += ["--dataset_size", "72"]  # two images per caption: the count does not matter to a 2-step run
     argv += [
         "--images_per_prompt",
         "1",
