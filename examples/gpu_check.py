@@ -84,7 +84,9 @@ def trainer_flags(data: Path, encoder: Path, output: Path, resolution: int, batc
     ]  # fmt: skip
 
 
-def train_row(name: str, flags: list, extra: list, skip: str | None = None) -> Row:
+def train_row(name: str, flags: list, extra: list, skip: str | None = None, skip_rows: tuple = ()) -> Row:
+    if any(pattern in name for pattern in skip_rows):
+        skip = "--skip_rows"
     if skip:
         return Row(name, "skipped", skip, 0.0)
     ok, output, seconds = run([sys.executable, TRAINER, *flags, *extra])
@@ -167,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--mfu_resolutions", type=int, nargs="*", default=[32, 64], help="Resolutions of the MFU tables (none: skip)."
     )
+    parser.add_argument(
+        "--skip_rows",
+        nargs="*",
+        default=[],
+        help="Skip the training rows whose name contains one of these (e.g. to rerun the rest on a device).",
+    )
     args = parser.parse_args(argv)
     args.output.parent.mkdir(parents=True, exist_ok=True)
 
@@ -184,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         data, encoder = prepare(work, resolution, 512 if on_gpu else 32)
 
+        def row(name: str, flags: list, extra: list, skip: str | None = None) -> Row:
+            return train_row(name, flags, extra, skip, tuple(args.skip_rows))
+
         def flags_for(count: int, name: str = "run") -> list:
             return trainer_flags(data, encoder, work / name, resolution, batch, count)
 
@@ -193,17 +204,17 @@ def main(argv: list[str] | None = None) -> int:
         # the dry run takes the same steps in fp32: CPU has no fp16, and its bf16 may be emulated
         half = "bf16" if native_bf16 else "fp16"
         rows = [
-            train_row("train fp16", flags_for(steps, "fp16"), ["--mixed_precision", "fp16"], no_gpu),
-            train_row("train bf16" if on_gpu else "train (CPU: fp32)", flags_for(steps, "bf16"),
+            row("train fp16", flags_for(steps, "fp16"), ["--mixed_precision", "fp16"], no_gpu),
+            row("train bf16" if on_gpu else "train (CPU: fp32)", flags_for(steps, "bf16"),
                       ["--mixed_precision", "bf16" if on_gpu else "no"],
                       None if native_bf16 or not on_gpu else "no native bf16 (compute capability < 8.0)"),
-            train_row(f"train {half if on_gpu else 'fp32'} --channels_last", flags_for(steps, "channels_last"),
+            row(f"train {half if on_gpu else 'fp32'} --channels_last", flags_for(steps, "channels_last"),
                       ["--mixed_precision", half if on_gpu else "no", "--channels_last"]),
-            train_row(f"train {half if on_gpu else 'fp32'}, small-dataset flags", flags_for(steps, "small"),
+            row(f"train {half if on_gpu else 'fp32'}, small-dataset flags", flags_for(steps, "small"),
                       ["--mixed_precision", half if on_gpu else "no", "--augment_prob", "0.5", "--random_flip",
                        "--alpha_background", "random", "--input_perturbation", "0.1",
                        "--caption_shuffle_separator", " ", "--channels_last"]),
-            train_row(f"train {half} --torch_compile", flags_for(steps, "compile"),
+            row(f"train {half} --torch_compile", flags_for(steps, "compile"),
                       ["--mixed_precision", half, "--torch_compile"],
                       None if compile_ok else "needs a GPU of compute capability >= 7.0"),
             *resume_rows(lambda count: flags_for(count, "resume"), on_gpu),
@@ -211,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         ]  # fmt: skip
         xformers = __import__("importlib").util.find_spec("xformers") is not None
         rows.append(
-            train_row(
+            row(
                 "train with xformers attention",
                 flags_for(steps, "xformers"),
                 ["--enable_xformers_memory_efficient_attention", "--mixed_precision", "fp16"],
