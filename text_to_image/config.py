@@ -95,7 +95,8 @@ class DataConfig(FlagGroup):
     )
     train_data_dir: str | None = flag(
         None,
-        "An imagefolder folder: images plus metadata.jsonl or metadata.csv with the captions.",
+        "A folder of images with their captions: in a metadata.jsonl or metadata.csv (an imagefolder), or in a .txt"
+        " of the same name beside each image (nested folders too).",
     )
     cache_dir: str | None = flag(
         None,

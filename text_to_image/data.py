@@ -31,6 +31,7 @@ MAX_NAMED_BAD_IMAGES = 20  # unreadable images named one per line; the rest are 
 MIN_EXAMPLES_TO_JUDGE_A_STREAM = 100  # a stream is refused as mostly unreadable only after this many examples
 STREAM_CAPTION_SAMPLE = 256  # streamed examples whose captions stand in for the dataset's (validation prompts)
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError)  # what PIL raises for corrupt/truncated files
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}  # a .txt-captioned folder's images
 NEAREST_SCALE_PROBES = 64  # images whose size is checked against --resize_filter nearest's whole-number scales
 
 
@@ -85,6 +86,56 @@ def first_bad_caption_row(metadata: list[Path], column: str) -> str | None:
     return None
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The folder's images, nested folders included (hidden ones not), in a fixed order."""
+    return sorted(
+        path
+        for path in folder.rglob("*")
+        if path.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
+
+
+def caption_files(folder: Path) -> Iterator[Path]:
+    """.txt files with an image of the same name beside them."""
+    return (path.with_suffix(".txt") for path in image_files(folder) if path.with_suffix(".txt").is_file())
+
+
+def caption_files_table(folder: Path, image_column: str, caption_column: str):
+    """A folder of images captioned by .txt files of the same name (kohya-ss, SimpleTuner, OneTrainer):
+    a table of image paths and captions; an image without its .txt has the empty caption."""
+    from datasets import Dataset
+
+    images = image_files(folder)
+    captions = [read_caption_file(image.with_suffix(".txt")) for image in images]
+    uncaptioned = sum(caption is None for caption in captions)
+    if not images or uncaptioned == len(images):
+        raise UserError(
+            f"--train_data_dir {folder} has no metadata.jsonl or metadata.csv and no image with a .txt caption"
+            f" beside it; add a metadata.jsonl with columns file_name and {caption_column}, or a .txt per image"
+        )
+    if uncaptioned:
+        logger.warning(
+            "%d of %d images in %s have no .txt caption beside them: they train with the empty caption",
+            uncaptioned,
+            len(images),
+            folder,
+        )
+    return Dataset.from_dict(
+        {image_column: [str(image) for image in images], caption_column: [caption or "" for caption in captions]}
+    )
+
+
+def read_caption_file(path: Path) -> str | None:
+    """The caption in `path`, or None when there is no such file."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8") from error
+
+
 def load_raw_dataset(config: DataConfig):
     """datasets.load_dataset on a Hub id, a local folder, a save_to_disk folder or an imagefolder."""
     import datasets
@@ -94,9 +145,10 @@ def load_raw_dataset(config: DataConfig):
         folder = Path(config.train_data_dir)
         metadata = [*folder.glob("metadata.*"), *folder.glob("*/metadata.*")]
         if not metadata:
-            raise UserError(
-                f"--train_data_dir {folder} has no metadata.jsonl or metadata.csv; add one with columns file_name and {config.caption_column}"
-            )
+            dataset = caption_files_table(folder, config.image_column, config.caption_column)
+            return dataset.to_iterable_dataset() if config.streaming else dataset
+        if next(caption_files(folder), None) is not None:
+            logger.info("%s gives the captions; the .txt files beside the images are not read", metadata[0].name)
         if not any(map(metadata_has_rows, metadata)):
             raise UserError(f"--train_data_dir {folder}: {metadata[0].name} has no rows; add one row per image")
         try:
@@ -524,7 +576,10 @@ class IndexedBatches:
         return len(self.table.unreadable_rows) + self.stood_in
 
     def describe(self) -> str:
-        return f"{len(self.table.usable_rows)} images ({self.skipped} skipped), {len(self.table.captions)} captions"
+        usable = self.table.usable_rows.tolist()
+        uncaptioned = sum(self.table.caption_options[row] == [""] for row in usable)
+        without = f", {uncaptioned} without a caption" if uncaptioned else ""
+        return f"{len(usable)} images ({self.skipped} skipped{without}), {len(self.table.captions)} captions"
 
 
 class ExampleDecoder(torch.utils.data.Dataset):
