@@ -1,9 +1,10 @@
 """Dataset layouts other trainers use, read through the real loading path: a folder of images with a
-.txt caption beside each (kohya-ss sd-scripts, SimpleTuner, OneTrainer)."""
+.txt caption beside each (kohya-ss sd-scripts, SimpleTuner, OneTrainer), and class folders."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -103,11 +104,92 @@ def test_metadata_wins_over_txt_captions_and_says_so(tmp_path, caplog):
     assert caplog.text.count("metadata.jsonl gives the captions; the .txt files beside the images are not read") == 1
 
 
+def write_class_folders(folder: Path, unclassed: int = 0) -> Path:
+    """8 shapes, each in a class folder named for it (blue_square/0.png, ...), and `unclassed` more at the root."""
+    for index, (shape, colour) in enumerate((shape, colour) for shape in SHAPES for colour in COLOURS):
+        image = folder / f"{colour}_{shape}" / f"{index}.png"
+        image.parent.mkdir(parents=True, exist_ok=True)
+        draw_shape(colour, shape, 16).save(image)
+    for index in range(unclassed):
+        draw_shape("red", "circle", 16).save(folder / f"root{index}.png")
+    return folder
+
+
+def test_class_folders_caption_each_image_with_its_folder_name_through_the_template(tmp_path, caplog):
+    data = write_class_folders(tmp_path / "data", unclassed=1)
+    with caplog.at_level("INFO"):
+        table = table_of(data, caption_template="a pixel-art {}")
+    captions = {
+        Path(table.decoder.source(row)["path"]).relative_to(data).as_posix(): options[0]
+        for row, options in enumerate(table.caption_options)
+    }
+    assert captions == {
+        **{
+            f"{colour}_{shape}/{index}.png": f"a pixel-art {colour} {shape}"
+            for index, (shape, colour) in enumerate((shape, colour) for shape in SHAPES for colour in COLOURS)
+        },
+        "root0.png": "",  # outside any class folder: the empty caption
+    }
+    assert "8 class folders, captioned from the folder name as 'a pixel-art {}': blue circle (1)," in caplog.text
+    assert "1 of 9 images sit directly in" in caplog.text and "outside any class folder" in caplog.text
+
+
+def test_class_folders_list_ten_classes_and_count_the_rest(tmp_path, caplog):
+    for index in range(12):
+        (tmp_path / "data" / f"class_{index:02d}").mkdir(parents=True)
+        draw_shape("red", "circle", 16).save(tmp_path / "data" / f"class_{index:02d}" / "0.png")
+    with caplog.at_level("INFO"):
+        table_of(tmp_path / "data")
+    assert "12 class folders, captioned from the folder name as '{}': class 00 (1)," in caplog.text
+    assert "class 09 (1) and 2 more" in caplog.text
+
+
+def test_class_folders_train_resume_exactly_and_cache_their_captions(
+    tmp_path, tiny_text_encoder_dir, tiny_unet_config_file, caplog
+):
+    data = write_class_folders(tmp_path / "data")
+
+    def argv(*extra, output):
+        return train_argv(data, tiny_text_encoder_dir, tiny_unet_config_file, output, *extra)
+
+    flags = ("--max_train_steps", "6", "--checkpointing_steps", "3", "--caption_template", "a {} sprite")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    with caplog.at_level("INFO"):
+        run_ok(argv(*flags, output=straight))
+    assert "8 images (0 skipped), 9 captions" in caplog.text  # 8 classes and "" (caption dropout)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        resume_from_the_checkpoint_before(argv, flags, straight, 6, resumed)
+    assert "caption embeddings loaded from" in caplog.text
+    assert_same_tensors(
+        load_file(straight / "checkpoint-6" / "model.safetensors"),
+        load_file(resumed / "checkpoint-6" / "model.safetensors"),
+    )
+    card = (straight / "README.md").read_text()  # its usage example samples the first prompt, a class caption
+    assert re.search(r'pipe\("a (red|green|blue|yellow) (circle|square) sprite"', card)
+
+
+def test_a_caption_template_without_a_slot_is_refused(tmp_path, tiny_text_encoder_dir, tiny_unet_config_file, capsys):
+    data = write_class_folders(tmp_path / "data")
+    argv = train_argv(data, tiny_text_encoder_dir, tiny_unet_config_file, tmp_path / "out")
+    error = run_error([*argv, "--caption_template", "a pixel-art sprite"], capsys)
+    assert "error: --caption_template 'a pixel-art sprite' has no {} for the folder name" in error
+
+
+def test_a_caption_template_is_not_used_when_txt_captions_give_the_captions(tmp_path, caplog):
+    data = write_caption_folder(tmp_path / "data")
+    with caplog.at_level("INFO"):
+        table = table_of(data, caption_template="a pixel-art {}")
+    assert table.caption_options[0] == ["a red circle"]
+    assert "--caption_template 'a pixel-art {}' is not used: it captions class folders" in caplog.text
+
+
 @pytest.mark.parametrize("with_images", [True, False])
-def test_a_folder_without_metadata_or_txt_captions_is_refused(tmp_path, with_images):
-    data = write_caption_folder(tmp_path / "data", uncaptioned=8)
-    if not with_images:
-        for image in data.rglob("*.png"):
-            image.unlink()
-    with pytest.raises(UserError, match="no metadata.jsonl or metadata.csv and no image with a .txt caption"):
+def test_a_folder_without_metadata_txt_captions_or_class_folders_is_refused(tmp_path, with_images):
+    data = tmp_path / "data"
+    data.mkdir()
+    if with_images:
+        draw_shape("red", "circle", 16).save(data / "0.png")
+    (data / "empty_class").mkdir()
+    with pytest.raises(UserError, match="no metadata.jsonl or metadata.csv, no image with a .txt caption beside it"):
         table_of(data)

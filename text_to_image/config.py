@@ -30,6 +30,7 @@ LEARNING_RATE_REFERENCE_BATCH = 32
 TEXT_ENCODER_RATE_SHARE = 0.5  # a jointly trained encoder's default rate, of the chosen UNet rate
 RESIZE_FILTERS = ("nearest", "box", "bilinear", "bicubic", "lanczos")
 ALPHA_BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
+DEFAULT_CAPTION_TEMPLATE = "{}"  # a class folder's caption is its name as written
 VALIDATION_MAX_HELD_OUT = 256  # a --validation_split share holds out at most this many images
 VALIDATION_BUCKETS = 10  # the validation loss is read at this many fixed timestep ranges
 COPY_PERCENTILE = 5.0  # copy threshold: this percentile of the training images' leave-one-out NN distances
@@ -95,8 +96,14 @@ class DataConfig(FlagGroup):
     )
     train_data_dir: str | None = flag(
         None,
-        "A folder of images with their captions: in a metadata.jsonl or metadata.csv (an imagefolder), or in a .txt"
-        " of the same name beside each image (nested folders too).",
+        "A folder of images with their captions: in a metadata.jsonl or metadata.csv (an imagefolder), in a .txt"
+        " of the same name beside each image (nested folders too), or, with neither, the name of the folder each"
+        " image sits in (class folders: cat/0001.png, dog/0002.png; see --caption_template).",
+    )
+    caption_template: str = flag(
+        DEFAULT_CAPTION_TEMPLATE,
+        "Class folders only: the caption of an image in folder NAME, with {} standing for NAME (underscores become"
+        ' spaces), e.g. "a pixel-art {}".',
     )
     cache_dir: str | None = flag(
         None,
@@ -218,6 +225,10 @@ class DataConfig(FlagGroup):
         require_share("caption_tag_dropout", self.caption_tag_dropout)
         require_at_least(0, caption_keep_tokens=self.caption_keep_tokens)
         require_at_least(1, caption_variants=self.caption_variants)
+        if "{}" not in self.caption_template:
+            raise UserError(
+                f'--caption_template {self.caption_template!r} has no {{}} for the folder name; e.g. "a pixel-art {{}}"'
+            )
         if self.caption_shuffle_separator == "":
             raise UserError('--caption_shuffle_separator is empty; pass the text between tags, e.g. ","')
 

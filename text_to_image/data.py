@@ -7,6 +7,7 @@ yields exactly what an uninterrupted one yields from k on."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import json
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from text_to_image.common import UserError, exists
-from text_to_image.config import ALPHA_BACKGROUNDS, DataConfig, Decoding
+from text_to_image.config import ALPHA_BACKGROUNDS, DEFAULT_CAPTION_TEMPLATE, DataConfig, Decoding
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -31,7 +32,17 @@ MAX_NAMED_BAD_IMAGES = 20  # unreadable images named one per line; the rest are 
 MIN_EXAMPLES_TO_JUDGE_A_STREAM = 100  # a stream is refused as mostly unreadable only after this many examples
 STREAM_CAPTION_SAMPLE = 256  # streamed examples whose captions stand in for the dataset's (validation prompts)
 IMAGE_ERRORS = (OSError, ValueError, SyntaxError)  # what PIL raises for corrupt/truncated files
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}  # a .txt-captioned folder's images
+IMAGE_SUFFIXES = {
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".webp",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+}  # images of a folder without metadata
+CLASSES_LISTED = 10  # class folders named in the log line; the rest are counted
 NEAREST_SCALE_PROBES = 64  # images whose size is checked against --resize_filter nearest's whole-number scales
 
 
@@ -101,29 +112,72 @@ def caption_files(folder: Path) -> Iterator[Path]:
     return (path.with_suffix(".txt") for path in image_files(folder) if path.with_suffix(".txt").is_file())
 
 
-def caption_files_table(folder: Path, image_column: str, caption_column: str):
-    """A folder of images captioned by .txt files of the same name (kohya-ss, SimpleTuner, OneTrainer):
-    a table of image paths and captions; an image without its .txt has the empty caption."""
+def folder_table(folder: Path, config: DataConfig):
+    """A folder of images without a metadata file, as a table of image paths and captions: from a .txt of the
+    same name beside each image (kohya-ss, SimpleTuner, OneTrainer), or else from the class folder each image
+    sits in (`cat/0001.png`: "cat", through --caption_template)."""
     from datasets import Dataset
 
     images = image_files(folder)
     captions = [read_caption_file(image.with_suffix(".txt")) for image in images]
-    uncaptioned = sum(caption is None for caption in captions)
-    if not images or uncaptioned == len(images):
+    if any(exists(caption) for caption in captions):
+        warn_unused_caption_template(config, "its images have .txt captions")
+        captions = txt_captions(folder, captions)
+    elif any(image.parent != folder for image in images):
+        captions = class_folder_captions(folder, images, config.caption_template)
+    else:
         raise UserError(
-            f"--train_data_dir {folder} has no metadata.jsonl or metadata.csv and no image with a .txt caption"
-            f" beside it; add a metadata.jsonl with columns file_name and {caption_column}, or a .txt per image"
+            f"--train_data_dir {folder} has no metadata.jsonl or metadata.csv, no image with a .txt caption beside"
+            f" it and no class folders; add a metadata.jsonl with columns file_name and {config.caption_column},"
+            " a .txt per image, or sort the images into folders named for what they show"
         )
+    return Dataset.from_dict({config.image_column: [str(image) for image in images], config.caption_column: captions})
+
+
+def txt_captions(folder: Path, captions: list[str | None]) -> list[str]:
+    """The .txt captions, the empty caption for an image without one (counted in a warning)."""
+    uncaptioned = captions.count(None)
     if uncaptioned:
         logger.warning(
             "%d of %d images in %s have no .txt caption beside them: they train with the empty caption",
             uncaptioned,
+            len(captions),
+            folder,
+        )
+    return [caption or "" for caption in captions]
+
+
+def class_folder_captions(folder: Path, images: list[Path], template: str) -> list[str]:
+    """Each image captioned with the name of the folder it sits in (underscores as spaces) through `template`;
+    an image directly in `folder` has no class and gets the empty caption (counted in a warning)."""
+    classes = [image.parent.name.replace("_", " ") if image.parent != folder else None for image in images]
+    counts = collections.Counter(name for name in classes if exists(name))
+    shown = ", ".join(f"{name} ({count})" for name, count in sorted(counts.items())[:CLASSES_LISTED])
+    more = f" and {len(counts) - CLASSES_LISTED} more" if len(counts) > CLASSES_LISTED else ""
+    logger.info(
+        "%s: %d class folders, captioned from the folder name as %r: %s%s",
+        folder,
+        len(counts),
+        template,
+        shown,
+        more,
+    )
+    unclassed = classes.count(None)
+    if unclassed:
+        logger.warning(
+            "%d of %d images sit directly in %s, outside any class folder: they train with the empty caption",
+            unclassed,
             len(images),
             folder,
         )
-    return Dataset.from_dict(
-        {image_column: [str(image) for image in images], caption_column: [caption or "" for caption in captions]}
-    )
+    return ["" if name is None else template.replace("{}", name) for name in classes]
+
+
+def warn_unused_caption_template(config: DataConfig, why: str) -> None:
+    if config.caption_template != DEFAULT_CAPTION_TEMPLATE:
+        logger.warning(
+            "--caption_template %r is not used: it captions class folders, and %s", config.caption_template, why
+        )
 
 
 def read_caption_file(path: Path) -> str | None:
@@ -145,8 +199,9 @@ def load_raw_dataset(config: DataConfig):
         folder = Path(config.train_data_dir)
         metadata = [*folder.glob("metadata.*"), *folder.glob("*/metadata.*")]
         if not metadata:
-            dataset = caption_files_table(folder, config.image_column, config.caption_column)
+            dataset = folder_table(folder, config)
             return dataset.to_iterable_dataset() if config.streaming else dataset
+        warn_unused_caption_template(config, f"{metadata[0].name} gives the captions")
         if next(caption_files(folder), None) is not None:
             logger.info("%s gives the captions; the .txt files beside the images are not read", metadata[0].name)
         if not any(map(metadata_has_rows, metadata)):
@@ -166,6 +221,7 @@ def load_raw_dataset(config: DataConfig):
             ) from error
         return resolve_split(dataset, str(folder))
     name = config.dataset_name
+    warn_unused_caption_template(config, "--dataset_name gives the captions")
     local = Path(name)
     try:
         if local.is_dir() and ((local / "state.json").exists() or (local / "dataset_dict.json").exists()):
