@@ -53,6 +53,20 @@ def draw_shape(colour: str, shape: str, size: int):
     return image
 
 
+def caption_of_pixels(image) -> str:
+    """The caption an image of conftest.draw_shape was drawn for: the colour at the centre, and whether the
+    corner of the shape's box is filled (square) or white (circle). `image` is [3, R, R], uint8 or in [-1, 1]."""
+    import torch
+
+    rgb = image.float() if image.dtype == torch.uint8 else (image.float() + 1) * 127.5
+    size = rgb.shape[-1]
+    centre = rgb[:, size // 2, size // 2]
+    colour = min(COLOURS, key=lambda name: float(((torch.tensor(COLOURS[name]) - centre) ** 2).sum()))
+    corner = rgb[:, size // 4, size // 4]
+    shape = "circle" if bool((corner > 240).all()) else "square"
+    return f"a {colour} {shape}"
+
+
 def tiny_captions() -> list[str]:
     return [f"a {colour} {shape}" for colour in COLOURS for shape in SHAPES]
 

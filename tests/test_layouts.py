@@ -1,10 +1,12 @@
 """Dataset layouts other trainers use, read through the real loading path: a folder of images with a
-.txt caption beside each (kohya-ss sd-scripts, SimpleTuner, OneTrainer), and class folders."""
+.txt caption beside each (kohya-ss sd-scripts, SimpleTuner, OneTrainer), class folders, WebDataset shards."""
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from conftest import (
     COLOURS,
     SHAPES,
     assert_same_tensors,
+    caption_of_pixels,
     draw_shape,
     resume_from_the_checkpoint_before,
     run_error,
@@ -193,3 +196,121 @@ def test_a_folder_without_metadata_txt_captions_or_class_folders_is_refused(tmp_
     (data / "empty_class").mkdir()
     with pytest.raises(UserError, match="no metadata.jsonl or metadata.csv, no image with a .txt caption beside it"):
         table_of(data)
+
+
+def write_shards(folder: Path, caption: str = "txt", image: str = "png") -> Path:
+    """The 8 shapes in two WebDataset shards, 4 samples each: KEY.png + KEY.txt, or KEY.webp + KEY.json (lossless, so the pixels read back)."""
+    folder.mkdir(parents=True)
+    shapes = [(colour, shape) for shape in SHAPES for colour in COLOURS]
+    for shard in range(2):
+        with tarfile.open(folder / f"train-{shard:03d}.tar", "w") as tar:
+            for index in range(shard * 4, shard * 4 + 4):
+                colour, shape = shapes[index]
+                encoded = io.BytesIO()
+                draw_shape(colour, shape, 16).save(encoded, format=image.upper(), lossless=True)
+                text = f"a {colour} {shape}"
+                files = {image: encoded.getvalue()}
+                if caption == "txt":
+                    files["txt"] = text.encode()
+                elif caption == "json":
+                    files["json"] = json.dumps({"caption": text, "id": index}).encode()
+                for extension, payload in files.items():
+                    member = tarfile.TarInfo(f"sample{index:04d}.{extension}")
+                    member.size = len(payload)
+                    tar.addfile(member, io.BytesIO(payload))
+    return folder
+
+
+def shards_argv(dataset_name: str, tmp_path: Path, encoder: Path, unet: Path, output: Path, *extra: str) -> list[str]:
+    argv = train_argv(tmp_path, encoder, unet, output, *extra)
+    at = argv.index("--train_data_dir")
+    return [*argv[:at], "--dataset_name", dataset_name, *argv[at + 2 :]]
+
+
+def test_shards_with_txt_or_json_captions_are_read_in_a_fixed_order(tmp_path, caplog):
+    expected = [f"a {colour} {shape}" for shape in SHAPES for colour in COLOURS]
+    for caption, image in (("txt", "png"), ("json", "webp")):
+        shards = write_shards(tmp_path / caption, caption, image)
+        for name in (str(shards / "train-*.tar"), str(shards)):
+            with caplog.at_level("INFO"):
+                table = read_image_table(DataConfig(dataset_name=name, resolution=16), None, show_progress=False)
+            assert [options[0] for options in table.caption_options] == expected
+            assert [caption_of_pixels(image) for image in table.cache] == expected  # each image with its caption
+            assert f"--dataset_name {name}: 2 WebDataset shards" in caplog.text
+    one = read_image_table(
+        DataConfig(train_data_dir=str(tmp_path / "txt"), resolution=16), None, show_progress=False
+    )  # a folder of shards given as --train_data_dir
+    assert [options[0] for options in one.caption_options] == expected
+
+
+def test_shards_train_resume_exactly_and_cache_their_captions(
+    tmp_path, tiny_text_encoder_dir, tiny_unet_config_file, caplog
+):
+    shards = write_shards(tmp_path / "shards")
+
+    def argv(*extra, output):
+        name = str(shards / "train-*.tar")
+        return shards_argv(name, tmp_path, tiny_text_encoder_dir, tiny_unet_config_file, output, *extra)
+
+    flags = ("--max_train_steps", "6", "--checkpointing_steps", "3")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    with caplog.at_level("INFO"):
+        run_ok(argv(*flags, output=straight))
+    assert "8 images (0 skipped), 9 captions" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        resume_from_the_checkpoint_before(argv, flags, straight, 6, resumed)
+    assert "caption embeddings loaded from" in caplog.text
+    assert_same_tensors(
+        load_file(straight / "checkpoint-6" / "model.safetensors"),
+        load_file(resumed / "checkpoint-6" / "model.safetensors"),
+    )
+
+
+@pytest.mark.parametrize("caption", ["txt", "json"])
+def test_shards_stream(tmp_path, tiny_text_encoder_dir, tiny_unet_config_file, caption):
+    shards = write_shards(tmp_path / "shards", caption)
+    argv = shards_argv(
+        str(shards / "train-*.tar"), tmp_path, tiny_text_encoder_dir, tiny_unet_config_file, tmp_path / "out"
+    )
+    run_ok([*argv, "--streaming", "--shuffle_buffer_size", "8", "--max_train_steps", "2"])
+    card = (tmp_path / "out" / "README.md").read_text()  # the first prompt is a streamed caption
+    assert re.search(r'pipe\("a (red|green|blue|yellow) (circle|square)"', card)
+
+
+@pytest.mark.parametrize(
+    "broken, error",
+    [
+        ("no_caption", "the shards' samples hold no caption (.png); give each a .txt, or a .json"),
+        ("no_image", "the shards' samples hold no image (.txt); each needs a .png, .jpg or .webp"),
+        ("not_a_tar", "train-001.tar is not a readable .tar file"),
+        ("no_match", "no .tar shard there; give a shard, a glob in quotes"),
+        ("json_without_caption_key", "the shards' samples hold no caption (.png, .json; .json keys: id)"),
+    ],
+)
+def test_broken_shards_are_named_in_one_line(tmp_path, broken, error):
+    caption = {"no_caption": "none", "json_without_caption_key": "json"}.get(broken, "txt")
+    shards = write_shards(tmp_path / "shards", caption)
+    name = str(shards / "train-*.tar")
+    if broken == "no_image":
+        for shard in shards.glob("*.tar"):
+            with tarfile.open(shard) as tar:
+                texts = [(member, tar.extractfile(member).read()) for member in tar if member.name.endswith(".txt")]
+            with tarfile.open(shard, "w") as tar:
+                for member, payload in texts:
+                    tar.addfile(member, io.BytesIO(payload))
+    elif broken == "not_a_tar":
+        (shards / "train-001.tar").write_bytes(b"not a tar" * 100)
+    elif broken == "no_match":
+        name = str(shards / "valid-*.tar")
+    elif broken == "json_without_caption_key":
+        for shard in shards.glob("*.tar"):
+            with tarfile.open(shard) as tar:
+                members = [(member, tar.extractfile(member).read()) for member in tar]
+            with tarfile.open(shard, "w") as tar:
+                for member, payload in members:
+                    payload = json.dumps({"id": 1}).encode() if member.name.endswith(".json") else payload
+                    member.size = len(payload)
+                    tar.addfile(member, io.BytesIO(payload))
+    with pytest.raises(UserError, match=re.escape(error)):
+        read_image_table(DataConfig(dataset_name=name, resolution=16), None, show_progress=False)

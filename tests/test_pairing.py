@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import COLOURS, run_ok, train_argv, write_imagefolder
+from conftest import caption_of_pixels, run_ok, train_argv, write_imagefolder
 from PIL import Image
 
 import text_to_image.data as data_module
@@ -25,18 +25,6 @@ from text_to_image.training import Trainer
 
 CORRUPTED = "000.png"  # "a red square"
 CORRUPTED_CAPTION = "a red square"
-
-
-def caption_of_pixels(image: torch.Tensor) -> str:
-    """The caption an image of conftest.draw_shape was drawn for: the colour at the centre, and whether the
-    corner of the shape's box is filled (square) or white (circle). `image` is [3, R, R], uint8 or in [-1, 1]."""
-    rgb = image.float() if image.dtype == torch.uint8 else (image.float() + 1) * 127.5
-    size = rgb.shape[-1]
-    centre = rgb[:, size // 2, size // 2]
-    colour = min(COLOURS, key=lambda name: float(((torch.tensor(COLOURS[name]) - centre) ** 2).sum()))
-    corner = rgb[:, size // 4, size // 4]
-    shape = "circle" if bool((corner > 240).all()) else "square"
-    return f"a {colour} {shape}"
 
 
 @pytest.fixture

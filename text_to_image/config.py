@@ -88,7 +88,10 @@ class DataConfig(FlagGroup):
 
     dataset_name: str | None = flag(
         None,
-        "Hub dataset id, or a local folder load_dataset understands (parquet/csv/json/arrow files, a save_to_disk folder).",
+        "Hub dataset id, a local folder load_dataset understands (parquet/csv/json/arrow files, a save_to_disk"
+        ' folder), or WebDataset .tar shards: one file, a glob in quotes ("shards/train-*.tar") or a folder of them,'
+        " each sample an image (.png/.jpg/.webp) with a .txt caption or a .json holding one (--caption_column, else"
+        ' its "caption" or "text" key).',
     )
     dataset_config_name: str | None = flag(
         None,
@@ -98,7 +101,8 @@ class DataConfig(FlagGroup):
         None,
         "A folder of images with their captions: in a metadata.jsonl or metadata.csv (an imagefolder), in a .txt"
         " of the same name beside each image (nested folders too), or, with neither, the name of the folder each"
-        " image sits in (class folders: cat/0001.png, dog/0002.png; see --caption_template).",
+        " image sits in (class folders: cat/0001.png, dog/0002.png; see --caption_template). A folder of WebDataset"
+        " .tar shards works too (see --dataset_name).",
     )
     caption_template: str = flag(
         DEFAULT_CAPTION_TEMPLATE,

@@ -5,14 +5,16 @@ table of images and captions (or a stream of them) for data.py.
 - a .txt caption beside each image (kohya-ss sd-scripts, SimpleTuner, OneTrainer);
 - class folders: an image's caption is the name of its folder, through --caption_template;
 - Hub datasets and local folders load_dataset understands, save_to_disk folders;
-- WebDataset .tar shards."""
+- WebDataset .tar shards: a file, a glob or a folder of them, each sample an image with a .txt or a .json."""
 
 from __future__ import annotations
 
 import collections
+import glob
 import json
 import logging
 import os
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}  # as image files
 CLASSES_LISTED = 10  # class folders named in the log line; the rest are counted
+JSON_CAPTION_KEYS = ("caption", "text")  # a shard's .json caption, when --caption_column is not one of its keys
 
 
 def resolve_split(dataset, name: str):
@@ -170,13 +173,17 @@ def read_caption_file(path: Path) -> str | None:
 
 
 def load_raw_dataset(config: DataConfig):
-    """datasets.load_dataset on a Hub id, a local folder, a save_to_disk folder or an imagefolder."""
+    """A datasets Dataset (IterableDataset with --streaming) with the image and caption columns, from any layout:
+    a Hub id, a local folder load_dataset understands, a save_to_disk folder, an imagefolder, a folder of .txt
+    captions or class folders, WebDataset shards."""
     import datasets
     import pyarrow
 
     if exists(config.train_data_dir):
         folder = Path(config.train_data_dir)
         metadata = [*folder.glob("metadata.*"), *folder.glob("*/metadata.*")]
+        if not metadata and not image_files(folder) and shard_files(str(folder)):
+            return load_shards(shard_files(str(folder)), config, f"--train_data_dir {folder}")
         if not metadata:
             dataset = folder_table(folder, config)
             return dataset.to_iterable_dataset() if config.streaming else dataset
@@ -202,6 +209,8 @@ def load_raw_dataset(config: DataConfig):
     name = config.dataset_name
     warn_unused_caption_template(config, "--dataset_name gives the captions")
     local = Path(name)
+    if name.endswith(".tar") or glob.has_magic(name) or (local.is_dir() and shard_files(name)):
+        return load_shards(shard_files(name), config, f"--dataset_name {name}")
     try:
         if local.is_dir() and ((local / "state.json").exists() or (local / "dataset_dict.json").exists()):
             dataset = resolve_split(datasets.load_from_disk(str(local)), name)
@@ -220,3 +229,72 @@ def load_raw_dataset(config: DataConfig):
         raise UserError(
             f"--dataset_name {name}: not a local folder and {hint}; download it or pass a local path"
         ) from error
+
+
+def shard_files(name: str) -> list[Path]:
+    """The WebDataset shards `name` gives, in a fixed order: one .tar, a glob, or a folder's .tar files."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return sorted(path.glob("*.tar"))
+    if glob.has_magic(name):
+        return sorted(Path(match) for match in glob.glob(str(path)) if match.endswith(".tar"))
+    return [path] if path.is_file() else []
+
+
+def load_shards(shards: list[Path], config: DataConfig, where: str):
+    """WebDataset shards through datasets' webdataset builder, with the columns the trainer reads."""
+    import datasets
+
+    if not shards:
+        raise UserError(
+            f'{where}: no .tar shard there; give a shard, a glob in quotes ("data/train-*.tar") or a folder'
+        )
+    try:
+        dataset = datasets.load_dataset(
+            "webdataset",
+            data_files={"train": [str(shard) for shard in shards]},
+            split="train",
+            cache_dir=config.cache_dir,
+            streaming=config.streaming,
+        )
+    except (tarfile.TarError, datasets.exceptions.DatasetGenerationError) as error:
+        raise UserError(f"{where}: {first_unreadable_shard(shards) or error}") from error
+    logger.info("%s: %d WebDataset shard%s", where, len(shards), "" if len(shards) == 1 else "s")
+    return shard_columns(dataset, config, where)
+
+
+def first_unreadable_shard(shards: list[Path]) -> str | None:
+    for shard in shards:
+        try:
+            with tarfile.open(shard) as tar:
+                tar.getmembers()
+        except (tarfile.TarError, OSError) as error:
+            return f"{shard} is not a readable .tar file ({error}); rewrite or remove it"
+    return None
+
+
+def shard_columns(dataset, config: DataConfig, where: str):
+    """A shard's columns are its samples' file extensions (png, txt, json): the image becomes --image_column;
+    the caption is --caption_column when a sample has that extension, else its .txt, else a key of its .json
+    (--caption_column, "caption" or "text")."""
+    columns = dataset.column_names
+    found = ", ".join(f".{column}" for column in columns if not column.startswith("__"))
+    image = next((column for column in columns if f".{column.split('.')[-1]}" in IMAGE_SUFFIXES), None)
+    if config.image_column not in columns and not exists(image):
+        raise UserError(f"{where}: the shards' samples hold no image ({found}); each needs a .png, .jpg or .webp")
+    if config.image_column not in columns:
+        dataset = dataset.rename_column(image, config.image_column)
+    if config.caption_column in columns:
+        return dataset
+    if "txt" in columns:
+        return dataset.rename_column("txt", config.caption_column)
+    keys = list(dataset.features["json"]) if "json" in columns else []
+    key = next((key for key in (config.caption_column, *JSON_CAPTION_KEYS) if key in keys), None)
+    if not exists(key):
+        raise UserError(
+            f"{where}: the shards' samples hold no caption ({found}{'; .json keys: ' + ', '.join(keys) if keys else ''});"
+            f' give each a .txt, or a .json with a "caption" key, or name its key with --caption_column'
+        )
+    return dataset.map(
+        lambda record: {config.caption_column: (record or {}).get(key)}, input_columns="json", remove_columns="json"
+    )
