@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from text_to_image.common import UserError
 from text_to_image.config import DataConfig
-from text_to_image.data import read_image_table
+from text_to_image.data import open_stream, read_image_table
 
 
 def write_caption_folder(folder: Path, uncaptioned: int = 0) -> Path:
@@ -288,7 +288,8 @@ def test_shards_stream(tmp_path, tiny_text_encoder_dir, tiny_unet_config_file, c
         ("json_without_caption_key", "the shards' samples hold no caption (.png, .json; .json keys: id)"),
     ],
 )
-def test_broken_shards_are_named_in_one_line(tmp_path, broken, error):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_broken_shards_are_named_in_one_line(tmp_path, broken, error, streaming):
     caption = {"no_caption": "none", "json_without_caption_key": "json"}.get(broken, "txt")
     shards = write_shards(tmp_path / "shards", caption)
     name = str(shards / "train-*.tar")
@@ -313,4 +314,7 @@ def test_broken_shards_are_named_in_one_line(tmp_path, broken, error):
                     member.size = len(payload)
                     tar.addfile(member, io.BytesIO(payload))
     with pytest.raises(UserError, match=re.escape(error)):
-        read_image_table(DataConfig(dataset_name=name, resolution=16), None, show_progress=False)
+        if streaming:  # the stream reads its shards later, but it is opened here
+            open_stream(DataConfig(dataset_name=name, resolution=16, streaming=True), 0, 1, seed=0, start_micro_index=0)
+        else:
+            read_image_table(DataConfig(dataset_name=name, resolution=16), None, show_progress=False)

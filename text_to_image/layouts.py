@@ -249,6 +249,9 @@ def load_shards(shards: list[Path], config: DataConfig, where: str):
         raise UserError(
             f'{where}: no .tar shard there; give a shard, a glob in quotes ("data/train-*.tar") or a folder'
         )
+    unreadable = first_unreadable_shard(shards, whole=False)  # a stream would meet it mid-run
+    if exists(unreadable):
+        raise UserError(f"{where}: {unreadable}")
     try:
         dataset = datasets.load_dataset(
             "webdataset",
@@ -263,11 +266,12 @@ def load_shards(shards: list[Path], config: DataConfig, where: str):
     return shard_columns(dataset, config, where)
 
 
-def first_unreadable_shard(shards: list[Path]) -> str | None:
+def first_unreadable_shard(shards: list[Path], whole: bool = True) -> str | None:
+    """The first shard that is not a tar file, read whole or only up to its first member's header."""
     for shard in shards:
         try:
             with tarfile.open(shard) as tar:
-                tar.getmembers()
+                tar.getmembers() if whole else tar.next()
         except (tarfile.TarError, OSError) as error:
             return f"{shard} is not a readable .tar file ({error}); rewrite or remove it"
     return None
