@@ -283,7 +283,7 @@ def test_shards_stream(tmp_path, tiny_text_encoder_dir, tiny_unet_config_file, c
     [
         ("no_caption", "the shards' samples hold no caption (.png); give each a .txt, or a .json"),
         ("no_image", "the shards' samples hold no image (.txt); each needs a .png, .jpg or .webp"),
-        ("not_a_tar", "train-001.tar is not a readable .tar file"),
+        ("not_a_tar", "train-001.tar is not a readable .tar file (invalid header); rewrite or remove it"),
         ("no_match", "no .tar shard there; give a shard, a glob in quotes"),
         ("json_without_caption_key", "the shards' samples hold no caption (.png, .json; .json keys: id)"),
     ],

@@ -270,7 +270,7 @@ def first_unreadable_shard(shards: list[Path], whole: bool = True) -> str | None
     """The first shard that is not a tar file, read whole or only up to its first member's header."""
     for shard in shards:
         try:
-            with tarfile.open(shard) as tar:
+            with tarfile.open(shard, "r:") as tar:  # uncompressed, as datasets reads them
                 tar.getmembers() if whole else tar.next()
         except (tarfile.TarError, OSError) as error:
             return f"{shard} is not a readable .tar file ({error}); rewrite or remove it"
