@@ -572,6 +572,91 @@ def random_feature_models(work: Path, tokenizer_dir: Path, quick: bool) -> tuple
     return work / "dinov2", work / "clip"
 
 
+# ---- ops per training step (issue 26: a step that waits on the host, not the GPU) ----
+
+
+class OpCounter:
+    """Counts the aten ops a region dispatches (one op is roughly one kernel launch on a GPU)."""
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class Counting(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counter.ops += 1
+                return func(*args, **(kwargs or {}))
+
+        self.ops, self.mode = 0, Counting()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *error):
+        return self.mode.__exit__(*error)
+
+
+def step_ops_argv(size: str, data_dir: Path, encoder: Path, output_dir: Path, resolution: int, batch: int) -> list:
+    """The trainer at this --model_size with its defaults: only the data, the batch and the logging are given."""
+    return [
+        "--train_data_dir", str(data_dir),
+        "--text_encoder_name_or_path", str(encoder),
+        "--model_size", size,
+        "--resolution", str(resolution),
+        "--train_batch_size", str(batch),
+        "--max_train_steps", "1000",
+        "--output_dir", str(output_dir),
+        "--logger", "none",
+        "--seed", "0",
+    ]  # fmt: skip
+
+
+def step_ops_row(size: str, argv: list[str], steps: int) -> str:
+    """Ops dispatched by one Trainer.step, split into its parts, and the median host milliseconds of a step."""
+    run = set_up_training(argv)
+    for _ in range(2):  # warm-up: AdamW's state, the EMA's first step, the allocator
+        time_optimizer_step(run)
+    with OpCounter() as whole:
+        time_optimizer_step(run)
+    seconds = [time_optimizer_step(run) for _ in range(steps)]
+    trainer = run.trainer
+    with OpCounter() as data:
+        trainer.micro_batch(run.state.step * trainer.accumulation)
+    ema = OpCounter()
+    if trainer.ema is not None:
+        with ema:
+            trainer.update_ema()
+    host_ms = 1000 * statistics.median(seconds)
+    return f"| {size} | {whole.ops:,} | {data.ops:,} | {ema.ops:,} | {host_ms:.1f} |"
+
+
+def step_ops_table(resolution: int, batch: int, steps: int, sizes: list[str], quick: bool) -> str:
+    """Markdown: per --model_size, the ops one optimizer step dispatches and its host time, at `batch`."""
+    with tempfile.TemporaryDirectory(prefix="step-ops-") as work:
+        work = Path(work)
+        data_dir = prepare_data(None, work, quick=True)
+        encoder = prepare_encoders(dataset_captions(data_dir), work, quick)["small"]
+        rows = [
+            step_ops_row(size, step_ops_argv(size, data_dir, encoder, work / size, resolution, batch), steps)
+            for size in sizes
+        ]
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    return "\n".join(
+        [
+            f"Ops per training step: the trainer's defaults at each --model_size, {resolution} px, batch {batch},"
+            f" frozen encoder (captions cached), {device}; host ms is the median of {steps} steps.",
+            "",
+            "| size | ops per step | of them: micro-batch (data) | of them: EMA | host ms per step |",
+            "|---|---|---|---|---|",
+            *rows,
+        ]
+    )
+
+
 def timed(action) -> tuple[float, object]:
     wait_for_device()
     started = time.perf_counter()
@@ -645,7 +730,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--model_sizes", action="store_true", help="Only time the --model_size UNets (a table).")
     parser.add_argument("--resolution", type=int, default=32, help="With --model_sizes: the image side.")
     parser.add_argument("--text_width", type=int, default=768, help="With --model_sizes: encoder width (CLIP-L 768).")
-    parser.add_argument("--batch", type=int, default=8, help="With --model_sizes: images per step.")
+    parser.add_argument("--batch", type=int, help="With --model_sizes: images per step (8); with --step_ops: 1.")
     parser.add_argument(
         "--precision",
         choices=["fp32", "bf16", "fp16"],
@@ -654,6 +739,13 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument(
         "--evaluation", action="store_true", help="Only time the evaluation parts (validation, nearest, FD/KID)."
     )
+    parser.add_argument(
+        "--step_ops",
+        action="store_true",
+        help="Only count the ops one training step dispatches and its host ms, per --model_size (with --resolution,"
+        " --batch, default 1, and --steps).",
+    )
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "small", "base", "large"], help="With --step_ops.")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -663,8 +755,12 @@ def main(argv: list[str] | None = None) -> str:
         table = evaluation_table(args.data_dir, args.quick)
         print(table)
         return table
+    if args.step_ops:
+        table = step_ops_table(args.resolution, args.batch or 1, args.steps, args.sizes, args.quick)
+        print(table)
+        return table
     if args.model_sizes:
-        table = model_sizes_table(args.resolution, args.text_width, args.batch, args.steps, args.precision)
+        table = model_sizes_table(args.resolution, args.text_width, args.batch or 8, args.steps, args.precision)
         print(table)
         return table
     if args.quick:
