@@ -338,6 +338,13 @@ class ModelConfig(FlagGroup):
         False,
         "Compile the UNet with torch.compile.",
     )
+    cuda_graphs: bool = flag(
+        False,
+        "Run each optimizer step (forward and backward of its micro-batches, clipping, AdamW, EMA) as one captured"
+        " CUDA graph, replayed every step: for small UNets, whose steps otherwise wait on Python and kernel"
+        " launches. Captured after 3 eager steps; where it cannot run (no CUDA, DeepSpeed, more than one process,"
+        " fp16, xformers, --train_text_encoder, --ema_offload) the run says why in one line and trains eagerly.",
+    )
     channels_last: bool = flag(
         False,
         "Use channels-last memory format for the UNet (faster convolutions on many GPUs).",

@@ -14,6 +14,12 @@ import torch
 
 from pipeline_text_to_image import encode_text
 from text_to_image.batches import training_texts
+from text_to_image.captured import (
+    EAGER_STEPS_BEFORE_CAPTURE,
+    CapturedStep,
+    device_step_for,
+    why_not_captured,
+)
 from text_to_image.checkpoints import TrainState, read_train_state, resolve_resume_checkpoint
 from text_to_image.common import UserError, exists, unwrap
 from text_to_image.config import DataConfig, ModelConfig, OptimConfig, OutputConfig, RunConfig
@@ -455,6 +461,7 @@ def setup_run(config: RunConfig) -> Run:
         max_grad_norm=config.optim.max_grad_norm,
         channels_last=model.channels_last,
     )
+    trainer.captured = captured_step(config, trainer)
     outputs = Outputs(
         accelerator=accelerator,
         unet=models.unet,
@@ -496,6 +503,18 @@ def setup_run(config: RunConfig) -> Run:
         text_max_length=data.text_max_length,
         plan=run_plan(data, trainer, models, streaming=config.data.streaming),
     )
+
+
+def captured_step(config: RunConfig, trainer: Trainer) -> CapturedStep | None:
+    """--cuda_graphs: the trainer's step as one CUDA graph, or None (eager) with the reason in one line."""
+    if not config.model.cuda_graphs:
+        return None
+    why_not = why_not_captured(config, trainer.accelerator)
+    if exists(why_not):
+        logger.warning("--cuda_graphs: training eagerly, because %s", why_not)
+        return None
+    logger.info("--cuda_graphs: each step is one CUDA graph, captured after %d eager steps", EAGER_STEPS_BEFORE_CAPTURE)
+    return CapturedStep(device_step_for(trainer))
 
 
 def encode_grid_prompts(tokenizer, text_encoder, prompts: list[str], data: TrainingData):

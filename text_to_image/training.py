@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from text_to_image.batches import augment_pixels, choose_captions, crop_and_flip, draw_batch, mind_the_sides
+from text_to_image.captured import CapturedStep, StepInputs
 from text_to_image.checkpoints import StopRequest, TrainState, check_finite_loss, save_checkpoint
 from text_to_image.common import UserError, exists, unwrap
 from text_to_image.config import VALIDATION_BUCKETS, DataConfig, DiffusionConfig
@@ -135,6 +136,7 @@ class Trainer:
         self.channels_last = channels_last
         self.shard = Shard(accelerator.process_index, accelerator.num_processes, data.train_batch_size)
         self.accumulation = accelerator.gradient_accumulation_steps
+        self.captured: CapturedStep | None = None  # --cuda_graphs: the step replayed from one capture
 
     def micro_batch(self, micro_index: int) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
         """Pixels in [-1, 1], one caption each and the augmentation labels (None without --augment_prob), for
@@ -165,6 +167,8 @@ class Trainer:
         """Optimizer step `step` + 1: its micro-batches forward and backward, clip, update, LR and EMA.
         Returns the mean loss, the gradient norm (None when not clipping) and the loss per timestep bucket
         ([2, VALIDATION_BUCKETS]: sums, counts), all on the device: no sync."""
+        if exists(self.captured):
+            return self.captured_step(step)
         accelerator, losses, grad_norm = self.accelerator, [], None
         num_timesteps = self.noise_scheduler.config.num_train_timesteps
         buckets = torch.zeros(2, VALIDATION_BUCKETS, device=accelerator.device)
@@ -190,6 +194,28 @@ class Trainer:
         self.lr_scheduler.step()
         self.update_ema()
         return torch.stack(losses).mean(), grad_norm, buckets
+
+    def captured_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The same step through captured.CapturedStep: the host draws and gathers the micro-batches, the
+        device does the rest in one replay."""
+        outputs = self.captured(self.step_inputs(step))
+        self.accelerator.step += self.accumulation  # accelerate's micro-step count, as accumulate() keeps it
+        self.lr_scheduler.step()
+        return outputs.loss, outputs.grad_norm, outputs.buckets
+
+    def step_inputs(self, step: int) -> StepInputs:
+        """The step's micro-batches, stacked. On the CPU the noise then comes after all of the step's batch
+        draws instead of between them (one generator): with accumulation the numbers differ from the eager
+        step's there; on a GPU the noise has a generator of its own and they do not."""
+        micro_batches = [
+            self.micro_batch(index) for index in range(step * self.accumulation, (step + 1) * self.accumulation)
+        ]
+        labels = [labels for _, _, labels in micro_batches]
+        return StepInputs(
+            pixels=torch.stack([pixels for pixels, _, _ in micro_batches]),
+            text=torch.stack([self.conditioner.embed(captions) for _, captions, _ in micro_batches]),
+            labels=torch.stack(labels) if exists(labels[0]) else None,
+        )
 
     def update_ema(self) -> None:
         if not exists(self.ema):

@@ -1,0 +1,162 @@
+"""--cuda_graphs: the step as one device function (captured.DeviceStep). On the CPU: it traces whole under
+torch.compile and trains the eager step's weights; the capture-and-replay plumbing (static inputs, the
+learning rate and EMA weight written per step, accelerate's step count) trains and resumes exactly, with a
+capture that replays by calling the function again."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import assert_same_tensors, resume_from_the_checkpoint_before, run_ok, train_argv
+from safetensors.torch import load_file
+
+from text_to_image.captured import CapturedStep, device_step_for, why_not_captured
+from text_to_image.config import RunConfig, parse_args
+from text_to_image.setup import setup_run
+
+
+def set_up(argv: list[str]):
+    args = parse_args(argv)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    return setup_run(RunConfig.from_args(args))
+
+
+def trained_state(run) -> dict[str, torch.Tensor]:
+    """The UNet's weights, the EMA's and AdamW's moments and step counts, by name."""
+    trainer = run.trainer
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    named = dict(trainer.unet.named_parameters())
+    state = {f"unet.{name}": parameter.detach().clone() for name, parameter in named.items()}
+    for (name, parameter), shadow in zip(named.items(), trainer.ema.shadow_params, strict=True):
+        state[f"ema.{name}"] = shadow.clone()
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            state[f"adamw.{key}.{name}"] = optimizer.state[parameter][key].clone()
+    return state
+
+
+def assert_close_states(first: dict, second: dict) -> None:
+    assert first.keys() == second.keys()
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.fixture
+def argv(tiny_imagefolder, tiny_text_encoder_dir, tiny_unet_config_file, tmp_path):
+    def make(*extra: str, output: str = "out") -> list[str]:
+        flags = ("--max_grad_norm", "0.05", "--random_flip")  # a clip that bites, and a draw per image
+        return train_argv(
+            tiny_imagefolder, tiny_text_encoder_dir, tiny_unet_config_file, tmp_path / output, *flags, *extra
+        )
+
+    return make
+
+
+def test_the_device_step_traces_whole_and_trains_the_eager_steps_weights(argv, monkeypatch):
+    eager = set_up(argv(output="eager"))
+    eager_losses = [eager.trainer.step(step)[0] for step in range(3)]
+
+    traced = set_up(argv(output="traced"))
+    trainer = traced.trainer
+    device_step = device_step_for(trainer)
+    monkeypatch.setattr(torch._dynamo.config, "trace_autograd_ops", True)  # backward() inside the graph
+    torch._dynamo.reset()
+    # fullgraph: a graph break (a host sync, a data-dependent branch, an untraceable call) is an error
+    compiled = torch.compile(device_step, fullgraph=True, backend="aot_eager")
+    traced_losses = []
+    for step in range(3):
+        inputs = trainer.step_inputs(step)
+        device_step.set_scalars()
+        traced_losses.append(compiled(inputs).loss)
+        trainer.lr_scheduler.step()
+    torch._dynamo.reset()
+
+    torch.testing.assert_close(torch.stack(traced_losses), torch.stack(eager_losses), rtol=1e-5, atol=1e-6)
+    assert trainer.ema.optimization_step == eager.trainer.ema.optimization_step == 3
+    assert_close_states(trained_state(traced), trained_state(eager))
+    moved = trained_state(traced)["unet.conv_in.weight"] - set_up(argv(output="fresh")).trainer.unet.conv_in.weight
+    assert moved.abs().max() > 1e-4  # the weights did train
+
+
+def replay_by_calling_again(run):
+    """A stand-in for a CUDA graph on the CPU: replaying runs the captured function on the fixed inputs."""
+    return run
+
+
+@pytest.fixture
+def capture_on_the_cpu(monkeypatch):
+    monkeypatch.setattr("text_to_image.setup.why_not_captured", lambda config, accelerator: None)
+    monkeypatch.setattr("text_to_image.captured.capture_cuda_graph", replay_by_calling_again)
+
+
+def test_captured_steps_train_the_eager_steps_weights(argv, capture_on_the_cpu):
+    eager = set_up(argv(output="eager"))
+    for step in range(5):
+        eager.trainer.step(step)
+    captured = set_up(argv("--cuda_graphs", output="captured"))  # seeds the global RNG again, as a run does
+    assert isinstance(captured.trainer.captured, CapturedStep) and eager.trainer.captured is None
+    for step in range(5):  # 3 eager, the capture, a replay
+        captured.trainer.step(step)
+    assert captured.trainer.captured.static_inputs is not None  # it was captured
+    assert captured.accelerator.step == eager.accelerator.step == 5
+    assert captured.trainer.lr_scheduler.get_last_lr() == eager.trainer.lr_scheduler.get_last_lr()
+    assert_close_states(trained_state(captured), trained_state(eager))
+
+
+@pytest.mark.parametrize("accumulation", ["1", "2"])
+def test_captured_steps_resume_exactly(argv, tmp_path, capture_on_the_cpu, accumulation):
+    def make(*extra, output):
+        return argv("--cuda_graphs", "--gradient_accumulation_steps", accumulation, *extra, output=output)
+
+    flags = ("--max_train_steps", "8", "--checkpointing_steps", "4")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_ok(make(*flags, output=straight))  # steps 1-3 eager, 4 captured, 5-8 replayed
+    resume_from_the_checkpoint_before(make, flags, straight, 8, resumed)  # 5-7 eager, 8 captured
+    assert_same_tensors(
+        load_file(straight / "checkpoint-8" / "model.safetensors"),
+        load_file(resumed / "checkpoint-8" / "model.safetensors"),
+    )
+    assert_same_tensors(
+        torch.load(straight / "checkpoint-8" / "optimizer.bin", weights_only=False)["state"][0],
+        torch.load(resumed / "checkpoint-8" / "optimizer.bin", weights_only=False)["state"][0],
+    )
+
+
+def test_cuda_graphs_without_a_gpu_trains_eagerly_and_says_why(argv, caplog):
+    with caplog.at_level("INFO"):
+        run = set_up(argv("--cuda_graphs"))
+    assert run.trainer.captured is None
+    assert "--cuda_graphs: training eagerly, because no CUDA device" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "setting, why",
+    [
+        ({"distributed_type": "DEEPSPEED"}, "DeepSpeed steps the optimizer itself"),
+        ({"num_processes": 2}, "more than one process"),
+        ({"mixed_precision": "fp16"}, "fp16's loss scaler skips steps on the host; use bf16"),
+        ({"xformers": True}, "xformers attention is not captured"),
+        ({"train_text_encoder": True}, "--train_text_encoder trains the encoder outside the step"),
+        ({"ema_offload": True}, "--ema_offload keeps the EMA in CPU memory"),
+        ({}, None),
+    ],
+)
+def test_what_cuda_graphs_cannot_capture_is_named(setting, why):
+    from accelerate.utils import DistributedType
+
+    accelerator = SimpleNamespace(
+        device=torch.device("cuda"),
+        distributed_type=DistributedType[setting.get("distributed_type", "NO")],
+        num_processes=setting.get("num_processes", 1),
+        mixed_precision=setting.get("mixed_precision", "bf16"),
+    )
+    config = SimpleNamespace(
+        model=SimpleNamespace(
+            enable_xformers_memory_efficient_attention=setting.get("xformers", False),
+            train_text_encoder=setting.get("train_text_encoder", False),
+        ),
+        optim=SimpleNamespace(ema_offload=setting.get("ema_offload", False)),
+    )
+    reason = why_not_captured(config, accelerator)
+    assert reason == why if why is None else why in reason

@@ -1,0 +1,300 @@
+"""One optimizer step as one device function, for --cuda_graphs: captured once, replayed every step.
+
+The eager step (training.Trainer.step) goes through accelerate, whose backward, clipping and optimizer step
+consult the host (loss scaling, accumulation bookkeeping). A small UNet's step then waits on Python and kernel
+launches, not on the GPU. Here the device work of one optimizer step is one function with no host sync:
+
+- each micro-batch's forward and backward, noise and timesteps drawn inside from the device's generator;
+- the gradient norm and clipping;
+- AdamW on the optimizer's own state (foreach, capturable: the step count and learning rate are tensors);
+- the EMA as one foreach lerp.
+
+What changes from step to step is written into fixed device tensors before each call: the micro-batches
+(pixels, caption embeddings, augmentation labels), the learning rates and the EMA's weight. The host keeps
+the LR schedule and the EMA's decay formula (diffusers'), so both stay what the eager step uses, and the
+optimizer and EMA state stay the ones checkpoints save.
+
+The function runs three ways: eagerly, traced whole by torch.compile (a test: no graph break, the same
+weights as the eager step), and replayed from a CUDA graph (CapturedStep)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from text_to_image.common import exists
+from text_to_image.config import VALIDATION_BUCKETS
+from text_to_image.data import Shard
+from text_to_image.loss import DiffusionObjective, diffusion_losses, timestep_buckets
+
+EAGER_STEPS_BEFORE_CAPTURE = 3  # PyTorch's advice: warm up on a side stream (cuBLAS handles, lazy state) first
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """One optimizer step's micro-batches, stacked: [accumulation, shard batch, ...] each."""
+
+    pixels: torch.Tensor
+    text: torch.Tensor
+    labels: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class StepOutputs:
+    """The mean loss, the gradient norm before clipping (None when not clipping) and the loss per timestep
+    bucket ([2, VALIDATION_BUCKETS]: sums, counts), on the device."""
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor | None
+    buckets: torch.Tensor
+
+    def clone(self) -> StepOutputs:
+        """A copy a later replay does not overwrite."""
+        return StepOutputs(
+            loss=self.loss.clone(),
+            grad_norm=self.grad_norm.clone() if exists(self.grad_norm) else None,
+            buckets=self.buckets.clone(),
+        )
+
+
+class DeviceStep:
+    """The device work of one optimizer step, on the trainer's own UNet, optimizer state and EMA."""
+
+    def __init__(
+        self,
+        *,
+        unet,
+        noise_scheduler,
+        objective: DiffusionObjective,
+        shard: Shard,
+        optimizer,
+        ema,
+        max_grad_norm: float,
+        autocast_dtype: torch.dtype | None,
+    ):
+        self.unet, self.noise_scheduler, self.objective, self.shard = unet, noise_scheduler, objective, shard
+        self.optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds torch's
+        self.ema, self.max_grad_norm, self.autocast_dtype = ema, max_grad_norm, autocast_dtype
+        self.parameters = [parameter for group in self.optimizer.param_groups for parameter in group["params"]]
+        self.device = self.parameters[0].device
+        self.learning_rates = [self.scalar(group["lr"]) for group in self.optimizer.param_groups]
+        self.ema_weight = self.scalar(0.0)
+        self.num_timesteps = noise_scheduler.config.num_train_timesteps
+        initialize_adamw_state(self.optimizer)
+
+    def scalar(self, value: float) -> torch.Tensor:
+        return torch.tensor(float(value), dtype=torch.float32, device=self.device)
+
+    def set_scalars(self) -> None:
+        """Host side, once per step before the call: this step's learning rates and EMA weight, as the eager
+        step reads them (the LR schedule is stepped after the step; the EMA counts the step it is in)."""
+        for rate, group in zip(self.learning_rates, self.optimizer.param_groups, strict=True):
+            rate.fill_(group["lr"])
+        if exists(self.ema):
+            self.ema.optimization_step += 1
+            self.ema.cur_decay_value = self.ema.get_decay(self.ema.optimization_step)
+            self.ema_weight.fill_(1 - self.ema.cur_decay_value)
+        self.optimizer._opt_called = True  # what the LR scheduler checks: AdamW steps in this step, before it
+
+    def __call__(self, inputs: StepInputs) -> StepOutputs:
+        accumulation = inputs.pixels.shape[0]
+        losses, buckets = [], torch.zeros(2, VALIDATION_BUCKETS, device=self.device)
+        gradients = None
+        for micro in range(accumulation):
+            labels = inputs.labels[micro] if exists(inputs.labels) else None
+            with self.autocast():
+                per_sample, timesteps = diffusion_losses(
+                    self.unet,
+                    self.noise_scheduler,
+                    inputs.pixels[micro],
+                    inputs.text[micro],
+                    self.objective,
+                    self.shard,
+                    labels,
+                )
+                loss = per_sample.mean()
+            # gradients as values, not .grad: nothing outside the step holds them, and a capture owns them
+            micro_gradients = torch.autograd.grad(
+                loss / accumulation, self.parameters, allow_unused=True, materialize_grads=True
+            )  # divided as accelerate's backward divides it
+            gradients = micro_gradients if gradients is None else torch._foreach_add(gradients, micro_gradients)
+            losses.append(loss.detach())
+            bucket = timestep_buckets(timesteps, self.num_timesteps)
+            buckets[0].index_add_(0, bucket, per_sample.detach().float())
+            buckets[1].index_add_(0, bucket, torch.ones_like(per_sample, dtype=torch.float))
+        grad_norm = self.clip(gradients)
+        self.update_weights(gradients)
+        return StepOutputs(loss=torch.stack(losses).mean(), grad_norm=grad_norm, buckets=buckets)
+
+    def autocast(self):
+        # cached casts would outlive a graph capture: PyTorch's CUDA graph notes ask for cache_enabled=False
+        return torch.autocast(
+            self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=exists(self.autocast_dtype),
+            cache_enabled=False,
+        )
+
+    def clip(self, gradients: list[torch.Tensor]) -> torch.Tensor | None:
+        """Scale the gradients to --max_grad_norm at most, as torch.nn.utils.clip_grad_norm_ does; their norm."""
+        if self.max_grad_norm <= 0:
+            return None
+        norm = torch.nn.utils.get_total_norm(gradients, foreach=True)
+        torch._foreach_mul_(gradients, torch.clamp(self.max_grad_norm / (norm + 1e-6), max=1.0))
+        return norm
+
+    @torch.no_grad()
+    def update_weights(self, gradients: list[torch.Tensor]) -> None:
+        from torch.optim.adamw import adamw
+
+        gradient_of = dict(zip(map(id, self.parameters), gradients, strict=True))
+        # capturable (the step count and learning rate read from device tensors) on GPUs and when traced; torch
+        # runs it on no CPU eagerly, and nothing captures there
+        capturable = self.device.type != "cpu" or torch.compiler.is_compiling()
+        for group, rate in zip(self.optimizer.param_groups, self.learning_rates, strict=True):
+            states = [self.optimizer.state[parameter] for parameter in group["params"]]
+            adamw(
+                group["params"],
+                [gradient_of[id(parameter)] for parameter in group["params"]],
+                [state["exp_avg"] for state in states],
+                [state["exp_avg_sq"] for state in states],
+                [],
+                [state["step"] for state in states],
+                foreach=True,
+                capturable=capturable,
+                amsgrad=False,
+                beta1=group["betas"][0],
+                beta2=group["betas"][1],
+                lr=rate if capturable else group["lr"],
+                weight_decay=group["weight_decay"],
+                eps=group["eps"],
+                maximize=False,
+            )
+        if exists(self.ema):
+            weights = [parameter.detach() for parameter in self.unet_parameters()]
+            # diffusers' EMAModel.step: shadow -= (1 - decay) * (shadow - weights)
+            differences = torch._foreach_sub(self.ema.shadow_params, weights)
+            torch._foreach_mul_(differences, self.ema_weight)
+            torch._foreach_sub_(self.ema.shadow_params, differences)
+
+    def unet_parameters(self) -> list[torch.nn.Parameter]:
+        unet = getattr(self.unet, "module", self.unet)
+        return list(getattr(unet, "_orig_mod", unet).parameters())
+
+
+def initialize_adamw_state(optimizer: torch.optim.Optimizer) -> None:
+    """AdamW's per-parameter state as torch.optim.AdamW makes it on its first step (a float32 step count on
+    the parameter's device, as fused and capturable AdamW keep it), so that checkpoints stay interchangeable."""
+    for group in optimizer.param_groups:
+        if group.get("amsgrad"):
+            raise ValueError("--cuda_graphs does not run AMSGrad")
+        for parameter in group["params"]:
+            state = optimizer.state[parameter]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=parameter.device)
+                state["exp_avg"] = torch.zeros_like(parameter, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(parameter, memory_format=torch.preserve_format)
+            elif state["step"].device != parameter.device:  # a checkpoint of non-fused AdamW keeps it on the CPU
+                state["step"] = state["step"].to(parameter.device, torch.float32)
+
+
+def why_not_captured(config, accelerator) -> str | None:
+    """Why --cuda_graphs cannot run this configuration (None: it can)."""
+    from accelerate.utils import DistributedType
+
+    reasons = [
+        (accelerator.device.type != "cuda", "no CUDA device"),
+        (accelerator.distributed_type == DistributedType.DEEPSPEED, "DeepSpeed steps the optimizer itself"),
+        (accelerator.num_processes > 1, "more than one process (DDP's gradient all-reduce is not captured yet)"),
+        (accelerator.mixed_precision == "fp16", "fp16's loss scaler skips steps on the host; use bf16"),
+        (config.model.enable_xformers_memory_efficient_attention, "xformers attention is not captured; use SDPA"),
+        (config.model.train_text_encoder, "--train_text_encoder trains the encoder outside the step"),
+        (config.optim.ema_offload, "--ema_offload keeps the EMA in CPU memory"),
+    ]
+    return next((why for refused, why in reasons if refused), None)
+
+
+def device_step_for(trainer) -> DeviceStep:
+    """The DeviceStep over a training.Trainer's UNet, objective, optimizer and EMA."""
+    return DeviceStep(
+        unet=trainer.unet,
+        noise_scheduler=trainer.noise_scheduler,
+        objective=trainer.objective,
+        shard=trainer.shard,
+        optimizer=trainer.optimizer,
+        ema=trainer.ema,
+        max_grad_norm=trainer.max_grad_norm,
+        autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(trainer.accelerator.mixed_precision),
+    )
+
+
+Capture = Callable[[Callable[[], StepOutputs]], Callable[[], StepOutputs]]
+
+
+def capture_cuda_graph(run: Callable[[], StepOutputs]) -> Callable[[], StepOutputs]:
+    """`run` recorded as one CUDA graph (not executed now): a function that replays it and returns its
+    outputs, fixed tensors that each replay overwrites."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = run()
+
+    def replay() -> StepOutputs:
+        graph.replay()
+        return outputs
+
+    return replay
+
+
+class CapturedStep:
+    """A DeviceStep replayed from one capture: the first EAGER_STEPS_BEFORE_CAPTURE steps run eagerly (on a
+    side stream on a GPU, as PyTorch advises), the next is captured, and every step from then on copies its
+    inputs into fixed tensors and replays."""
+
+    def __init__(self, device_step: DeviceStep, capture: Capture | None = None):
+        self.device_step, self.capture = device_step, capture or capture_cuda_graph
+        self.eager_steps = 0
+        self.static_inputs: StepInputs | None = None
+        self.replay: Callable[[], StepOutputs] | None = None
+
+    def __call__(self, inputs: StepInputs) -> StepOutputs:
+        if self.eager_steps < EAGER_STEPS_BEFORE_CAPTURE:
+            self.eager_steps += 1
+            self.device_step.set_scalars()
+            with side_stream(self.device_step.device):
+                return self.device_step(inputs)
+        if not exists(self.replay):
+            self.static_inputs = StepInputs(
+                pixels=inputs.pixels.clone(),
+                text=inputs.text.clone(),
+                labels=inputs.labels.clone() if exists(inputs.labels) else None,
+            )
+            static = self.static_inputs
+            self.replay = self.capture(lambda: self.device_step(static))
+        self.static_inputs.pixels.copy_(inputs.pixels, non_blocking=True)
+        self.static_inputs.text.copy_(inputs.text, non_blocking=True)
+        if exists(inputs.labels):
+            self.static_inputs.labels.copy_(inputs.labels, non_blocking=True)
+        self.device_step.set_scalars()
+        return self.replay().clone()
+
+
+class side_stream:
+    """Work on a fresh CUDA stream that waits for, and is waited for by, the current one (no-op off CUDA)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            self.stream = torch.cuda.Stream()
+            self.stream.wait_stream(torch.cuda.current_stream())
+            self.context = torch.cuda.stream(self.stream)
+            self.context.__enter__()
+
+    def __exit__(self, *error):
+        if self.cuda:
+            self.context.__exit__(*error)
+            torch.cuda.current_stream().wait_stream(self.stream)
+        return False
