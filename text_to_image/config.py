@@ -381,12 +381,12 @@ class DiffusionConfig(FlagGroup):
     )
     ddpm_beta_schedule: str = flag(
         "squaredcos_cap_v2",
-        "Noise schedule (cosine by default: with v-prediction it follows prompts sooner, docs/results/adherence.md; the seed's was linear).",
+        "Noise schedule (cosine by default: with v-prediction it follows prompts sooner, docs/results/adherence.md; the original script's was linear).",
         choices=["linear", "scaled_linear", "squaredcos_cap_v2"],
     )
     prediction_type: str = flag(
         "v_prediction",
-        "What the UNet predicts. v_prediction (the default since it made a frozen-encoder model follow prompts in ~40%% fewer images than epsilon, examples/adherence_curve.py) or the seed's epsilon/sample.",
+        "What the UNet predicts. v_prediction (the default since it made a frozen-encoder model follow prompts in ~40%% fewer images than epsilon, examples/adherence_curve.py) or the original script's epsilon/sample.",
         choices=["epsilon", "sample", "v_prediction"],
     )
     snr_gamma: float = flag(
@@ -464,7 +464,7 @@ class OptimConfig(FlagGroup):
     )
     adam_beta1: float = flag(
         0.95,
-        "AdamW beta1 (the seed's 0.95).",
+        "AdamW beta1 (the original script's 0.95).",
     )
     adam_beta2: float = flag(
         0.999,
