@@ -53,11 +53,15 @@ def argv(tiny_imagefolder, tiny_text_encoder_dir, tiny_unet_config_file, tmp_pat
     return make
 
 
+ON_DEVICE = ("--data_on_device", "yes", "--augment_prob", "0.5", "--gradient_accumulation_steps", "2")
+
+
 def test_the_device_step_traces_whole_and_trains_the_eager_steps_weights(argv, monkeypatch):
-    eager = set_up(argv(output="eager"))
+    flags = ()
+    eager = set_up(argv(*flags, output="eager"))
     eager_losses = [eager.trainer.step(step)[0] for step in range(3)]
 
-    traced = set_up(argv(output="traced"))
+    traced = set_up(argv(*flags, output="traced"))
     trainer = traced.trainer
     device_step = device_step_for(trainer)
     monkeypatch.setattr(torch._dynamo.config, "trace_autograd_ops", True)  # backward() inside the graph
@@ -75,8 +79,30 @@ def test_the_device_step_traces_whole_and_trains_the_eager_steps_weights(argv, m
     torch.testing.assert_close(torch.stack(traced_losses), torch.stack(eager_losses), rtol=1e-5, atol=1e-6)
     assert trainer.ema.optimization_step == eager.trainer.ema.optimization_step == 3
     assert_close_states(trained_state(traced), trained_state(eager))
-    moved = trained_state(traced)["unet.conv_in.weight"] - set_up(argv(output="fresh")).trainer.unet.conv_in.weight
+    moved = (
+        trained_state(traced)["unet.conv_in.weight"] - set_up(argv(*flags, output="fresh")).trainer.unet.conv_in.weight
+    )
     assert moved.abs().max() > 1e-4  # the weights did train
+
+
+def test_the_batch_drawn_on_the_device_traces_whole_and_draws_every_number(argv):
+    """The rest of a --data_on_device step (a minute to trace with the UNet; the test above traces that). A
+    traced function drops random numbers it never reads and draws the next ones in their place: the generator
+    must end where the eager draws leave it."""
+    flags = ("--augment_prob", "0.5", "--alpha_background", "random", "--caption_shuffle_separator", " ")
+    trainer = set_up(argv("--data_on_device", "yes", *flags)).trainer
+    rows = trainer.resident.rows(range(1))[0]
+    torch.manual_seed(3)
+    eager = trainer.gathered(rows)
+    eager_generator = torch.get_rng_state()
+    torch._dynamo.reset()
+    compiled = torch.compile(trainer.gathered, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(3)
+    traced = compiled(rows)
+    torch._dynamo.reset()
+    assert torch.equal(torch.get_rng_state(), eager_generator)
+    for traced_part, eager_part in zip(traced, eager, strict=True):
+        assert torch.equal(traced_part, eager_part)
 
 
 def replay_by_calling_again(run):
@@ -90,24 +116,28 @@ def capture_on_the_cpu(monkeypatch):
     monkeypatch.setattr("text_to_image.captured.capture_cuda_graph", replay_by_calling_again)
 
 
-def test_captured_steps_train_the_eager_steps_weights(argv, capture_on_the_cpu):
-    eager = set_up(argv(output="eager"))
+@pytest.mark.parametrize("flags", [(), ON_DEVICE], ids=["host-gathered", "drawn-on-the-device"])
+def test_captured_steps_train_the_eager_steps_weights(argv, capture_on_the_cpu, flags):
+    eager = set_up(argv(*flags, output="eager"))
     for step in range(5):
         eager.trainer.step(step)
-    captured = set_up(argv("--cuda_graphs", output="captured"))  # seeds the global RNG again, as a run does
+    captured = set_up(argv("--cuda_graphs", *flags, output="captured"))  # seeds the global RNG again, as a run does
     assert isinstance(captured.trainer.captured, CapturedStep) and eager.trainer.captured is None
     for step in range(5):  # 3 eager, the capture, a replay
         captured.trainer.step(step)
     assert captured.trainer.captured.static_inputs is not None  # it was captured
-    assert captured.accelerator.step == eager.accelerator.step == 5
+    assert captured.accelerator.step == eager.accelerator.step == 5 * captured.trainer.accumulation
     assert captured.trainer.lr_scheduler.get_last_lr() == eager.trainer.lr_scheduler.get_last_lr()
     assert_close_states(trained_state(captured), trained_state(eager))
 
 
-@pytest.mark.parametrize("accumulation", ["1", "2"])
-def test_captured_steps_resume_exactly(argv, tmp_path, capture_on_the_cpu, accumulation):
+@pytest.mark.parametrize(
+    "accumulation, on_device", [("1", "no"), ("2", "no"), ("2", "yes")], ids=["1", "2", "2-drawn-on-the-device"]
+)
+def test_captured_steps_resume_exactly(argv, tmp_path, capture_on_the_cpu, accumulation, on_device):
     def make(*extra, output):
-        return argv("--cuda_graphs", "--gradient_accumulation_steps", accumulation, *extra, output=output)
+        flags = ("--gradient_accumulation_steps", accumulation, "--data_on_device", on_device)
+        return argv("--cuda_graphs", *flags, *extra, output=output)
 
     flags = ("--max_train_steps", "8", "--checkpointing_steps", "4")
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"

@@ -49,15 +49,15 @@ class AugmentDraws:
     shift: torch.Tensor  # [N, 2] (x, y) as fractions of the side, rounded to whole pixels when applied
 
 
-def draw_augmentation(shard: Shard, augment_prob: float) -> AugmentDraws:
+def draw_augmentation(shard: Shard, augment_prob: float, device: torch.device = CPU) -> AugmentDraws:
     """Which examples are augmented and their transforms (for draw_batch: a fixed count of draws)."""
     total = shard.total
-    augmented = torch.rand(total) < augment_prob
-    applied = (torch.rand(total, 5) < AUGMENT_TRANSFORM_PROB) & augmented[:, None]
-    quarter_turns = 1 + (torch.rand(total) * 3).long().clamp(max=2)
-    rotation = (torch.rand(total) * 2 - 1) * AUGMENT_MAX_ROTATION
-    log2_scale = torch.randn(total) * AUGMENT_LOG2_SCALE_STD
-    shift = (torch.rand(total, 2) * 2 - 1) * AUGMENT_MAX_SHIFT
+    augmented = torch.rand(total, device=device) < augment_prob
+    applied = (torch.rand(total, 5, device=device) < AUGMENT_TRANSFORM_PROB) & augmented[:, None]
+    quarter_turns = 1 + (torch.rand(total, device=device) * 3).long().clamp(max=2)
+    rotation = (torch.rand(total, device=device) * 2 - 1) * AUGMENT_MAX_ROTATION
+    log2_scale = torch.randn(total, device=device) * AUGMENT_LOG2_SCALE_STD
+    shift = (torch.rand(total, 2, device=device) * 2 - 1) * AUGMENT_MAX_SHIFT
     return AugmentDraws(
         x_flip=shard.of(applied[:, 0]),
         quarter_turns=shard.of(torch.where(applied[:, 1], quarter_turns, 0)),
@@ -89,8 +89,10 @@ def draw_batch(
     caption_variants: bool = False,
     augment_prob: float = 0.0,
     random_background: bool = False,
+    device: torch.device = CPU,
 ) -> BatchDraws:
-    """The micro-batch's random numbers, from the global RNG, in a fixed order.
+    """The micro-batch's random numbers, from the global RNG of `device` (the CPU's, or the GPU's for
+    --data_on_device), in a fixed order.
 
     The ordering contract that exact resume and "N processes = 1 process" rest on: per micro-batch,
     this function draws first (caption choice, dropout, crop, flip, then when turned on caption variant,
@@ -100,13 +102,16 @@ def draw_batch(
     moved, changes every later batch of a run and breaks both guarantees without failing; add new draws
     here, at the end, and only when their flag is on, so that runs without it keep their batches.
     """
-    caption_choice = shard.of(torch.rand(shard.total))
-    dropped = shard.of(torch.rand(shard.total)) < dropout_prob
-    crop_at = shard.of(torch.full((shard.total, 2), 0.5) if center_crop else torch.rand(shard.total, 2))
-    flip = shard.of(torch.rand(shard.total) < 0.5) if random_flip else None
-    variant_choice = shard.of(torch.rand(shard.total)) if caption_variants else None
-    augment = draw_augmentation(shard, augment_prob) if augment_prob > 0 else None
-    background = shard.of(torch.rand(shard.total, 3)) if random_background else None
+    total = shard.total
+    caption_choice = shard.of(torch.rand(total, device=device))
+    dropped = shard.of(torch.rand(total, device=device)) < dropout_prob
+    crop_at = shard.of(
+        torch.full((total, 2), 0.5, device=device) if center_crop else torch.rand(total, 2, device=device)
+    )
+    flip = shard.of(torch.rand(total, device=device) < 0.5) if random_flip else None
+    variant_choice = shard.of(torch.rand(total, device=device)) if caption_variants else None
+    augment = draw_augmentation(shard, augment_prob, device) if augment_prob > 0 else None
+    background = shard.of(torch.rand(total, 3, device=device)) if random_background else None
     return BatchDraws(
         caption_choice=caption_choice,
         dropped=dropped,
@@ -251,20 +256,28 @@ def crop_and_flip(
         spare_h, spare_w = image.shape[1] - resolution, image.shape[2] - resolution
         top, left = int(top_share * (spare_h + 1 - 1e-6)), int(left_share * (spare_w + 1 - 1e-6))
         crops.append(image[:, top : top + resolution, left : left + resolution])
-    batch = torch.stack(crops)
+    return flipped_in_unit_range(to_device(torch.stack(crops), device), flip, background)
+
+
+def flipped_in_unit_range(
+    batch: torch.Tensor, flip: torch.Tensor | None, background: torch.Tensor | None = None
+) -> torch.Tensor:
+    """uint8 [N, C, R, R] as float [N, 3, R, R] in [-1, 1]: mirrored where `flip`, RGBA composited on `background`
+    ([N, 3] in [0, 1]; white when None). The host path and --data_on_device both end here."""
     if exists(flip):
-        batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
-    batch = to_device(batch, device).float()
+        batch = torch.where(to_device(flip, batch.device)[:, None, None, None], batch.flip(-1), batch)
+    batch = batch.float()
     if batch.shape[1] == 4:
         alpha = batch[:, 3:] / 255.0
-        colour = to_device(background if exists(background) else torch.ones(len(batch), 3), device) * 255.0
+        colour = to_device(background if exists(background) else torch.ones(len(batch), 3), batch.device) * 255.0
         batch = batch[:, :3] * alpha + colour[:, :, None, None] * (1 - alpha)
     return batch.div_(127.5).sub_(1.0)
 
 
 def quarter_turn_sin_cos(turns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sine and cosine of 0-3 quarter turns, exact (entries 0 and +-1: no rounding of pi / 2)."""
-    return torch.tensor([0.0, 1.0, 0.0, -1.0])[turns], torch.tensor([1.0, 0.0, -1.0, 0.0])[turns]
+    sines, cosines = torch.tensor([[0.0, 1.0, 0.0, -1.0], [1.0, 0.0, -1.0, 0.0]], device=turns.device)
+    return sines[turns], cosines[turns]
 
 
 def augmentation_labels(augment: AugmentDraws, resolution: int) -> torch.Tensor:
@@ -293,7 +306,7 @@ def sampling_grids(augment: AugmentDraws, resolution: int) -> torch.Tensor:
     turn = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)
     angle = augment.rotation
     rotate = torch.stack([torch.stack([angle.cos(), -angle.sin()], 1), torch.stack([angle.sin(), angle.cos()], 1)], 1)
-    mirror = torch.stack([torch.where(augment.x_flip, -1.0, 1.0), torch.ones(count)], dim=1)
+    mirror = torch.stack([torch.where(augment.x_flip, -1.0, 1.0), torch.ones(count, device=angle.device)], dim=1)
     # inverse of shift . scale . rotate . turn . mirror: mirror^-1 = mirror, R^-1 = R^T
     inverse = torch.diag_embed(mirror) @ turn.transpose(1, 2) @ rotate.transpose(1, 2)
     inverse = inverse / (2.0**augment.log2_scale)[:, None, None]
@@ -307,10 +320,13 @@ def augment_pixels(pixels: torch.Tensor, augment: AugmentDraws) -> tuple[torch.T
     resolution = pixels.shape[-1]
     labels = augmentation_labels(augment, resolution)
     changed = labels.ne(0).any(dim=1)
-    if changed.any():
-        grids = F.affine_grid(
-            sampling_grids(augment, resolution).to(pixels.device), list(pixels.shape), align_corners=False
-        )
-        moved = F.grid_sample(pixels, grids, mode="bilinear", padding_mode="reflection", align_corners=False)
-        pixels = torch.where(to_device(changed, pixels.device)[:, None, None, None], moved, pixels)
+    # asking whether any changed waits for a GPU that drew them (--data_on_device), and breaks a traced or captured
+    # step: there the batch is always resampled (the where keeps untouched images all the same)
+    if changed.device.type == "cpu" and not torch.compiler.is_compiling() and not changed.any():
+        return pixels, labels
+    grids = F.affine_grid(
+        sampling_grids(augment, resolution).to(pixels.device), list(pixels.shape), align_corners=False
+    )
+    moved = F.grid_sample(pixels, grids, mode="bilinear", padding_mode="reflection", align_corners=False)
+    pixels = torch.where(to_device(changed, pixels.device)[:, None, None, None], moved, pixels)
     return pixels, to_device(labels, pixels.device)

@@ -7,10 +7,11 @@ launches, not on the GPU. Here the device work of one optimizer step is one func
 - each micro-batch's forward and backward, noise and timesteps drawn inside from the device's generator;
 - the gradient norm and clipping;
 - AdamW on the optimizer's own state (foreach, capturable: the step count and learning rate are tensors);
-- the EMA as one foreach lerp.
+- the EMA as three foreach ops weighted by a device scalar (torch has no foreach lerp by a tensor weight).
 
 What changes from step to step is written into fixed device tensors before each call: the micro-batches
-(pixels, caption embeddings, augmentation labels), the learning rates and the EMA's weight. The host keeps
+(pixels, caption embeddings, augmentation labels; with --data_on_device only their rows, the batch being drawn
+and gathered inside), the learning rates and the EMA's weight. The host keeps
 the LR schedule and the EMA's decay formula (diffusers'), so both stay what the eager step uses, and the
 optimizer and EMA state stay the ones checkpoints save.
 
@@ -19,6 +20,7 @@ weights as the eager step), and replayed from a CUDA graph (CapturedStep)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,11 +36,37 @@ EAGER_STEPS_BEFORE_CAPTURE = 3  # PyTorch's advice: warm up on a side stream (cu
 
 @dataclass(frozen=True)
 class StepInputs:
-    """One optimizer step's micro-batches, stacked: [accumulation, shard batch, ...] each."""
+    """One optimizer step's micro-batches, gathered on the host and stacked: [accumulation, shard batch, ...] each."""
 
     pixels: torch.Tensor
     text: torch.Tensor
     labels: torch.Tensor | None = None
+
+    def micro_batch(self, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return self.pixels[micro], self.text[micro], self.labels[micro] if exists(self.labels) else None
+
+
+@dataclass(frozen=True)
+class StepRows:
+    """--data_on_device: one optimizer step's rows of the image table, [accumulation, shard batch], on the
+    device; the step draws and gathers its micro-batches itself (resident.ResidentBatches)."""
+
+    rows: torch.Tensor
+
+
+def static_copy(inputs: StepInputs | StepRows) -> StepInputs | StepRows:
+    """Fixed tensors of the inputs' shapes that a capture reads and each step overwrites."""
+    return dataclasses.replace(inputs, **{name: tensor.clone() for name, tensor in tensors_of(inputs)})
+
+
+def copy_into(static: StepInputs | StepRows, inputs: StepInputs | StepRows) -> None:
+    for name, tensor in tensors_of(inputs):
+        getattr(static, name).copy_(tensor, non_blocking=True)
+
+
+def tensors_of(inputs: StepInputs | StepRows) -> list[tuple[str, torch.Tensor]]:
+    fields = ((field.name, getattr(inputs, field.name)) for field in dataclasses.fields(inputs))
+    return [(name, value) for name, value in fields if exists(value)]
 
 
 @dataclass(frozen=True)
@@ -73,8 +101,10 @@ class DeviceStep:
         ema,
         max_grad_norm: float,
         autocast_dtype: torch.dtype | None,
+        gather: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None,
     ):
         self.unet, self.noise_scheduler, self.objective, self.shard = unet, noise_scheduler, objective, shard
+        self.gather = gather  # --data_on_device: rows -> (pixels, caption embeddings, labels), drawn on the device
         self.optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds torch's
         self.ema, self.max_grad_norm, self.autocast_dtype = ema, max_grad_norm, autocast_dtype
         self.parameters = [parameter for group in self.optimizer.param_groups for parameter in group["params"]]
@@ -98,21 +128,18 @@ class DeviceStep:
             self.ema_weight.fill_(1 - self.ema.cur_decay_value)
         self.optimizer._opt_called = True  # what the LR scheduler checks: AdamW steps in this step, before it
 
-    def __call__(self, inputs: StepInputs) -> StepOutputs:
-        accumulation = inputs.pixels.shape[0]
+    def __call__(self, inputs: StepInputs | StepRows) -> StepOutputs:
+        accumulation = len(inputs.rows if isinstance(inputs, StepRows) else inputs.pixels)
         losses, buckets = [], torch.zeros(2, VALIDATION_BUCKETS, device=self.device)
         gradients = None
         for micro in range(accumulation):
-            labels = inputs.labels[micro] if exists(inputs.labels) else None
+            if isinstance(inputs, StepRows):  # the batch's draws, then the loss's: the eager step's order
+                pixels, text, labels = self.gather(inputs.rows[micro])
+            else:
+                pixels, text, labels = inputs.micro_batch(micro)
             with self.autocast():
                 per_sample, timesteps = diffusion_losses(
-                    self.unet,
-                    self.noise_scheduler,
-                    inputs.pixels[micro],
-                    inputs.text[micro],
-                    self.objective,
-                    self.shard,
-                    labels,
+                    self.unet, self.noise_scheduler, pixels, text, self.objective, self.shard, labels
                 )
                 loss = per_sample.mean()
             # gradients as values, not .grad: nothing outside the step holds them, and a capture owns them
@@ -227,6 +254,7 @@ def device_step_for(trainer) -> DeviceStep:
         ema=trainer.ema,
         max_grad_norm=trainer.max_grad_norm,
         autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(trainer.accelerator.mixed_precision),
+        gather=trainer.gathered if exists(trainer.resident) else None,
     )
 
 
@@ -255,27 +283,19 @@ class CapturedStep:
     def __init__(self, device_step: DeviceStep, capture: Capture | None = None):
         self.device_step, self.capture = device_step, capture or capture_cuda_graph
         self.eager_steps = 0
-        self.static_inputs: StepInputs | None = None
+        self.static_inputs: StepInputs | StepRows | None = None
         self.replay: Callable[[], StepOutputs] | None = None
 
-    def __call__(self, inputs: StepInputs) -> StepOutputs:
+    def __call__(self, inputs: StepInputs | StepRows) -> StepOutputs:
         if self.eager_steps < EAGER_STEPS_BEFORE_CAPTURE:
             self.eager_steps += 1
             self.device_step.set_scalars()
             with side_stream(self.device_step.device):
                 return self.device_step(inputs)
         if not exists(self.replay):
-            self.static_inputs = StepInputs(
-                pixels=inputs.pixels.clone(),
-                text=inputs.text.clone(),
-                labels=inputs.labels.clone() if exists(inputs.labels) else None,
-            )
-            static = self.static_inputs
+            static = self.static_inputs = static_copy(inputs)
             self.replay = self.capture(lambda: self.device_step(static))
-        self.static_inputs.pixels.copy_(inputs.pixels, non_blocking=True)
-        self.static_inputs.text.copy_(inputs.text, non_blocking=True)
-        if exists(inputs.labels):
-            self.static_inputs.labels.copy_(inputs.labels, non_blocking=True)
+        copy_into(self.static_inputs, inputs)
         self.device_step.set_scalars()
         return self.replay().clone()
 

@@ -43,6 +43,7 @@ class TrainState:
     unreadable_rows: list[int] = field(default_factory=list)  # a resumed per-batch run need not check again
     torch_compile: bool | None = None  # compiled weights are saved under "_orig_mod." names (None: not recorded)
     best: dict | None = None  # --keep_best: {"metric", "value", "step"} of the pipeline in OUTPUT_DIR/best
+    data_on_device: bool | None = None  # batches drawn on the device (resident.py); None: not recorded
 
 
 def checkpoint_step(path: Path) -> int | None:

@@ -18,8 +18,8 @@ def exists(value) -> bool:
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU tensor on `device`; to a GPU from pinned memory without blocking, so the host runs ahead."""
-    if device.type == "cuda":
+    """A tensor on `device`; from the CPU to a GPU from pinned memory without blocking, so the host runs ahead."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
 

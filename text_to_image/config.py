@@ -163,6 +163,15 @@ class DataConfig(FlagGroup):
         "Encode each caption once with the frozen text encoder and free it; --no_caption_cache runs the encoder in"
         " every step instead (for benchmarks).",
     )
+    data_on_device: str = flag(
+        "auto",
+        "Keep the decoded images and the caption embeddings on the GPU and draw each batch there (no per-image work"
+        " or copies on the host; --cuda_graphs then captures the batch with the step). auto: on a GPU when the"
+        " images are decoded once, all square at --resolution (or --center_crop), the captions cached, and both"
+        " take at most a quarter of the GPU's free memory. The draws then come from the GPU's generator, so the"
+        " batches differ from the host path's (a resumed run keeps the path it started with).",
+        choices=["auto", "yes", "no"],
+    )
     image_cache_max_gb: float = flag(
         4.0,
         "Decode all images once into memory when they fit in this many GiB at the training resolution; 0 decodes every epoch.",

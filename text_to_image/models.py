@@ -148,10 +148,14 @@ class CachedEmbeddings:
 
     def __init__(self, captions: list[str], table: torch.Tensor, device):
         self.row_of = {text: row for row, text in enumerate(captions)}
-        self.table, self.device = table, torch.device(device)  # [captions, tokens, hidden] in CPU memory
+        # [captions, tokens, hidden], in CPU memory unless --data_on_device moved it (resident.py)
+        self.table, self.device = table, torch.device(device)
 
-    def embed(self, texts: list[str]) -> torch.Tensor:
-        """The texts' rows, gathered on the CPU and copied to the device without waiting for it."""
+    def embed(self, texts: list[str] | torch.Tensor) -> torch.Tensor:
+        """The texts' rows, gathered where the table is and on the device without waiting for it; `texts` may
+        be the rows themselves, a tensor on the table's device (--data_on_device chooses captions as rows)."""
+        if isinstance(texts, torch.Tensor):
+            return self.table[texts]
         return to_device(self.table[[self.row_of[text] for text in texts]], self.device)
 
 

@@ -65,6 +65,14 @@ from text_to_image.optimization import (
     trained_parameters,
 )
 from text_to_image.outputs import GridConfig, Outputs, choose_validation_prompts
+from text_to_image.resident import (
+    ResidentBatches,
+    choose_on_device,
+    data_bytes,
+    move_to_device,
+    too_big_for,
+    why_not_on_device,
+)
 from text_to_image.training import Intervals, Run, Schedule, Trainer, plan_schedule, stream_schedule
 
 logger = logging.getLogger(__name__)
@@ -146,6 +154,7 @@ class TrainingData:
     text_max_length: int
     schedule: Schedule
     validation: ValidationSet | None  # held-out images, out of the batches
+    resident: ResidentBatches | None = None  # --data_on_device: the batches drawn and gathered on the device
 
 
 def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, text_encoder) -> TrainingData:
@@ -222,7 +231,24 @@ def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, t
         text_max_length=text_max_length,
         schedule=schedule,
         validation=validation,
+        resident=resident_batches(config, state, batches, conditioner, accelerator.device),
     )
+
+
+def resident_batches(
+    config: RunConfig, state: TrainState, batches: BatchSource, conditioner, device: torch.device
+) -> ResidentBatches | None:
+    """--data_on_device: the batches drawn and gathered on the device, or None (the host path); recorded in the
+    state, so that a resumed run draws where it started."""
+    table = batches.table if isinstance(batches, IndexedBatches) else None
+    why_not = why_not_on_device(table, conditioner, config.data.resolution)
+    if not exists(why_not):
+        why_not = too_big_for(device, data_bytes(table, conditioner))
+    recorded = state.data_on_device if state.step > 0 else None
+    state.data_on_device = choose_on_device(config.data.data_on_device, recorded, why_not, device)
+    if not state.data_on_device:
+        return None
+    return move_to_device(table, conditioner, batches, config.data, config.diffusion.conditioning_dropout_prob)
 
 
 def read_validation_folder(data: DataConfig, folder: str, show_progress: bool) -> ValidationSet:
@@ -455,6 +481,7 @@ def setup_run(config: RunConfig) -> Run:
         ema=models.ema,
         ema_offload=config.optim.ema_offload,
         batches=data.batches,
+        resident=data.resident,
         conditioner=data.conditioner,
         data=config.data,
         diffusion=config.diffusion,

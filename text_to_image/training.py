@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from text_to_image.batches import augment_pixels, choose_captions, crop_and_flip, draw_batch, mind_the_sides
-from text_to_image.captured import CapturedStep, StepInputs
+from text_to_image.captured import CapturedStep, StepInputs, StepRows
 from text_to_image.checkpoints import StopRequest, TrainState, check_finite_loss, save_checkpoint
 from text_to_image.common import UserError, exists, unwrap
 from text_to_image.config import VALIDATION_BUCKETS, DataConfig, DiffusionConfig
@@ -23,6 +23,7 @@ from text_to_image.loss import bucket_names, diffusion_losses, objective_for, ti
 from text_to_image.metrics import SUMMARY
 from text_to_image.models import CachedEmbeddings, LiveEncoder
 from text_to_image.outputs import Outputs
+from text_to_image.resident import ResidentBatches
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +121,7 @@ class Trainer:
         ema,
         ema_offload: bool,
         batches: BatchSource,
+        resident: ResidentBatches | None = None,
         conditioner: CachedEmbeddings | LiveEncoder,
         data: DataConfig,
         diffusion: DiffusionConfig,
@@ -131,6 +133,7 @@ class Trainer:
         self.noise_scheduler, self.optimizer, self.lr_scheduler = noise_scheduler, optimizer, lr_scheduler
         self.ema, self.ema_offload = ema, ema_offload
         self.batches, self.conditioner, self.data, self.diffusion = batches, conditioner, data, diffusion
+        self.resident = resident  # --data_on_device: micro-batches drawn and gathered on the device
         self.objective = objective_for(diffusion)
         self.max_grad_norm = max_grad_norm
         self.channels_last = channels_last
@@ -138,9 +141,25 @@ class Trainer:
         self.accumulation = accelerator.gradient_accumulation_steps
         self.captured: CapturedStep | None = None  # --cuda_graphs: the step replayed from one capture
 
-    def micro_batch(self, micro_index: int) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+    def micro_batch(self, micro_index: int) -> tuple[torch.Tensor, list[str] | torch.Tensor, torch.Tensor | None]:
         """Pixels in [-1, 1], one caption each and the augmentation labels (None without --augment_prob), for
-        this process's share of one global micro-batch."""
+        this process's share of one global micro-batch. The captions are texts, or with --data_on_device rows of
+        the caption-embedding table, on the device: the conditioner embeds either."""
+        if exists(self.resident):
+            pixels, captions, labels = self.resident.micro_batch(micro_index)
+        else:
+            pixels, captions, labels = self.host_micro_batch(micro_index)
+        return self.laid_out(pixels), captions, labels
+
+    def laid_out(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels.contiguous(memory_format=torch.channels_last) if self.channels_last else pixels
+
+    def gathered(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """--data_on_device, inside a device step: these rows' pixels, caption embeddings and labels."""
+        pixels, captions, labels = self.resident.gathered(rows)
+        return self.laid_out(pixels), self.conditioner.embed(captions), labels
+
+    def host_micro_batch(self, micro_index: int) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
         data = self.data
         examples = self.batches.examples(micro_index)
         draws = draw_batch(
@@ -159,8 +178,6 @@ class Trainer:
         labels = None
         if exists(draws.augment):
             pixels, labels = augment_pixels(pixels, draws.augment)
-        if self.channels_last:
-            pixels = pixels.contiguous(memory_format=torch.channels_last)
         return pixels, captions, labels
 
     def step(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -203,13 +220,15 @@ class Trainer:
         self.lr_scheduler.step()
         return outputs.loss, outputs.grad_norm, outputs.buckets
 
-    def step_inputs(self, step: int) -> StepInputs:
-        """The step's micro-batches, stacked. On the CPU the noise then comes after all of the step's batch
-        draws instead of between them (one generator): with accumulation the numbers differ from the eager
-        step's there; on a GPU the noise has a generator of its own and they do not."""
-        micro_batches = [
-            self.micro_batch(index) for index in range(step * self.accumulation, (step + 1) * self.accumulation)
-        ]
+    def step_inputs(self, step: int) -> StepInputs | StepRows:
+        """The step's micro-batches, stacked; with --data_on_device only their rows, drawn and gathered inside
+        the step. Gathered here on the CPU, the noise comes after all of the step's batch draws instead of
+        between them (one generator): with accumulation the numbers differ from the eager step's there; on a
+        GPU the noise has a generator of its own and they do not."""
+        micro_indices = range(step * self.accumulation, (step + 1) * self.accumulation)
+        if exists(self.resident):
+            return StepRows(rows=self.resident.rows(micro_indices))
+        micro_batches = [self.micro_batch(index) for index in micro_indices]
         labels = [labels for _, _, labels in micro_batches]
         return StepInputs(
             pixels=torch.stack([pixels for pixels, _, _ in micro_batches]),
