@@ -435,8 +435,21 @@ def format_table(train: list[str], sample: list[str], args, seconds: float, load
 
 
 # Dense peak TFLOP/s of the cards our users train on, at the precision the trainer runs them in (fp16/bf16
-# tensor cores; spec sheets, no sparsity). A card not named here gets "unknown" for MFU.
-GPU_PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "L4": 121.0, "T4": 65.0}
+# tensor cores; spec sheets, no sparsity). Matched as a part of torch.cuda.get_device_name(), the more specific
+# names first: "NVIDIA H100 PCIe" and "NVIDIA H100 NVL" are slower cards than the SXM's "NVIDIA H100 80GB HBM3",
+# and "L4" is a part of "NVIDIA L40S". A card not named here gets "unknown" for MFU.
+GPU_PEAK_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H200 NVL": 835.0,
+    "H100": 989.0,  # SXM
+    "H200": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L40": 181.0,
+    "L4": 121.0,
+    "T4": 65.0,
+}
 
 
 def gpu_peak_flops(name: str) -> float | None:

@@ -6,9 +6,12 @@
 Rows: training steps in fp16 and bf16, with --channels_last and with --torch_compile; train 2 steps,
 checkpoint, resume with --use_ema and take a step (the EMA must follow the UNet to the GPU after
 the checkpoint is loaded); a 2-process DDP run when there are two GPUs; xformers when installed;
-the saved pipeline in float16 with enable_model_cpu_offload(); and the benchmark's MFU table at
-32 and 64 px for the default UNet sizes. Needs no network: the data and the text encoder are
-drawn and built here, as the quickstart does. The table goes to stdout and to --output.
+the saved pipeline in float16 with enable_model_cpu_offload(); the benchmark's MFU table at
+32 and 64 px for the default UNet sizes; and the throughput table (examples/throughput.py: img/s, MFU,
+kernels per step, host against GPU ms of the trainer's own step per preset, resolution, batch and mode,
+beside the trainer's logged images_per_second), given what is left of WHOLE_CHECK_S so the call ends
+within 8 minutes. Needs no network: the data and the text encoder are drawn and built here, as the
+quickstart does. The table goes to stdout and to --output; the MFU and throughput tables beside it.
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ from pathlib import Path
 EXAMPLES = Path(__file__).resolve().parent
 REPO = EXAMPLES.parent
 TRAINER = REPO / "train_text_to_image.py"
+# the whole check on a GPU, in seconds: the device machine gives one call 8 minutes, and the throughput table,
+# last, gets what the other rows left of this (at least THROUGHPUT_MIN_S)
+WHOLE_CHECK_S = 450
+THROUGHPUT_MIN_S = 60
 
 
 @dataclass
@@ -153,6 +160,20 @@ def mfu_rows(resolution: int, batch: int, steps: int, output: Path) -> Row:
     return Row(f"MFU at {resolution} px", "FAILED", text.splitlines()[-1][:160] if text else "", seconds)
 
 
+def throughput_row(output: Path, work: Path, on_gpu: bool, budget_s: float, skip_rows: tuple = ()) -> Row:
+    """examples/throughput.py in its own process (its CUDA graphs and compiled code end with it)."""
+    name = f"throughput table ({output.name})"
+    if any(pattern in name for pattern in skip_rows):
+        return Row(name, "skipped", "--skip_rows", 0.0)
+    command = [sys.executable, EXAMPLES / "throughput.py", "--output", output, "--work_dir", work]
+    command += ["--budget_s", f"{budget_s:.0f}", *([] if on_gpu else ["--cpu"])]
+    # past its budget only by a row that overran its estimate; the table it writes after each row stays
+    ok, text, seconds = run(command, timeout=int(budget_s) + 90)
+    last = next((line for line in reversed(text.splitlines()) if line.startswith("throughput:")), None)
+    detail = last.removeprefix("throughput: ") if ok and last else summary(text)
+    return Row(name, "ok" if ok else "FAILED", detail[:200], seconds)
+
+
 def format_table(rows: list[Row], device: str) -> str:
     lines = [f"gpu_check on {device}", "", "| check | result | detail | seconds |", "|---|---|---|---|"]
     lines += [f"| {row.check} | {row.result} | {row.detail} | {row.seconds:.0f} |" for row in rows]
@@ -174,6 +195,12 @@ def main(argv: list[str] | None = None) -> int:
         nargs="*",
         default=[],
         help="Skip the training rows whose name contains one of these (e.g. to rerun the rest on a device).",
+    )
+    parser.add_argument(
+        "--throughput_budget_s",
+        type=float,
+        help=f"Seconds for the throughput table (default: on a GPU what the other rows left of {WHOLE_CHECK_S} s,"
+        f" at least {THROUGHPUT_MIN_S}; on the CPU 120).",
     )
     args = parser.parse_args(argv)
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -238,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(
                 mfu_rows(size, mfu_batch, mfu_steps, args.output.with_name(f"{args.output.stem}-mfu-{size}px.md"))
             )
+        left = max(THROUGHPUT_MIN_S, WHOLE_CHECK_S - (time.perf_counter() - started)) if on_gpu else 120
+        throughput = args.output.with_name(f"{args.output.stem}-throughput.md")
+        budget = args.throughput_budget_s or left
+        rows.append(throughput_row(throughput, work / "throughput", on_gpu, budget, tuple(args.skip_rows)))
     table = format_table(rows, device) + f"\n\nWhole check: {time.perf_counter() - started:.0f} s."
     print(table)
     args.output.write_text(table + "\n")

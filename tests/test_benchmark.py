@@ -56,6 +56,22 @@ def test_model_sizes_table_gives_flops_per_image_achieved_flops_and_mfu():
     )
 
 
+def test_gpu_peak_tells_the_h100_and_h200_variants_apart():
+    import benchmark
+
+    # torch.cuda.get_device_name() of each card: dense bf16 TFLOP/s from the spec sheets
+    peaks = {
+        "NVIDIA H100 PCIe": 756,
+        "NVIDIA H100 80GB HBM3": 989,  # SXM
+        "NVIDIA H100 NVL": 835,
+        "NVIDIA H200": 989,
+        "NVIDIA H200 NVL": 835,
+        "NVIDIA L40S": 362,
+        "NVIDIA L4": 121,
+    }
+    assert {name: benchmark.gpu_peak_flops(name) / 1e12 for name in peaks} == peaks
+
+
 def test_evaluation_benchmark_times_every_part_in_seconds():
     import benchmark
 

@@ -184,9 +184,10 @@ def test_gpu_check_dry_run_takes_every_step_on_cpu_and_writes_its_table(tmp_path
 
     output = tmp_path / "gpu_check.md"
     result = subprocess.run(
-        # the rows tests/test_data_and_flags.py (channels_last) and tests/test_small_datasets.py already train
+        # the rows tests/test_data_and_flags.py (channels_last) and tests/test_small_datasets.py already train,
+        # and the throughput table, which tests/test_throughput.py runs through the same row
         ["bash", str(REPO / "examples" / "gpu_check.sh"), "--cpu", "--output", str(output)]
-        + ["--skip_rows", "channels_last", "small-dataset flags"],
+        + ["--skip_rows", "channels_last", "small-dataset flags", "throughput"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -206,4 +207,5 @@ def test_gpu_check_dry_run_takes_every_step_on_cpu_and_writes_its_table(tmp_path
         "MFU at 16 px, batch 2 (gpu_check-mfu-16px.md)",
     ]
     assert set(rows.values()) == {"ok", "skipped"}
+    assert rows["throughput table (gpu_check-throughput.md)"] == "skipped"
     assert (tmp_path / "gpu_check-mfu-16px.md").read_text().count("M |") == 4

@@ -269,15 +269,18 @@ def flipped_in_unit_range(
     batch = batch.float()
     if batch.shape[1] == 4:
         alpha = batch[:, 3:] / 255.0
-        colour = to_device(background if exists(background) else torch.ones(len(batch), 3), batch.device) * 255.0
+        colour = background if exists(background) else torch.ones(len(batch), 3, device=batch.device)
+        colour = to_device(colour, batch.device) * 255.0
         batch = batch[:, :3] * alpha + colour[:, :, None, None] * (1 - alpha)
     return batch.div_(127.5).sub_(1.0)
 
 
 def quarter_turn_sin_cos(turns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sine and cosine of 0-3 quarter turns, exact (entries 0 and +-1: no rounding of pi / 2)."""
-    sines, cosines = torch.tensor([[0.0, 1.0, 0.0, -1.0], [1.0, 0.0, -1.0, 0.0]], device=turns.device)
-    return sines[turns], cosines[turns]
+    """Sine and cosine of 0-3 quarter turns, exact (entries 0 and +-1: no rounding of pi / 2), made where `turns`
+    is without a constant copied from the host (which a CUDA graph cannot hold)."""
+    sin = (turns == 1).float() - (turns == 3).float()
+    cos = (turns == 0).float() - (turns == 2).float()
+    return sin, cos
 
 
 def augmentation_labels(augment: AugmentDraws, resolution: int) -> torch.Tensor:

@@ -89,8 +89,10 @@ def caption_rows(caption_options: list[list[str]], row_of: dict[str, int], data:
 
 
 def share_index(share: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
-    """batches.share_index on tensors, in float64 as the host's Python floats are, so boundaries round alike."""
-    return torch.minimum((share.double() * count).long(), torch.as_tensor(count, device=share.device) - 1)
+    """batches.share_index on tensors, in float64 as the host's Python floats are, so boundaries round alike.
+    (No tensor made from a Python number here: that is a copy from the host, which a CUDA graph cannot hold.)"""
+    index = (share.double() * count).long()
+    return torch.minimum(index, count - 1) if isinstance(count, torch.Tensor) else index.clamp(max=count - 1)
 
 
 class ResidentBatches:
@@ -166,10 +168,10 @@ def cropped(images: torch.Tensor, crop_at: torch.Tensor, resolution: int) -> tor
     of the spare pixels, scaled in float64 as the host's Python floats are. Indexed even where nothing is spare:
     a traced step drops random numbers it never reads, and would then draw the next ones in their place."""
     count, _, height, width = images.shape
-    spare = torch.tensor([height - resolution, width - resolution], device=images.device, dtype=torch.float64)
-    top_left = (crop_at.double() * (spare + 1 - 1e-6)).long()
+    top = (crop_at[:, :1].double() * (height - resolution + 1 - 1e-6)).long()
+    left = (crop_at[:, 1:].double() * (width - resolution + 1 - 1e-6)).long()
     side = torch.arange(resolution, device=images.device)
-    ys, xs = top_left[:, :1] + side, top_left[:, 1:] + side  # [N, resolution] each
+    ys, xs = top + side, left + side  # [N, resolution] each
     crops = images[torch.arange(count, device=images.device)[:, None, None], :, ys[:, :, None], xs[:, None, :]]
     return crops.permute(0, 3, 1, 2).contiguous()  # advanced indices first: [N, R, R, C]
 
