@@ -131,6 +131,25 @@ def test_captured_steps_train_the_eager_steps_weights(argv, capture_on_the_cpu, 
     assert_close_states(trained_state(captured), trained_state(eager))
 
 
+def test_a_compiled_unet_trains_the_same_weights_in_captured_steps(argv, capture_on_the_cpu, monkeypatch):
+    """--torch_compile with --cuda_graphs: the step runs the compiled UNet (traced here with aot_eager, as
+    inductor would take minutes on the CPU) and updates its weights, AdamW moments and EMA by their _orig_mod names."""
+    compile_as_configured = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **options: compile_as_configured(model, backend="aot_eager"))
+    torch._dynamo.reset()
+    eager = set_up(argv("--torch_compile", output="eager"))
+    for step in range(5):
+        eager.trainer.step(step)
+    captured = set_up(argv("--torch_compile", "--cuda_graphs", output="captured"))
+    for step in range(5):
+        captured.trainer.step(step)
+    torch._dynamo.reset()
+    assert captured.trainer.captured.static_inputs is not None
+    state = trained_state(captured)
+    assert any(name.startswith("unet._orig_mod.") for name in state)
+    assert_close_states(state, trained_state(eager))
+
+
 @pytest.mark.parametrize(
     "accumulation, on_device", [("1", "no"), ("2", "no"), ("2", "yes")], ids=["1", "2", "2-drawn-on-the-device"]
 )
