@@ -167,7 +167,7 @@ class DataConfig(FlagGroup):
         "auto",
         "Keep the decoded images and the caption embeddings on the GPU and draw each batch there (no per-image work"
         " or copies on the host; --cuda_graphs then captures the batch with the step). auto: on a GPU when the"
-        " images are decoded once, all square at --resolution (or --center_crop), the captions cached, and both"
+        " images are decoded once, all one size at --resolution (square images, or --center_crop), the captions cached, and both"
         " take at most a quarter of the GPU's free memory. The draws then come from the GPU's generator, so the"
         " batches differ from the host path's (a resumed run keeps the path it started with).",
         choices=["auto", "yes", "no"],
