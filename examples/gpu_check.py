@@ -1,6 +1,6 @@
 """Everything only a GPU can show, in one call: a table of what ran, what failed and how fast.
 
-    bash examples/gpu_check.sh                      # on the GPU machine: ~5-8 minutes on one H100
+    bash examples/gpu_check.sh                      # on the GPU machine: under 8 minutes on one H100
     bash examples/gpu_check.sh --cpu                # the same steps on CPU, smaller: a dry run (CI)
 
 Rows: training steps in fp16 and bf16, with --channels_last and with --torch_compile; train 2 steps,
@@ -31,7 +31,7 @@ REPO = EXAMPLES.parent
 TRAINER = REPO / "train_text_to_image.py"
 # the whole check on a GPU, in seconds: the device machine gives one call 8 minutes, and the throughput table,
 # last, gets what the other rows left of this (at least THROUGHPUT_MIN_S)
-WHOLE_CHECK_S = 450
+WHOLE_CHECK_S = 440
 THROUGHPUT_MIN_S = 60
 
 
@@ -167,8 +167,9 @@ def throughput_row(output: Path, work: Path, on_gpu: bool, budget_s: float, skip
         return Row(name, "skipped", "--skip_rows", 0.0)
     command = [sys.executable, EXAMPLES / "throughput.py", "--output", output, "--work_dir", work]
     command += ["--budget_s", f"{budget_s:.0f}", *([] if on_gpu else ["--cpu"])]
-    # past its budget only by a row that overran its estimate; the table it writes after each row stays
-    ok, text, seconds = run(command, timeout=int(budget_s) + 90)
+    # past its budget only by a row that overran its estimate (the table, written after each row, stays); the
+    # margin keeps the whole check within the device machine's 8 minutes
+    ok, text, seconds = run(command, timeout=int(budget_s) + 30)
     last = next((line for line in reversed(text.splitlines()) if line.startswith("throughput:")), None)
     detail = last.removeprefix("throughput: ") if ok and last else summary(text)
     return Row(name, "ok" if ok else "FAILED", detail[:200], seconds)
