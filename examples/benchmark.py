@@ -592,13 +592,16 @@ class OpCounter:
     """Counts the aten ops a region dispatches (one op is roughly one kernel launch on a GPU)."""
 
     def __init__(self):
+        import torch
         from torch.utils._python_dispatch import TorchDispatchMode
 
         counter = self
 
         class Counting(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                counter.ops += 1
+                # a read of a value to the host (.item()) launches no kernel: the CPU's non-capturable AdamW
+                # reads each step count so, where capturable AdamW on a GPU keeps them on the device
+                counter.ops += func is not torch.ops.aten._local_scalar_dense.default
                 return func(*args, **(kwargs or {}))
 
         self.ops, self.mode = 0, Counting()
@@ -626,27 +629,66 @@ def step_ops_argv(size: str, data_dir: Path, encoder: Path, output_dir: Path, re
     ]  # fmt: skip
 
 
-def step_ops_row(size: str, argv: list[str], steps: int) -> str:
-    """Ops dispatched by one Trainer.step, split into its parts, and the median host milliseconds of a step."""
-    run = set_up_training(argv)
-    for _ in range(2):  # warm-up: AdamW's state, the EMA's first step, the allocator
-        time_optimizer_step(run)
-    with OpCounter() as whole:
+def ops_and_host_ms(run, steps: int) -> tuple[int, float]:
+    """Ops one Trainer.step dispatches, and the median host milliseconds of `steps` more."""
+    with OpCounter() as counted:
         time_optimizer_step(run)
     seconds = [time_optimizer_step(run) for _ in range(steps)]
+    return counted.ops, 1000 * statistics.median(seconds)
+
+
+def record_once(run):
+    """A CUDA graph's stand-in on the CPU: capturing runs the step once; a replay returns its outputs and does
+    nothing on the host, as a graph launch is one call. What is left is the host's own work in a graphed step."""
+    outputs = run()
+    return lambda: outputs
+
+
+def graphed_ops(run, steps: int) -> tuple[int, int, float]:
+    """--cuda_graphs over --data_on_device: ops in one captured step (the kernels a replay launches at once),
+    and the ops and median host ms the host still spends per step around the replay."""
+    from text_to_image.captured import EAGER_STEPS_BEFORE_CAPTURE, CapturedStep, device_step_for
+
     trainer = run.trainer
+    device_step = device_step_for(trainer)
+    with OpCounter() as in_graph:
+        device_step(trainer.step_inputs(run.state.step))
+    trainer.captured = CapturedStep(device_step, capture=record_once)
+    for _ in range(EAGER_STEPS_BEFORE_CAPTURE + 1):  # eager steps, then the capture
+        time_optimizer_step(run)
+    host_ops, host_ms = ops_and_host_ms(run, steps)
+    return in_graph.ops, host_ops, host_ms
+
+
+def step_ops_row(size: str, argv: list[str], steps: int) -> str:
+    """Per --model_size: the eager step's ops (its data and EMA shares) and host ms, on the host path and with
+    --data_on_device; the ops of one captured step and what a graphed step leaves on the host."""
+    host = set_up_training([*argv, "--data_on_device", "no"])
+    for _ in range(2):  # warm-up: AdamW's state, the EMA's first step, the allocator
+        time_optimizer_step(host)
+    host_ops, host_ms = ops_and_host_ms(host, steps)
+    trainer = host.trainer
     with OpCounter() as data:
-        trainer.micro_batch(run.state.step * trainer.accumulation)
+        trainer.micro_batch(host.state.step * trainer.accumulation)
     ema = OpCounter()
     if trainer.ema is not None:
         with ema:
             trainer.update_ema()
-    host_ms = 1000 * statistics.median(seconds)
-    return f"| {size} | {whole.ops:,} | {data.ops:,} | {ema.ops:,} | {host_ms:.1f} |"
+    del host, trainer
+    resident = set_up_training([*argv, "--data_on_device", "yes"])
+    for _ in range(2):
+        time_optimizer_step(resident)
+    resident_ops, resident_ms = ops_and_host_ms(resident, steps)
+    in_graph, graphed_host_ops, graphed_ms = graphed_ops(resident, steps)
+    return (
+        f"| {size} | {host_ops:,} | {data.ops:,} | {ema.ops:,} | {host_ms:.1f} | {resident_ops:,} | {resident_ms:.1f}"
+        f" | {in_graph:,} | {graphed_host_ops:,} | {graphed_ms:.2f} |"
+    )
 
 
 def step_ops_table(resolution: int, batch: int, steps: int, sizes: list[str], quick: bool) -> str:
-    """Markdown: per --model_size, the ops one optimizer step dispatches and its host time, at `batch`."""
+    """Markdown: per --model_size, the ops one optimizer step dispatches and its host time, at `batch`, eager on
+    the host path, eager with --data_on_device, and graphed (--cuda_graphs over --data_on_device)."""
     with tempfile.TemporaryDirectory(prefix="step-ops-") as work:
         work = Path(work)
         data_dir = prepare_data(None, work, quick=True)
@@ -661,10 +703,61 @@ def step_ops_table(resolution: int, batch: int, steps: int, sizes: list[str], qu
     return "\n".join(
         [
             f"Ops per training step: the trainer's defaults at each --model_size, {resolution} px, batch {batch},"
-            f" frozen encoder (captions cached), {device}; host ms is the median of {steps} steps.",
+            f" frozen encoder (captions cached), {device}; host ms is the median of {steps} steps. One op is"
+            " roughly one kernel launch on a GPU. Graphed: --cuda_graphs over --data_on_device, its capture replaced"
+            " by a stand-in that launches nothing (no GPU here), so its host figures leave out the one graph launch.",
             "",
-            "| size | ops per step | of them: micro-batch (data) | of them: EMA | host ms per step |",
-            "|---|---|---|---|---|",
+            "| size | eager step: ops | of them: micro-batch (data) | of them: EMA | eager: host ms"
+            " | eager, --data_on_device: ops | host ms | ops in one captured step | graphed step: host ops"
+            " | graphed: host ms |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
+
+
+# ---- memory per image of a training step (starting batch sizes per GPU class) ----
+
+MEMORY_PROBE = """
+import resource, sys, torch
+sys.path.insert(0, sys.argv[1])
+from text_to_image.models import build_unet
+size, resolution, batch = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+torch.manual_seed(0)
+unet = build_unet(None, resolution, 768, size)
+optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+pixels, text = torch.randn(batch, 3, resolution, resolution), torch.randn(batch, 77, 768)
+timesteps = torch.randint(0, 1000, (batch,))
+unet(pixels, timesteps, encoder_hidden_states=text).sample.square().mean().backward()
+optimizer.step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_rss_kib(size: str, resolution: int, batch: int) -> int:
+    """Peak memory of a fresh process that takes one fp32 training step (forward, backward, AdamW) at `batch`."""
+    command = [sys.executable, "-c", MEMORY_PROBE, str(REPO), size, str(resolution), str(batch)]
+    result = subprocess.run(
+        command, capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    return int(result.stdout.split()[-1])
+
+
+def memory_per_image_table(resolution: int, sizes: list[str], batches: tuple[int, int] = (8, 32)) -> str:
+    """Markdown: per --model_size, the memory one more image adds to a training step (the activations kept for
+    the backward pass), from the peak of two fresh processes at two batch sizes, in fp32 on the CPU."""
+    rows = []
+    for size in sizes:
+        small, large = (peak_rss_kib(size, resolution, batch) for batch in batches)
+        per_image = (large - small) * 1024 / (batches[1] - batches[0])
+        rows.append(f"| {size} | {per_image / 2**20:.1f} |")
+    return "\n".join(
+        [
+            f"Memory per image of one training step at {resolution} px, fp32 on the CPU (a 768-wide, 77-token text"
+            f" embedding): (peak at batch {batches[1]} - peak at batch {batches[0]}) / {batches[1] - batches[0]}.",
+            "",
+            "| size | MiB per image (fp32) |",
+            "|---|---|",
             *rows,
         ]
     )
@@ -758,7 +851,14 @@ def main(argv: list[str] | None = None) -> str:
         help="Only count the ops one training step dispatches and its host ms, per --model_size (with --resolution,"
         " --batch, default 1, and --steps).",
     )
-    parser.add_argument("--sizes", nargs="+", default=["tiny", "small", "base", "large"], help="With --step_ops.")
+    parser.add_argument(
+        "--memory_per_image",
+        action="store_true",
+        help="Only measure the memory one more image adds to a training step, per --model_size (with --resolution).",
+    )
+    parser.add_argument(
+        "--sizes", nargs="+", default=["tiny", "small", "base", "large"], help="With --step_ops, --memory_per_image."
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -770,6 +870,10 @@ def main(argv: list[str] | None = None) -> str:
         return table
     if args.step_ops:
         table = step_ops_table(args.resolution, args.batch or 1, args.steps, args.sizes, args.quick)
+        print(table)
+        return table
+    if args.memory_per_image:
+        table = memory_per_image_table(args.resolution, args.sizes)
         print(table)
         return table
     if args.model_sizes:

@@ -80,3 +80,25 @@ def test_evaluation_benchmark_times_every_part_in_seconds():
     assert len(rows) == 7
     assert all(float(row[-1].rstrip(" |")) >= 0 for row in rows)
     assert "4 held-out images x 10 timestep buckets" in table
+
+
+def test_step_ops_table_shows_a_graphed_step_leaves_the_host_almost_nothing():
+    import benchmark
+
+    table = benchmark.step_ops_table(resolution=16, batch=1, steps=1, sizes=["tiny"], quick=True)
+    rows = [line.strip("|").split("|") for line in table.splitlines() if line.startswith("| tiny")]
+    assert len(rows) == 1 and len(rows[0]) == 10
+    eager, data, ema, eager_ms, resident, resident_ms, in_graph, graphed_host, graphed_ms = (
+        float(cell.replace(",", "")) for cell in rows[0][1:]
+    )
+    assert 0 < data < eager and 0 < ema < eager and eager_ms > 0 and resident_ms > 0
+    assert abs(in_graph - resident) < 0.05 * resident  # the captured step runs the eager step's kernels
+    assert graphed_host < 20 and graphed_ms < eager_ms / 10  # and the host only copies rows and scalars in
+
+
+def test_memory_per_image_table_measures_a_positive_figure_per_size():
+    import benchmark
+
+    table = benchmark.memory_per_image_table(resolution=16, sizes=["tiny"])
+    rows = [line.strip("|").split("|") for line in table.splitlines() if line.startswith("| tiny")]
+    assert len(rows) == 1 and float(rows[0][1]) > 0
