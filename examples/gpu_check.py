@@ -3,7 +3,8 @@
     bash examples/gpu_check.sh                      # on the GPU machine: under 8 minutes on one H100
     bash examples/gpu_check.sh --cpu                # the same steps on CPU, smaller: a dry run (CI)
 
-Rows: training steps in fp16 and bf16, with --channels_last and with --torch_compile; train 2 steps,
+Rows: training steps in fp16 and bf16, with --channels_last, with --cuda_graphs (the batch and its
+augmentation drawn inside the graph, data on the device) and with --torch_compile; train 2 steps,
 checkpoint, resume with --use_ema and take a step (the EMA must follow the UNet to the GPU after
 the checkpoint is loaded); a 2-process DDP run when there are two GPUs; xformers when installed;
 the saved pipeline in float16 with enable_model_cpu_offload(); the benchmark's MFU table at
@@ -242,6 +243,13 @@ def main(argv: list[str] | None = None) -> int:
                       ["--mixed_precision", half if on_gpu else "no", "--augment_prob", "0.5", "--random_flip",
                        "--alpha_background", "random", "--input_perturbation", "0.1",
                        "--caption_shuffle_separator", " ", "--channels_last"]),
+            # one CUDA graph per step, the batch drawn inside it from the data on the device (--data_on_device
+            # auto), with every draw the small-dataset flags add, checkpointed and exported at the end
+            row("train bf16 --cuda_graphs, small-dataset flags" if on_gpu else "train fp32 --cuda_graphs (CPU: eager), small-dataset flags",
+                      flags_for(steps, "graphs"),
+                      ["--mixed_precision", "bf16" if on_gpu else "no", "--cuda_graphs", "--augment_prob", "0.5",
+                       "--random_flip", "--alpha_background", "random", "--caption_shuffle_separator", " "],
+                      None if native_bf16 or not on_gpu else "needs bf16 (compute capability >= 8.0)"),
             row(f"train {half} --torch_compile", flags_for(steps, "compile"),
                       ["--mixed_precision", half, "--torch_compile"],
                       None if compile_ok else "needs a GPU of compute capability >= 7.0"),
