@@ -107,7 +107,7 @@ class ResidentBatches:
         data: DataConfig,
         dropout_prob: float,
     ):
-        self.images, self.captions, self.batches = images, captions, batches  # images: uint8 [rows, C, R, R]
+        self.images, self.captions, self.batches = images, captions, batches  # images: uint8 [rows, C, H, W]
         self.data, self.dropout_prob = data, dropout_prob
         self.device = images.device
 
