@@ -188,6 +188,7 @@ def test_cuda_graphs_without_a_gpu_trains_eagerly_and_says_why(argv, caplog):
         ({"xformers": True}, "xformers attention is not captured"),
         ({"train_text_encoder": True}, "--train_text_encoder trains the encoder outside the step"),
         ({"ema_offload": True}, "--ema_offload keeps the EMA in CPU memory"),
+        ({"gradient_checkpointing": True}, "--gradient_checkpointing reads and rewinds the GPU's random state"),
         ({}, None),
     ],
 )
@@ -204,6 +205,7 @@ def test_what_cuda_graphs_cannot_capture_is_named(setting, why):
         model=SimpleNamespace(
             enable_xformers_memory_efficient_attention=setting.get("xformers", False),
             train_text_encoder=setting.get("train_text_encoder", False),
+            gradient_checkpointing=setting.get("gradient_checkpointing", False),
         ),
         optim=SimpleNamespace(ema_offload=setting.get("ema_offload", False)),
     )

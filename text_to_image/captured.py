@@ -239,6 +239,11 @@ def why_not_captured(config, accelerator) -> str | None:
         (config.model.enable_xformers_memory_efficient_attention, "xformers attention is not captured; use SDPA"),
         (config.model.train_text_encoder, "--train_text_encoder trains the encoder outside the step"),
         (config.optim.ema_offload, "--ema_offload keeps the EMA in CPU memory"),
+        (
+            config.model.gradient_checkpointing,
+            "--gradient_checkpointing reads and rewinds the GPU's random state, which a capture may not hold"
+            " (PyTorch issue 162504)",
+        ),
     ]
     return next((why for refused, why in reasons if refused), None)
 

@@ -352,7 +352,8 @@ class ModelConfig(FlagGroup):
         "Run each optimizer step (forward and backward of its micro-batches, clipping, AdamW, EMA) as one captured"
         " CUDA graph, replayed every step: for small UNets, whose steps otherwise wait on Python and kernel"
         " launches. Captured after 3 eager steps; where it cannot run (no CUDA, DeepSpeed, more than one process,"
-        " fp16, xformers, --train_text_encoder, --ema_offload) the run says why in one line and trains eagerly.",
+        " fp16, xformers, --train_text_encoder, --ema_offload, --gradient_checkpointing) the run says why in one"
+        " line and trains eagerly.",
     )
     channels_last: bool = flag(
         False,
