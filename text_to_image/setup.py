@@ -231,19 +231,22 @@ def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, t
         text_max_length=text_max_length,
         schedule=schedule,
         validation=validation,
-        resident=resident_batches(config, state, batches, conditioner, accelerator.device),
+        resident=resident_batches(config, state, batches, conditioner, accelerator),
     )
 
 
 def resident_batches(
-    config: RunConfig, state: TrainState, batches: BatchSource, conditioner, device: torch.device
+    config: RunConfig, state: TrainState, batches: BatchSource, conditioner, accelerator
 ) -> ResidentBatches | None:
     """--data_on_device: the batches drawn and gathered on the device, or None (the host path); recorded in the
     state, so that a resumed run draws where it started."""
-    table = batches.table if isinstance(batches, IndexedBatches) else None
+    table, device = batches.table if isinstance(batches, IndexedBatches) else None, accelerator.device
     why_not = why_not_on_device(table, conditioner, config.data.resolution)
     if not exists(why_not):
         why_not = too_big_for(device, data_bytes(table, conditioner))
+    if accelerator.num_processes > 1:  # every process must draw on the same generator: all fit, or none goes
+        fits = accelerator.gather(torch.tensor([int(not exists(why_not))], device=device))
+        why_not = why_not or (None if bool(fits.all()) else "it does not fit on another process's GPU")
     recorded = state.data_on_device if state.step > 0 else None
     state.data_on_device = choose_on_device(config.data.data_on_device, recorded, why_not, device)
     if not state.data_on_device:
