@@ -78,6 +78,20 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(flags, tmp_
     assert (two / BEST_DIR / "model_index.json").is_file()
 
 
+def test_two_processes_drawing_on_the_device_train_the_one_process_weights(flags, tmp_path):
+    common = ("--data_on_device", "yes", "--random_flip", "--augment_prob", "0.5", "--max_train_steps", "3")
+    two = tmp_path / "two"
+    launched = launch(flags(two, 2, *common), num_processes=2)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert "data on the device" in launched.stderr
+    one = tmp_path / "one"
+    assert trainer.main(flags(one, 4, *common)) == 0
+    assert json.loads((one / "checkpoint-3" / "train_state.json").read_text())["data_on_device"] is True
+    two_weights = load_file(two / "checkpoint-3" / "model.safetensors")
+    for name, weight in load_file(one / "checkpoint-3" / "model.safetensors").items():
+        torch.testing.assert_close(two_weights[name], weight, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_resume_with_another_process_count_is_refused(flags, tmp_path, capsys):
     output = tmp_path / "out"
     first = launch(flags(output, 2, "--max_train_steps", "2"), num_processes=2)
