@@ -123,6 +123,27 @@ def draw_batch(
     )
 
 
+def draws_for(shard: Shard, data: DataConfig, dropout_prob: float, device: torch.device = CPU) -> BatchDraws:
+    """draw_batch with the draws `data`'s flags turn on: one call for the host path and --data_on_device alike,
+    so that a draw added for a flag reaches both."""
+    return draw_batch(
+        shard,
+        dropout_prob=dropout_prob,
+        center_crop=data.center_crop,
+        random_flip=data.random_flip,
+        caption_variants=exists(data.tag_variants),
+        augment_prob=data.augment_prob,
+        random_background=data.alpha_background == "random",
+        device=device,
+    )
+
+
+def crop_offset(share, spare: int):
+    """The top (or left) edge at `share` in [0, 1) of spare + 1 positions, before truncating to an integer (a share
+    rounding up to 1 still lands on the last); a Python float or a float64 tensor alike, so both paths agree."""
+    return share * (spare + 1 - 1e-6)
+
+
 def share_index(share: float, count: int) -> int:
     """The index at `share` in [0, 1) of `count` options (a share rounding up to 1 still gives the last)."""
     return min(int(share * count), count - 1)
@@ -254,7 +275,7 @@ def crop_and_flip(
     crops = []
     for image, (top_share, left_share) in zip(images, crop_at.tolist(), strict=True):
         spare_h, spare_w = image.shape[1] - resolution, image.shape[2] - resolution
-        top, left = int(top_share * (spare_h + 1 - 1e-6)), int(left_share * (spare_w + 1 - 1e-6))
+        top, left = int(crop_offset(top_share, spare_h)), int(crop_offset(left_share, spare_w))
         crops.append(image[:, top : top + resolution, left : left + resolution])
     return flipped_in_unit_range(to_device(torch.stack(crops), device), flip, background)
 

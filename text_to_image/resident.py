@@ -22,7 +22,8 @@ import torch
 from text_to_image.batches import (
     augment_pixels,
     caption_variant,
-    draw_batch,
+    crop_offset,
+    draws_for,
     flipped_in_unit_range,
     mirrored,
     says_side,
@@ -53,10 +54,8 @@ class CaptionRows:
     empty: int  # the empty caption's row (classifier-free guidance)
 
     def to(self, device: torch.device) -> CaptionRows:
-        moved = {
-            name: to_device(getattr(self, name), device)
-            for name in ("options", "counts", "variants", "swapped", "sided")
-        }
+        fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        moved = {name: to_device(value, device) for name, value in fields.items() if isinstance(value, torch.Tensor)}
         return dataclasses.replace(self, **moved)
 
 
@@ -125,20 +124,10 @@ class ResidentBatches:
 
     def gathered(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(pixels in [-1, 1], caption rows, augmentation labels or None) of these rows, all drawn on the device."""
-        data = self.data
-        draws = draw_batch(
-            self.shard,
-            dropout_prob=self.dropout_prob,
-            center_crop=data.center_crop,
-            random_flip=data.random_flip,
-            caption_variants=exists(data.tag_variants),
-            augment_prob=data.augment_prob,
-            random_background=data.alpha_background == "random",
-            device=self.device,
-        )
+        draws = draws_for(self.shard, self.data, self.dropout_prob, self.device)
         captions = self.choose_captions(rows, draws)
         captions, draws = self.mind_the_sides(captions, draws)
-        pixels = cropped(self.images[rows], draws.crop_at, data.resolution)
+        pixels = cropped(self.images[rows], draws.crop_at, self.data.resolution)
         pixels = flipped_in_unit_range(pixels, draws.flip, draws.background)
         labels = None
         if exists(draws.augment):
@@ -168,8 +157,8 @@ def cropped(images: torch.Tensor, crop_at: torch.Tensor, resolution: int) -> tor
     of the spare pixels, scaled in float64 as the host's Python floats are. Indexed even where nothing is spare:
     a traced step drops random numbers it never reads, and would then draw the next ones in their place."""
     count, _, height, width = images.shape
-    top = (crop_at[:, :1].double() * (height - resolution + 1 - 1e-6)).long()
-    left = (crop_at[:, 1:].double() * (width - resolution + 1 - 1e-6)).long()
+    top = crop_offset(crop_at[:, :1].double(), height - resolution).long()
+    left = crop_offset(crop_at[:, 1:].double(), width - resolution).long()
     side = torch.arange(resolution, device=images.device)
     ys, xs = top + side, left + side  # [N, resolution] each
     crops = images[torch.arange(count, device=images.device)[:, None, None], :, ys[:, :, None], xs[:, None, :]]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from text_to_image.batches import augment_pixels, choose_captions, crop_and_flip, draw_batch, mind_the_sides
+from text_to_image.batches import augment_pixels, choose_captions, crop_and_flip, draws_for, mind_the_sides
 from text_to_image.captured import CapturedStep, StepInputs, StepRows
 from text_to_image.checkpoints import StopRequest, TrainState, check_finite_loss, save_checkpoint
 from text_to_image.common import UserError, exists, unwrap
@@ -162,15 +162,7 @@ class Trainer:
     def host_micro_batch(self, micro_index: int) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
         data = self.data
         examples = self.batches.examples(micro_index)
-        draws = draw_batch(
-            self.shard,
-            dropout_prob=self.diffusion.conditioning_dropout_prob,
-            center_crop=data.center_crop,
-            random_flip=data.random_flip,
-            caption_variants=exists(data.tag_variants),
-            augment_prob=data.augment_prob,
-            random_background=data.alpha_background == "random",
-        )
+        draws = draws_for(self.shard, data, self.diffusion.conditioning_dropout_prob)
         captions = choose_captions(examples.caption_options, draws, data.tag_variants)
         captions, draws = mind_the_sides(captions, draws, data.flip_sided_captions)
         device = self.accelerator.device
