@@ -202,3 +202,16 @@ def test_auto_keeps_the_host_path_on_the_cpu_and_a_resumed_runs_path(caplog):
     assert "the batches from here on differ from the interrupted run's" in caplog.text
     with pytest.raises(UserError, match="--data_on_device yes, but some reason; or pass --data_on_device no"):
         choose_on_device("yes", None, "some reason", gpu)
+
+
+def test_auto_takes_the_data_to_the_gpu_only_within_a_quarter_of_its_free_memory(monkeypatch):
+    from text_to_image.resident import too_big_for
+
+    free = 4 * 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * 2**30))  # no GPU here
+    gpu = torch.device("cuda")
+    assert too_big_for(gpu, free // 4) is None
+    assert too_big_for(gpu, free // 4 + 2**20) == (
+        "the images and caption embeddings need 1.00 GiB, more than 25% of the GPU's free 4.0 GiB"
+    )
+    assert too_big_for(torch.device("cpu"), 10 * free) is None
