@@ -36,6 +36,7 @@ from diffusers import (
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
     ImagePipelineOutput,
     UNet2DConditionModel,
     UniPCMultistepScheduler,
@@ -53,6 +54,8 @@ SCHEDULER_CLASSES = {
     "euler": EulerDiscreteScheduler,
     "unipc": UniPCMultistepScheduler,
 }
+FLOW_MATCHING = "flow_matching"  # the trainer's --prediction_type for rectified flow: velocity, t in [0, 1]
+FLOW_SAMPLER = "euler"  # the one sampler of a flow-matching model: FlowMatchEulerDiscreteScheduler
 DEFAULT_STEPS = 25
 DEFAULT_GUIDANCE = 3.0
 # DPM-Solver's own advice for cosine betas: lambda(t) below this is where alpha_bar ~ 0 makes its x0 blow up.
@@ -96,10 +99,37 @@ def unaugmented_labels(unet, batch_size: int, device, dtype) -> dict:
 # Schedulers
 
 
+class IncompatibleSampler(ValueError):
+    """A sampler asked for that cannot sample this model (a DDPM sampler for a flow-matching model)."""
+
+
+def is_flow_matching(config) -> bool:
+    """Whether a scheduler config is a flow-matching model's (FlowMatchEulerDiscreteScheduler: a shift, no betas)."""
+    return "shift" in config and "prediction_type" not in config
+
+
+def prediction_type_of(config) -> str:
+    """What the UNet predicts, from its scheduler config: epsilon, sample, v_prediction or flow_matching."""
+    return FLOW_MATCHING if is_flow_matching(config) else config["prediction_type"]
+
+
+def default_sampler(config) -> str:
+    """The sampler a trained folder is saved with: DPM-Solver++ for a DDPM-trained model, Euler for flow matching."""
+    return FLOW_SAMPLER if is_flow_matching(config) else "dpm"
+
+
 def make_sampling_scheduler(name: str, config) -> SchedulerMixin:
-    """The named sampler, keeping the training betas and prediction type, configured safely for pixel space."""
+    """The named sampler, keeping the training betas and prediction type, configured safely for pixel space;
+    a flow-matching model's is FlowMatchEulerDiscreteScheduler with its training shift, asked for as euler."""
     if name not in SCHEDULER_CLASSES:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
+    if is_flow_matching(config):
+        if name != FLOW_SAMPLER:
+            raise IncompatibleSampler(
+                f"scheduler {name!r} samples DDPM-trained models, but this model was trained with flow matching;"
+                f" use {FLOW_SAMPLER!r} (FlowMatchEulerDiscreteScheduler)"
+            )
+        return FlowMatchEulerDiscreteScheduler.from_config(config)
     # "trailing" starts sampling at t = T-1, the pure noise the model was trained on; "leading" would start
     # from e.g. t = 750 of 1000 with 4 steps and feed the model noise levels it never saw with that input.
     safe = {"timestep_spacing": "trailing"}
@@ -157,6 +187,15 @@ def clip_denoised_prediction(
     epsilon = (x - alpha * x0) / noise
     clipped = {"epsilon": epsilon, "sample": x0, "v_prediction": alpha * epsilon - noise * x0}[prediction_type]
     return clipped.to(model_output.dtype), x0.to(model_output.dtype)
+
+
+def clip_flow_prediction(velocity: torch.Tensor, sample: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flow matching's clip_denoised_prediction: (velocity whose x0 = x_t - t v is clamped to [-1, 1], that x0).
+    x_t = (1 - t) x0 + t noise and v = noise - x0, so the velocity that implies a given x0 is (x_t - x0) / t."""
+    v, x = velocity.float(), sample.float()
+    x0 = (x - t * v).clamp(-1.0, 1.0)
+    clipped = (x - x0) / max(t, 1e-12)
+    return clipped.to(velocity.dtype), x0.to(velocity.dtype)
 
 
 def step_accepts(scheduler: SchedulerMixin, name: str) -> bool:
@@ -334,14 +373,15 @@ class TextToImagePipeline(DiffusionPipeline):
         return prompt_embeds, negative_prompt_embeds if do_classifier_free_guidance else None
 
     def prepare_latents(self, shape, dtype, device, generator, latents: torch.Tensor | None) -> torch.Tensor:
-        """Initial noise (or the given latents) scaled by the scheduler's init_noise_sigma."""
+        """Initial noise (or the given latents) scaled by the scheduler's init_noise_sigma (1 for flow matching)."""
         if isinstance(generator, list) and len(generator) != shape[0]:
             raise ValueError(f"{len(generator)} generators for {shape[0]} images; pass one per image or a single one")
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         elif tuple(latents.shape) != tuple(shape):
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {tuple(shape)}")
-        return latents.to(device, dtype) * self.scheduler.init_noise_sigma
+        # FlowMatchEulerDiscreteScheduler has no init_noise_sigma: its x_1 is the unit noise itself
+        return latents.to(device, dtype) * getattr(self.scheduler, "init_noise_sigma", 1.0)
 
     def image_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         size = self.unet.config.sample_size
@@ -351,8 +391,10 @@ class TextToImagePipeline(DiffusionPipeline):
     def predict(self, latents, timestep, embeddings, clip_denoised: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(guided model output, its x0) at one step: both guidance branches in one batched UNet call."""
         guided = self.do_classifier_free_guidance
+        flow = is_flow_matching(self.scheduler.config)
         model_input = torch.cat([latents] * 2) if guided else latents
-        model_input = self.scheduler.scale_model_input(model_input, timestep)
+        if not flow:  # flow matching's x_t goes in as it is (its scheduler has no scale_model_input)
+            model_input = self.scheduler.scale_model_input(model_input, timestep)
         # in the latents' precision from here on: under autocast (the trainer's grids, torch.compile) the UNet
         # returns bf16/fp16, and guidance and the sampler's update would otherwise run at that precision
         labels = unaugmented_labels(self.unet, model_input.shape[0], model_input.device, self.unet.dtype)
@@ -360,9 +402,15 @@ class TextToImagePipeline(DiffusionPipeline):
         if guided:
             unconditional, conditional = output.chunk(2)
             output = unconditional + self.guidance_scale * (conditional - unconditional)
-        vp_sample = model_input[: latents.shape[0]]
-        sigma = noise_to_signal(self.scheduler, timestep)
-        clipped, denoised = clip_denoised_prediction(output, vp_sample, sigma, self.scheduler.config.prediction_type)
+        if flow:  # the UNet's timestep is t * num_train_timesteps, as the trainer passes it
+            t = float(timestep) / self.scheduler.config.num_train_timesteps
+            clipped, denoised = clip_flow_prediction(output, latents, t)
+        else:
+            vp_sample = model_input[: latents.shape[0]]
+            sigma = noise_to_signal(self.scheduler, timestep)
+            clipped, denoised = clip_denoised_prediction(
+                output, vp_sample, sigma, self.scheduler.config.prediction_type
+            )
         return (clipped if clip_denoised else output), denoised
 
     @torch.no_grad()
@@ -484,7 +532,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Sampling
     parser.add_argument("--num_inference_steps", type=int, default=DEFAULT_STEPS, help="Denoising steps.")
     parser.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE, help="<= 1 turns guidance off.")
-    parser.add_argument("--scheduler", choices=SCHEDULER_NAMES, default=None, help="Sampler; default: the saved one.")
+    parser.add_argument(
+        "--scheduler",
+        choices=SCHEDULER_NAMES,
+        default=None,
+        help="Sampler; default: the saved one. A flow-matching model samples with euler only (its flow Euler).",
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the initial noise; same seed, same images.")
     # Output
     parser.add_argument("--output", type=Path, default=Path("grid.png"), help="Where to write the captioned grid.")
@@ -511,7 +564,10 @@ def load_pipeline(model: Path, scheduler: str | None, device: str, dtype: torch.
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_pipeline(args.model, args.scheduler, device, DTYPES.get(args.dtype))
+    try:
+        pipe = load_pipeline(args.model, args.scheduler, device, DTYPES.get(args.dtype))
+    except IncompatibleSampler as error:
+        sys.exit(f"error: --scheduler: {error}")
     recorder = ProgressionRecorder(progression_steps(args.num_inference_steps, args.progression_frames))
     images = pipe(
         args.prompt,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline_text_to_image import make_captioned_grid, unaugmented_labels
+from pipeline_text_to_image import FLOW_MATCHING, make_captioned_grid, prediction_type_of, unaugmented_labels
 from text_to_image.common import UserError, exists, to_device
 from text_to_image.config import COPY_PERCENTILE, VALIDATION_BUCKETS, VALIDATION_MAX_HELD_OUT, EvalConfig
 from text_to_image.data import ImageTable, stand_in_for_unreadable
@@ -84,12 +84,16 @@ class ValidationSet:
         return cls(pixels=pixels, captions=[table.caption_options[row][0] for row in rows])
 
 
-def fixed_noise(chunk: int, bucket: int, shape: tuple[int, ...], num_train_timesteps: int):
-    """The validation noise and timesteps of one chunk of held-out images in one bucket: the same every call."""
+def fixed_noise(chunk: int, bucket: int, shape: tuple[int, ...], num_train_timesteps: int, flow: bool = False):
+    """The validation noise and timesteps of one chunk of held-out images in one bucket: the same every call.
+    `flow`: flow matching's float timesteps t * num_train_timesteps, t anywhere in the bucket's tenth of [0, 1)."""
     generator = torch.Generator().manual_seed(VALIDATION_SPLIT_SEED + 1_000_003 * bucket + chunk)
     low = bucket * num_train_timesteps // VALIDATION_BUCKETS
     high = (bucket + 1) * num_train_timesteps // VALIDATION_BUCKETS
     noise = torch.randn(shape, generator=generator)
+    if flow:
+        t = (bucket + torch.rand(shape[0], generator=generator)) / VALIDATION_BUCKETS
+        return noise, t * num_train_timesteps
     return noise, torch.randint(low, high, (shape[0],), generator=generator)
 
 
@@ -103,6 +107,7 @@ def validation_losses(
     and after a resume; the plain mean over buckets estimates the loss at uniform timesteps, as trained.
     """
     num_timesteps = noise_scheduler.config.num_train_timesteps
+    flow = prediction_type_of(noise_scheduler.config) == FLOW_MATCHING
     totals = [0.0] * VALIDATION_BUCKETS
     for chunk, start in enumerate(range(0, len(validation.captions), VALIDATION_CHUNK)):
         pixels = validation.pixels[start : start + VALIDATION_CHUNK]
@@ -110,7 +115,7 @@ def validation_losses(
         text = embed(validation.captions[start : start + VALIDATION_CHUNK])  # once per chunk, for every bucket
         labels = unaugmented_labels(unet, len(pixels), device, torch.float32).get("class_labels")
         for bucket in range(VALIDATION_BUCKETS):
-            noise, timesteps = fixed_noise(chunk, bucket, tuple(pixels.shape), num_timesteps)
+            noise, timesteps = fixed_noise(chunk, bucket, tuple(pixels.shape), num_timesteps, flow)
             losses = weighted_losses(
                 unet, noise_scheduler, clean, noise.to(device), timesteps.to(device), text, weighting, labels
             )

@@ -1,6 +1,10 @@
 """The diffusion loss: what a step minimizes (weighting and timestep sampling as objects), the target of each
 prediction type, and the timestep buckets of the validation loss.
 
+Flow matching (--prediction_type flow_matching, rectified flow) runs through the same functions: its samplings
+draw t in [0, 1] and hand on the UNet's timestep t * num_train_timesteps (a float, as diffusers' SD3 and Flux
+pipelines pass it), which the loss, the buckets and the pipeline's sampler all read as t.
+
 A new weighting or timestep sampling: a class with the protocol's method, chosen in `objective_for`."""
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from pipeline_text_to_image import FLOW_MATCHING, prediction_type_of
 from text_to_image.config import VALIDATION_BUCKETS, DiffusionConfig
 from text_to_image.data import Shard
 
@@ -29,7 +34,8 @@ class TimestepSampling(Protocol):
 
 @dataclass(frozen=True)
 class MinSnrWeighting:
-    """--snr_gamma: min-SNR-gamma weights, bounded for every prediction type and finite at SNR 0; gamma 0 weighs all 1.
+    """--snr_gamma: min-SNR-gamma weights, bounded for every prediction type and finite at SNR 0; gamma 0 weighs all 1,
+    and so does flow matching (plain MSE on the velocity, as rectified flow and SD3 train it).
     The held-out loss is weighted the same way, so that it measures what training optimizes."""
 
     gamma: float
@@ -47,6 +53,37 @@ class UniformTimesteps:
         return shard.of(torch.randint(0, num_timesteps, (shard.total,), device=device))
 
 
+def shifted_times(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's timestep shift, t' = shift t / (1 + (shift - 1) t): 0 and 1 stay, shift > 1 moves t towards noise.
+    FlowMatchEulerDiscreteScheduler shifts its sampling schedule by the same formula and the same --timestep_shift."""
+    return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
+
+
+@dataclass(frozen=True)
+class UniformFlowTimes:
+    """Flow matching: t uniform in [0, 1), shifted; returned as the UNet's timestep t * num_timesteps."""
+
+    shift: float = 1.0
+
+    def draw(self, shard: Shard, num_timesteps: int, device) -> torch.Tensor:
+        t = torch.rand(shard.total, device=device)
+        return shard.of(shifted_times(t, self.shift)) * num_timesteps
+
+
+@dataclass(frozen=True)
+class LogitNormalFlowTimes:
+    """Flow matching: t = sigmoid(N(mean, std)) (SD3's logit-normal: more of the middle t), shifted; returned as the
+    UNet's timestep t * num_timesteps."""
+
+    mean: float = 0.0
+    std: float = 1.0
+    shift: float = 1.0
+
+    def draw(self, shard: Shard, num_timesteps: int, device) -> torch.Tensor:
+        t = torch.sigmoid(torch.randn(shard.total, device=device) * self.std + self.mean)
+        return shard.of(shifted_times(t, self.shift)) * num_timesteps
+
+
 @dataclass(frozen=True)
 class DiffusionObjective:
     """What a training step minimizes: the weighting, the timestep sampling, and the noise options."""
@@ -60,14 +97,24 @@ class DiffusionObjective:
 def objective_for(diffusion: DiffusionConfig) -> DiffusionObjective:
     return DiffusionObjective(
         weighting=MinSnrWeighting(diffusion.snr_gamma),
+        timesteps=timestep_sampling_for(diffusion),
         noise_offset=diffusion.noise_offset,
         input_perturbation=diffusion.input_perturbation,
     )
 
 
+def timestep_sampling_for(diffusion: DiffusionConfig) -> TimestepSampling:
+    """--timestep_sampling and --timestep_shift for flow matching; DDPM's integer timesteps are drawn uniformly."""
+    if diffusion.prediction_type != FLOW_MATCHING:
+        return UniformTimesteps()
+    if diffusion.timestep_sampling == "logit_normal":
+        return LogitNormalFlowTimes(diffusion.logit_mean, diffusion.logit_std, diffusion.timestep_shift)
+    return UniformFlowTimes(diffusion.timestep_shift)
+
+
 def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
-    """Per-sample min-SNR-gamma weights; bounded for every prediction type, finite at SNR 0."""
-    if gamma <= 0:
+    """Per-sample min-SNR-gamma weights; bounded for every prediction type, finite at SNR 0; 1 for flow matching."""
+    if gamma <= 0 or prediction_type == FLOW_MATCHING:
         return torch.ones_like(snr)
     clipped = torch.clamp(snr, max=gamma)
     if prediction_type == "epsilon":
@@ -90,7 +137,20 @@ def weighted_losses(
 ) -> torch.Tensor:
     """Per-sample weighted MSE against the prediction type's target, for given noise and timesteps.
     `input_noise` (--input_perturbation) noises the UNet's input in place of `noise`; the target keeps `noise`."""
-    noisy = noise_scheduler.add_noise(clean, noise if input_noise is None else input_noise, timesteps)
+    prediction_type = prediction_type_of(noise_scheduler.config)
+    noised = flow_terms if prediction_type == FLOW_MATCHING else ddpm_terms
+    noisy, target, snr = noised(noise_scheduler, clean, noise, timesteps, noise if input_noise is None else input_noise)
+    # DeepSpeed holds the UNet itself in bf16/fp16 and accelerate does not autocast then: feed it its own dtype
+    dtype = next(unet.parameters()).dtype
+    labels = {} if augment_labels is None else {"class_labels": augment_labels.to(dtype)}
+    prediction = unet(noisy.to(dtype), timesteps, encoder_hidden_states=text_embeddings.to(dtype), **labels).sample
+    weights = weighting(snr, prediction_type)
+    return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)) * weights
+
+
+def ddpm_terms(noise_scheduler, clean, noise, timesteps, input_noise):
+    """(the UNet's noisy input, the prediction type's target, SNR) at DDPM's integer timesteps."""
+    noisy = noise_scheduler.add_noise(clean, input_noise, timesteps)
     prediction_type = noise_scheduler.config.prediction_type
     if prediction_type == "epsilon":
         target = noise
@@ -98,13 +158,15 @@ def weighted_losses(
         target = clean
     else:
         target = noise_scheduler.get_velocity(clean, noise, timesteps)
-    # DeepSpeed holds the UNet itself in bf16/fp16 and accelerate does not autocast then: feed it its own dtype
-    dtype = next(unet.parameters()).dtype
-    labels = {} if augment_labels is None else {"class_labels": augment_labels.to(dtype)}
-    prediction = unet(noisy.to(dtype), timesteps, encoder_hidden_states=text_embeddings.to(dtype), **labels).sample
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(clean.device)[timesteps]
-    weights = weighting(alphas_cumprod / (1 - alphas_cumprod), prediction_type)
-    return F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)) * weights
+    return noisy, target, alphas_cumprod / (1 - alphas_cumprod)
+
+
+def flow_terms(noise_scheduler, clean, noise, timesteps, input_noise):
+    """(x_t = (1 - t) x0 + t noise, the velocity noise - x0, SNR ((1 - t) / t)^2) at t = timesteps / num_train_timesteps."""
+    t = (timesteps.float() / noise_scheduler.config.num_train_timesteps).view(-1, *[1] * (clean.dim() - 1))
+    noisy = (1 - t) * clean + t * input_noise
+    return noisy, noise - clean, ((1 - t) / t).square().flatten()
 
 
 def diffusion_losses(
@@ -148,12 +210,14 @@ def diffusion_loss(unet, noise_scheduler, clean, text_embeddings, objective: Dif
 
 
 def timestep_buckets(timesteps: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
-    """Which of VALIDATION_BUCKETS equal timestep ranges each timestep is in (0: least noise)."""
-    return torch.div(timesteps * VALIDATION_BUCKETS, num_train_timesteps, rounding_mode="floor")
+    """Which of VALIDATION_BUCKETS equal timestep ranges each timestep is in (0: least noise); flow matching's
+    float timesteps t * num_train_timesteps alike, t = 1 in the last."""
+    buckets = torch.div(timesteps * VALIDATION_BUCKETS, num_train_timesteps, rounding_mode="floor")
+    return buckets.long().clamp(max=VALIDATION_BUCKETS - 1)
 
 
 def bucket_names(prefix: str, num_train_timesteps: int) -> list[str]:
-    """`prefix`/loss_tSTART per bucket, e.g. val/loss_t0300 for timesteps 300-399 of 1000."""
+    """`prefix`/loss_tSTART per bucket, e.g. val/loss_t0300 for timesteps 300-399 of 1000 (flow matching: t in [0.3, 0.4))."""
     width = len(str(num_train_timesteps))
     return [
         f"{prefix}/loss_t{bucket * num_train_timesteps // VALIDATION_BUCKETS:0{width}d}"

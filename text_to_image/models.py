@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline_text_to_image import encode_text
+from pipeline_text_to_image import FLOW_MATCHING, encode_text
 from text_to_image.batches import AUGMENT_LABELS
 from text_to_image.common import UserError, exists, is_main_process, to_device
 from text_to_image.config import DEFAULT_MODEL_SIZE, MODEL_SIZES, DiffusionConfig
@@ -289,8 +289,14 @@ def build_unet(
 
 
 def build_noise_scheduler(diffusion: DiffusionConfig):
-    from diffusers import DDPMScheduler
+    """The training scheduler, saved (as the sampler's config) with the pipeline: DDPM's betas and prediction type,
+    or for flow matching FlowMatchEulerDiscreteScheduler with --timestep_shift, which then samples the same t'."""
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
+    if diffusion.prediction_type == FLOW_MATCHING:
+        return FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=diffusion.ddpm_num_steps, shift=diffusion.timestep_shift
+        )
     return DDPMScheduler(
         num_train_timesteps=diffusion.ddpm_num_steps,
         beta_schedule=diffusion.ddpm_beta_schedule,

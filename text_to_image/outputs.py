@@ -13,7 +13,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline_text_to_image import TextToImagePipeline, make_captioned_grid, make_sampling_scheduler
+from pipeline_text_to_image import (
+    FLOW_MATCHING,
+    TextToImagePipeline,
+    default_sampler,
+    make_captioned_grid,
+    make_sampling_scheduler,
+)
 from text_to_image.checkpoints import TrainState, save_pipeline
 from text_to_image.common import exists, unwrap
 from text_to_image.config import OutputConfig
@@ -38,7 +44,7 @@ GIF_TRAILER = b";"
 
 
 def build_pipeline(unet, text_encoder, tokenizer, noise_scheduler, text_max_length: int):
-    scheduler = make_sampling_scheduler("dpm", noise_scheduler.config)
+    scheduler = make_sampling_scheduler(default_sampler(noise_scheduler.config), noise_scheduler.config)
     pipeline = TextToImagePipeline(
         unet=unet, scheduler=scheduler, text_encoder=text_encoder, tokenizer=tokenizer, text_max_length=text_max_length
     )
@@ -149,6 +155,13 @@ def tracker_config(flags: dict) -> dict:
     return {key: value for key, value in flags.items() if isinstance(value, (int, float, str, bool))}
 
 
+def objective_words(flags: dict) -> str:
+    """What the UNet was trained to predict, as the model card names it."""
+    if flags["prediction_type"] == FLOW_MATCHING:
+        return f"flow matching: rectified flow, velocity target, timestep shift {flags.get('timestep_shift', 1.0):g}"
+    return f"{flags['prediction_type']} prediction, {flags['ddpm_beta_schedule']} betas"
+
+
 def training_images_line(flags: dict) -> str:
     """How the training images were shown: what a user must match to sample or fine-tune alike."""
     background = flags.get("alpha_background", "white")
@@ -186,7 +199,7 @@ tags: [text-to-image, diffusion, pixel-space, train_text_to_image]
 
 A pixel-space text-to-image diffusion model ({flags["resolution"]} px) trained from scratch with
 `train_text_to_image.py` on `{data}` for {state.step} optimizer steps
-({flags["prediction_type"]} prediction, {flags["ddpm_beta_schedule"]} betas, text encoder
+({objective_words(flags)}, text encoder
 `{flags["text_encoder_name_or_path"]}`{", trained jointly" if flags["train_text_encoder"] else ", frozen"}).
 {training_images_line(flags)}
 
