@@ -4,7 +4,8 @@ No download: the tokenizer's vocabulary is every word of the captions (whole wor
 tokenize short), and the model is randomly initialised, meant to be trained jointly with the
 UNet (`--train_text_encoder`), the way GLIDE trained its text transformer. The folder it writes
 loads with the standard `CLIPTokenizer` / `CLIPTextModel.from_pretrained`, so the trainer and
-the saved pipeline treat it like any other text encoder.
+the saved pipeline treat it like any other text encoder. Its token limit fits the longest caption
+unless --max_length says otherwise (the trainer pads captions to at most that limit and cuts longer ones).
 
     python examples/make_text_encoder.py --captions data/shapes/metadata.jsonl --output_dir te
 """
@@ -60,21 +61,30 @@ def write_clip_tokenizer(words: list[str], output_dir: Path, max_length: int = 7
     return CLIPTokenizer.from_pretrained(output_dir, model_max_length=max_length, pad_token="<|endoftext|>")
 
 
+def token_counts(tokenizer, captions: list[str]) -> list[int]:
+    """Each caption's tokens under `tokenizer`, with the start and end tokens, not cut."""
+    return [len(ids) for ids in tokenizer(captions, verbose=False)["input_ids"]]
+
+
 def build_text_encoder(
     captions: Iterable[str],
     output_dir: str | Path,
     hidden_size: int = 128,
     num_layers: int = 2,
     num_heads: int = 4,
-    max_length: int = 32,
+    max_length: int | None = None,
     seed: int = 0,
 ) -> Path:
-    """Save a randomly initialised CLIPTextModel + CLIPTokenizer to `output_dir`."""
+    """Save a randomly initialised CLIPTextModel + CLIPTokenizer to `output_dir`; its token limit is
+    `max_length`, or with None the longest caption's token count (start and end tokens included)."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    output_dir = Path(output_dir)
-    tokenizer = write_clip_tokenizer(caption_words(captions), output_dir, max_length)
+    output_dir, captions = Path(output_dir), list(captions)
+    tokenizer = write_clip_tokenizer(caption_words(captions), output_dir)
+    if max_length is None:
+        max_length = max(token_counts(tokenizer, captions), default=2)
+    tokenizer.model_max_length = max_length
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -104,6 +114,25 @@ def read_captions(path: Path, column: str) -> list[str]:
     return captions
 
 
+def describe_limit(folder: Path, captions: list[str], requested: int | None) -> str:
+    """The token limit written and where it came from; with --max_length, how many distinct captions it cuts."""
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    limit = tokenizer.model_max_length
+    if requested is None:
+        return f"token limit {limit}: the longest caption's tokens, with start and end"
+    distinct = list(dict.fromkeys(captions))
+    counts = token_counts(tokenizer, distinct)
+    cut, longest = sum(count > limit for count in counts), max(counts, default=2)
+    if not cut:
+        return f"token limit {limit} (--max_length): every caption fits (the longest has {longest} tokens)"
+    return (
+        f"token limit {limit} (--max_length) cuts {cut} of {len(distinct)} distinct captions (the longest has"
+        f" {longest} tokens); leave --max_length out to fit them all"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -114,11 +143,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hidden_size", type=int, default=128)
     parser.add_argument("--num_layers", type=int, default=2)
     parser.add_argument("--num_heads", type=int, default=4)
-    parser.add_argument("--max_length", type=int, default=32, help="Longest prompt in tokens, with start and end.")
+    parser.add_argument(
+        "--max_length",
+        type=int,
+        default=None,
+        help="Longest prompt in tokens, with start and end (default: the longest caption's; longer ones are cut).",
+    )
     args = parser.parse_args(argv)
     captions = read_captions(args.captions, args.caption_column)
-    build_text_encoder(captions, args.output_dir, args.hidden_size, args.num_layers, args.num_heads, args.max_length)
+    folder = build_text_encoder(
+        captions, args.output_dir, args.hidden_size, args.num_layers, args.num_heads, args.max_length
+    )
     print(f"wrote a {args.num_layers}-layer, {args.hidden_size}-wide CLIP text encoder to {args.output_dir}")
+    print(describe_limit(folder, captions, args.max_length))
 
 
 if __name__ == "__main__":

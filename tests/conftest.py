@@ -92,7 +92,8 @@ def tiny_text_encoder_dir(tmp_path_factory) -> Path:
     from make_text_encoder import build_text_encoder
 
     words = tiny_captions() + ["on a white background", "an empty caption"]
-    return build_text_encoder(words, tmp_path_factory.mktemp("text_encoder"), hidden_size=64, num_layers=2, num_heads=2)
+    folder = tmp_path_factory.mktemp("text_encoder")
+    return build_text_encoder(words, folder, hidden_size=64, num_layers=2, num_heads=2, max_length=32)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ from collections import Counter
 
 import evaluate_shapes
 import make_shapes_dataset
+import make_text_encoder
 import numpy as np
 import pytest
 from conftest import REPO
@@ -46,6 +47,26 @@ def test_a_blank_or_wrong_image_does_not_match():
         "size": 0.0,
         "all": 0.0,
     }
+
+
+def test_make_text_encoder_fits_the_longest_caption_unless_max_length_says_otherwise(tmp_path, capsys):
+    from transformers import CLIPTokenizer
+
+    captions = ["a red square", "a big blue circle on the left", "a red square"]
+    (tmp_path / "captions.txt").write_text("\n".join(captions) + "\n")
+    make_text_encoder.main(["--captions", str(tmp_path / "captions.txt"), "--output_dir", str(tmp_path / "fit")])
+    assert "token limit 9: the longest caption's tokens, with start and end" in capsys.readouterr().out
+    tokenizer = CLIPTokenizer.from_pretrained(tmp_path / "fit")
+    lengths = [len(tokenizer(caption)["input_ids"]) for caption in captions]
+    assert tokenizer.model_max_length == max(lengths) == 9  # start, 7 words, end: no caption is cut
+
+    flags = ["--captions", str(tmp_path / "captions.txt"), "--output_dir", str(tmp_path / "cut"), "--max_length", "6"]
+    make_text_encoder.main(flags)
+    assert CLIPTokenizer.from_pretrained(tmp_path / "cut").model_max_length == 6
+    assert (
+        "token limit 6 (--max_length) cuts 1 of 2 distinct captions (the longest has 9 tokens); leave --max_length"
+        " out to fit them all"
+    ) in capsys.readouterr().out
 
 
 def test_quickstart_script_trains_saves_and_scores(tmp_path):

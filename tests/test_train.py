@@ -35,9 +35,13 @@ from text_to_image.config import DataConfig, DiffusionConfig, OptimConfig, RunCo
 from text_to_image.data import IndexedBatches, Shard, decode_image, epoch_order, read_image_table, to_rgb
 from text_to_image.loss import DiffusionObjective, MinSnrWeighting, diffusion_loss, min_snr_weights
 from text_to_image.models import (
+    CaptionCut,
     build_noise_scheduler,
     build_text_encoder,
     build_unet,
+    caption_cut,
+    caption_max_length,
+    caption_tokens,
     default_unet_config,
     fit_text_pooling_heads,
 )
@@ -812,12 +816,68 @@ def test_captions_are_padded_to_the_longest_or_to_caption_max_length(argv, caplo
     assert run.text_max_length == expected  # "a red square": start, 3 words, end
     assert run.trainer.conditioner.table.shape[1] == expected
     assert len(run.trainer.batches.table.cache) == 16  # decoded once
-    assert ("truncates 8 of 9 captions" in caplog.text) == (expected == 3)  # all but the empty caption
+    # all but the empty caption are cut to "a", so all 8 become one
+    cut = "--caption_max_length 3 cuts 8 of 9 distinct captions, and 8 of them become token-for-token identical"
+    assert (cut in caplog.text) == (expected == 3)
 
 
 def test_caption_max_length_beyond_the_tokenizer_is_refused(argv, capsys):
     error = run_error(argv("--caption_max_length", "500"), capsys)
     assert "--caption_max_length 500 is more than the tokenizer's maximum; use at most 32" in error
+
+
+# two captions that differ only past the 4th word, one long caption alone in its kind, five short ones
+LONG_CAPTIONS = [
+    "a red square on the left",
+    "a red square on the right",
+    "a blue circle",
+    "a blue circle in the middle of the picture",
+    "a green square",
+    "a yellow circle",
+    "a green circle",
+    "a yellow square",
+]
+
+
+def test_caption_cut_counts_the_captions_a_limit_cuts_and_those_it_makes_identical(tmp_path):
+    from make_text_encoder import caption_words, write_clip_tokenizer
+
+    tokenizer = write_clip_tokenizer(caption_words(LONG_CAPTIONS), tmp_path, max_length=32)
+    tokens = caption_tokens(tokenizer, ["", *LONG_CAPTIONS])
+    assert caption_max_length(tokenizer, tokens, None) == 11  # the longest: start, 9 words, end
+    # 6 tokens keep 4 words: "a red square on" twice, "a blue circle in" once
+    assert caption_cut(tokenizer, tokens, 6, requested=False) == CaptionCut(
+        cut=3, merged=2, limit=6, captions=9, longest=11, requested=False
+    )
+    assert caption_cut(tokenizer, tokens, 11, requested=False).cut == 0
+    # 5 tokens keep 3 words: "a blue circle" (cut) now equals "a blue circle" (whole)
+    assert caption_cut(tokenizer, tokens, 5, requested=True) == CaptionCut(
+        cut=3, merged=3, limit=5, captions=9, longest=11, requested=True
+    )
+
+
+def test_run_plan_and_a_warning_say_how_many_captions_the_encoders_token_limit_cuts_and_merges(
+    tmp_path, tiny_unet_config_file, caplog
+):
+    from make_text_encoder import build_text_encoder as make_text_encoder
+
+    data = write_imagefolder(tmp_path / "data", count=8, captions=LONG_CAPTIONS)
+    encoder = make_text_encoder(LONG_CAPTIONS, tmp_path / "te", hidden_size=64, num_layers=1, num_heads=2, max_length=6)
+    flags = ("--max_train_steps", "1", "--checkpointing_steps", "1", "--save_images_epochs", "1000")
+    with caplog.at_level("INFO", logger="text_to_image"):
+        run_ok(train_argv(data, encoder, tiny_unet_config_file, tmp_path / "out", *flags))
+    plan = next(record.getMessage() for record in caplog.records if "padded to" in record.getMessage())
+    assert (
+        "padded to 6 tokens, which cuts 3 of 9 distinct captions (2 become token-for-token identical to another"
+        " caption); batch 4" in plan
+    )
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert (
+        "the tokenizer's 6-token limit cuts 3 of 9 distinct captions, and 2 of them become token-for-token identical"
+        " to another caption once cut (the longest has 11 tokens): for a caption-vocabulary encoder, rebuild it"
+        " with examples/make_text_encoder.py and a larger --max_length (at least 11, or none: it then fits the"
+        " longest caption); else shorten the captions"
+    ) in warnings
 
 
 def test_frozen_encoder_is_freed_after_caching_and_grids_match_the_encoder(argv, tiny_text_encoder_dir):

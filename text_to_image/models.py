@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -83,26 +84,86 @@ def token_limit(tokenizer) -> int:
     return tokenizer.model_max_length if tokenizer.model_max_length < 100_000 else 512
 
 
-def caption_token_lengths(tokenizer, captions: list[str]) -> list[int]:
-    """Tokens of each caption (with special tokens), capped at the tokenizer's maximum."""
-    limit = token_limit(tokenizer)
-    return [len(ids) for ids in tokenizer(captions, truncation=True, max_length=limit)["input_ids"]]
+def caption_tokens(tokenizer, captions: list[str]) -> list[list[int]]:
+    """Each caption's tokens, not cut and without the start/end tokens: one tokenization serves the padding
+    length and what the limit cuts (verbose=False: a caption past the limit is counted, not warned about)."""
+    return tokenizer(captions, add_special_tokens=False, verbose=False)["input_ids"]
 
 
-def caption_max_length(tokenizer, captions: list[str] | None, requested: int | None) -> int:
-    """--caption_max_length if given (checked against the tokenizer), else the longest caption's length."""
+def caption_max_length(tokenizer, tokens: list[list[int]] | None, requested: int | None) -> int:
+    """--caption_max_length if given (checked against the tokenizer), else the longest caption's length (with
+    start/end tokens) up to the tokenizer's maximum. `tokens`: caption_tokens of the captions, None for a stream."""
     limit = token_limit(tokenizer)
     if exists(requested) and requested > limit:
         raise UserError(f"--caption_max_length {requested} is more than the tokenizer's maximum; use at most {limit}")
-    if not exists(captions):  # a stream: its captions are not known ahead
-        return requested or limit
-    lengths = caption_token_lengths(tokenizer, captions)
-    if not exists(requested):
-        return max(lengths)
-    truncated = sum(length > requested for length in lengths)
-    if truncated:
-        logger.warning("--caption_max_length %d truncates %d of %d captions", requested, truncated, len(captions))
-    return requested
+    if exists(requested):
+        return requested
+    if not exists(tokens):  # a stream: its captions are not known ahead
+        return limit
+    return min(limit, max(map(len, tokens)) + tokenizer.num_special_tokens_to_add())
+
+
+@dataclass(frozen=True, kw_only=True)
+class CaptionCut:
+    """What padding to `limit` tokens does to the distinct captions: `cut` of the `captions` lose tokens, and
+    `merged` of those become token-for-token identical to another caption (the words that told them apart are
+    gone). `longest` is the longest caption's length; `requested` says the limit is --caption_max_length."""
+
+    cut: int
+    merged: int
+    limit: int
+    captions: int
+    longest: int
+    requested: bool
+
+    def describe(self) -> str:
+        """For the run plan: nothing when no caption is cut."""
+        if not self.cut:
+            return ""
+        return (
+            f", which cuts {self.cut} of {self.captions} distinct captions"
+            f" ({self.merged} become token-for-token identical to another caption)"
+        )
+
+    def warning(self) -> str:
+        """One line: what the limit cuts, and what to do about it."""
+        if self.requested:
+            limit = f"--caption_max_length {self.limit}"
+            fix = f"raise --caption_max_length ({self.longest} fits every caption)"
+        else:
+            limit = f"the tokenizer's {self.limit}-token limit"
+            fix = (
+                "for a caption-vocabulary encoder, rebuild it with examples/make_text_encoder.py and a larger"
+                f" --max_length (at least {self.longest}, or none: it then fits the longest caption); else shorten"
+                " the captions"
+            )
+        return (
+            f"{limit} cuts {self.cut} of {self.captions} distinct captions, and {self.merged} of them become"
+            f" token-for-token identical to another caption once cut (the longest has {self.longest} tokens): {fix}"
+        )
+
+
+def caption_cut(tokenizer, tokens: list[list[int]], limit: int, *, requested: bool) -> CaptionCut:
+    """How many captions (caption_tokens of distinct captions) padding to `limit` tokens cuts, and how many of
+    those it makes identical to another caption: cut as the tokenizer cuts (its start/end tokens kept, its side)."""
+    special = tokenizer.num_special_tokens_to_add()
+    keep = max(limit - special, 0)
+
+    def kept(ids: list[int]) -> tuple[int, ...]:
+        return tuple(ids[max(len(ids) - keep, 0) :] if tokenizer.truncation_side == "left" else ids[:keep])
+
+    whole_by_kept: dict[tuple[int, ...], set[tuple[int, ...]]] = {}
+    for ids in tokens:
+        whole_by_kept.setdefault(kept(ids), set()).add(tuple(ids))
+    cut = [ids for ids in tokens if len(ids) > keep]
+    return CaptionCut(
+        cut=len(cut),
+        merged=sum(len(whole_by_kept[kept(ids)]) > 1 for ids in cut),
+        limit=limit,
+        captions=len(tokens),
+        longest=max(map(len, tokens), default=0) + special,
+        requested=requested,
+    )
 
 
 def caption_cache_path(output_dir: Path, encoder_name: str, encoder, captions: list[str], max_length: int) -> Path:

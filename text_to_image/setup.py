@@ -21,7 +21,7 @@ from text_to_image.captured import (
     why_not_captured,
 )
 from text_to_image.checkpoints import TrainState, read_train_state, resolve_resume_checkpoint
-from text_to_image.common import UserError, exists, unwrap
+from text_to_image.common import UserError, exists, is_main_process, unwrap
 from text_to_image.config import DataConfig, ModelConfig, OptimConfig, OutputConfig, RunConfig
 from text_to_image.data import (
     NEAREST_SCALE_PROBES,
@@ -44,12 +44,15 @@ from text_to_image.evaluation import (
 from text_to_image.loss import objective_for
 from text_to_image.models import (
     CachedEmbeddings,
+    CaptionCut,
     LiveEncoder,
     build_noise_scheduler,
     build_text_encoder,
     build_unet,
     caption_cache_path,
+    caption_cut,
     caption_max_length,
+    caption_tokens,
     encode_captions_once,
     freeze_what_last_hidden_state_skips,
     text_hidden_size,
@@ -155,6 +158,7 @@ class TrainingData:
     schedule: Schedule
     validation: ValidationSet | None  # held-out images, out of the batches
     resident: ResidentBatches | None = None  # --data_on_device: the batches drawn and gathered on the device
+    caption_cut: CaptionCut | None = None  # what padding to text_max_length cuts; None for a stream (not known)
 
 
 def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, text_encoder) -> TrainingData:
@@ -167,7 +171,7 @@ def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, t
         captions = batches.sample_captions(STREAM_CAPTION_SAMPLE)
         shown = captions  # a stream's captions are encoded per batch: variants are made there
         warn_fractional_nearest(batches.first_sources(NEAREST_SCALE_PROBES), data.decoding)
-        text_max_length = caption_max_length(tokenizer, None, data.caption_max_length)
+        text_max_length, cut = caption_max_length(tokenizer, None, data.caption_max_length), None
         schedule = stream_schedule(
             checkpointing_steps=config.output.checkpointing_steps,
             accumulation=optim.gradient_accumulation_steps,
@@ -185,7 +189,7 @@ def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, t
         # every text a caption is shown as (variants, sides swapped): the cache holds them all, and a variant
         # can tokenize longer than its caption (tags rejoined), so captions are padded to the longest
         shown = list(dict.fromkeys(captions + training_texts(captions, data)))
-        text_max_length = caption_max_length(tokenizer, shown, data.caption_max_length)
+        text_max_length, cut = fit_captions(tokenizer, shown, data.caption_max_length)
         schedule = plan_schedule(
             len(table.usable_rows),
             batch_size=data.train_batch_size,
@@ -232,7 +236,18 @@ def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, t
         schedule=schedule,
         validation=validation,
         resident=resident_batches(config, state, batches, conditioner, accelerator),
+        caption_cut=cut,
     )
+
+
+def fit_captions(tokenizer, shown: list[str], requested: int | None) -> tuple[int, CaptionCut]:
+    """The length captions are padded to, and what it cuts: said in one warning line when it cuts any."""
+    tokens = caption_tokens(tokenizer, shown)
+    max_length = caption_max_length(tokenizer, tokens, requested)
+    cut = caption_cut(tokenizer, tokens, max_length, requested=exists(requested))
+    if cut.cut and is_main_process():
+        logger.warning("%s", cut.warning())
+    return max_length, cut
 
 
 def resident_batches(
@@ -564,8 +579,9 @@ def run_plan(data: TrainingData, trainer: Trainer, models: PreparedModels, *, st
     held_out = f" ({len(data.validation.captions)} more held out for the validation loss)" if data.validation else ""
     variants = trainer.data.tag_variants
     each = f", {variants.count} variants each" if exists(variants) else ""
+    cut = data.caption_cut.describe() if exists(data.caption_cut) else ""
     return (
-        f"{data.batches.describe()}{held_out}{each} padded to {data.text_max_length} tokens; batch {trainer.data.train_batch_size} x "
+        f"{data.batches.describe()}{held_out}{each} padded to {data.text_max_length} tokens{cut}; batch {trainer.data.train_batch_size} x "
         f"{accelerator.num_processes} processes x {schedule.accumulation} accumulation = {trainer.images_per_step()} per step; "
         f"{schedule.max_steps} steps{length}; UNet {unet_params:.1f}M parameters; {describe_rates(models.learning_rates)}"
     )
