@@ -1,4 +1,5 @@
-"""TextToImagePipeline: shapes, guidance, seeds, every sampler x beta schedule x prediction type, loading, CLI."""
+"""TextToImagePipeline: shapes, guidance, seeds, every sampler x beta schedule x prediction type, flow matching,
+loading, CLI."""
 
 import json
 import os
@@ -9,15 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import DDPMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from pipeline_text_to_image import (
     SCHEDULER_NAMES,
+    IncompatibleSampler,
     ProgressionRecorder,
     TextToImagePipeline,
     copy_pipeline_code,
+    default_sampler,
     encode_text,
     main,
     make_captioned_grid,
@@ -396,3 +399,114 @@ def test_the_cli_loads_the_pipeline_in_the_asked_dtype_rather_than_casting_it_af
     monkeypatch.setattr(module.TextToImagePipeline, "from_pretrained", spy)
     loaded = module.load_pipeline(saved_pipeline, None, "cpu", torch.float16)
     assert asked == {"torch_dtype": torch.float16} and loaded.unet.dtype == torch.float16
+
+
+# ---- flow matching: FlowMatchEulerDiscreteScheduler, the UNet's timestep t * num_train_timesteps
+
+
+def fit_flow_unet(config: dict, steps: int = FIT_STEPS) -> UNet2DConditionModel:
+    """fit_unet for flow matching, as the trainer trains it: the velocity noise - x0 at x_t = (1 - t) x0 + t noise."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(config)
+    optimizer = torch.optim.Adam(unet.parameters(), lr=3e-3)
+    images = coloured_squares()
+    context = torch.zeros(len(images), TEXT_MAX_LENGTH, config["cross_attention_dim"])
+    for _ in range(steps):
+        noise, t = torch.randn_like(images), torch.rand(len(images))
+        noisy = (1 - t.view(-1, 1, 1, 1)) * images + t.view(-1, 1, 1, 1) * noise
+        loss = torch.nn.functional.mse_loss(unet(noisy, t * 1000, context).sample, noise - images)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return unet.eval()
+
+
+@pytest.fixture(scope="session")
+def flow_unet(tiny_unet_config_file) -> UNet2DConditionModel:
+    return fit_flow_unet(json.loads(tiny_unet_config_file.read_text()))
+
+
+def build_flow_pipeline(unet, text_parts, shift: float = 1.0) -> TextToImagePipeline:
+    """The trainer's flow-matching export: its training scheduler's config, sampled by the default sampler."""
+    tokenizer, text_encoder = text_parts
+    config = FlowMatchEulerDiscreteScheduler(shift=shift).config
+    scheduler = make_sampling_scheduler(default_sampler(config), config)
+    pipe = TextToImagePipeline(unet, scheduler, text_encoder, tokenizer, text_max_length=TEXT_MAX_LENGTH)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def saved_flow_pipeline(tmp_path_factory, flow_unet, text_parts) -> Path:
+    output_dir = tmp_path_factory.mktemp("flow") / "output"
+    build_flow_pipeline(flow_unet, text_parts, shift=2.0).save_pretrained(output_dir)
+    copy_pipeline_code(output_dir)
+    return output_dir
+
+
+def test_a_flow_matching_model_samples_finite_unsaturated_images_with_guidance_and_a_negative_prompt(
+    flow_unet, text_parts
+):
+    pipe = build_flow_pipeline(flow_unet, text_parts)
+    images = generate(pipe, num_inference_steps=4, guidance_scale=3.0, negative_prompt="a green square")
+    assert images.shape == (2, 16, 16, 3)
+    assert np.isfinite(images).all()
+    assert saturated_share(images) < 0.5
+    assert not np.array_equal(images, generate(pipe, num_inference_steps=4, guidance_scale=3.0))
+
+
+def test_flow_sampling_starts_from_unit_noise_and_feeds_the_unet_t_times_num_train_timesteps(random_unet, text_parts):
+    pipe = build_flow_pipeline(random_unet, text_parts, shift=3.0)
+    seen = []
+    hook = random_unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((args[0].clone(), float(args[1]))), with_kwargs=True
+    )
+    try:
+        generate(pipe, num_inference_steps=4)
+    finally:
+        hook.remove()
+    first_input, _ = seen[0]
+    noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(first_input, torch.cat([noise, noise]))  # x_1 is the noise itself: no init_noise_sigma
+    sigmas = pipe.scheduler.sigmas[:-1]  # t of each step, 1 first, shifted by 3 as training shifts them
+    assert [timestep for _, timestep in seen] == pytest.approx((sigmas * 1000).tolist())
+    assert seen[0][1] == 1000.0
+
+
+def test_a_flow_matching_model_samples_with_its_euler_and_refuses_the_ddpm_samplers_in_one_line():
+    config = FlowMatchEulerDiscreteScheduler(num_train_timesteps=500, shift=3.0).config
+    euler = make_sampling_scheduler("euler", config)
+    assert type(euler) is FlowMatchEulerDiscreteScheduler
+    assert (euler.config.num_train_timesteps, euler.config.shift) == (500, 3.0)
+    for name in sorted(set(SCHEDULER_NAMES) - {"euler"}):
+        with pytest.raises(IncompatibleSampler, match=f"scheduler '{name}' samples DDPM-trained models.*use 'euler'"):
+            make_sampling_scheduler(name, config)
+    assert (default_sampler(config), default_sampler(DDPMScheduler().config)) == ("euler", "dpm")
+
+
+def test_a_saved_flow_matching_folder_loads_as_a_custom_pipeline_and_samples_with_guidance(saved_flow_pipeline):
+    pipe = DiffusionPipeline.from_pretrained(
+        saved_flow_pipeline, custom_pipeline=str(saved_flow_pipeline), trust_remote_code=True
+    )
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe).__name__ == "TextToImagePipeline" and type(pipe).__module__ != "pipeline_text_to_image"
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and pipe.scheduler.config.shift == 2.0
+    images = pipe(
+        PROMPTS,
+        negative_prompt="a green square",
+        guidance_scale=3.0,
+        num_images_per_prompt=2,
+        num_inference_steps=3,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    assert images.shape == (4, 16, 16, 3) and np.isfinite(images).all()
+
+
+def test_the_cli_refuses_a_ddpm_sampler_for_a_flow_matching_model_in_one_line(saved_flow_pipeline):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(saved_flow_pipeline), "--prompt", "a red square", "--scheduler", "dpm", "--device", "cpu"])
+    assert str(exit_info.value.code) == (
+        "error: --scheduler: scheduler 'dpm' samples DDPM-trained models, but this model was trained with flow"
+        " matching; use 'euler' (FlowMatchEulerDiscreteScheduler)"
+    )
