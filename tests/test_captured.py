@@ -5,6 +5,7 @@ capture that replays by calling the function again."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +14,10 @@ from conftest import assert_same_tensors, resume_from_the_checkpoint_before, run
 from safetensors.torch import load_file
 
 from text_to_image.captured import CapturedStep, device_step_for, why_not_captured
-from text_to_image.config import RunConfig, parse_args
+from text_to_image.config import DiffusionConfig, RunConfig, parse_args
+from text_to_image.data import Shard
+from text_to_image.loss import diffusion_losses, objective_for, timestep_buckets
+from text_to_image.models import build_noise_scheduler
 from text_to_image.setup import setup_run
 
 
@@ -211,3 +215,46 @@ def test_what_cuda_graphs_cannot_capture_is_named(setting, why):
     )
     reason = why_not_captured(config, accelerator)
     assert reason == why if why is None else why in reason
+
+
+@dataclass
+class Prediction:
+    sample: torch.Tensor  # as the UNet's output holds it (a dataclass: torch.compile traces it)
+
+
+class TimedConv(torch.nn.Module):
+    """A one-layer stand-in for the UNet that reads its timestep."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+
+    def forward(self, sample, timesteps, encoder_hidden_states, **kwargs):
+        return Prediction(sample=self.conv(sample) * timesteps.view(-1, 1, 1, 1) / 100)
+
+
+def test_the_flow_matching_loss_traces_whole_and_draws_every_number():
+    """--cuda_graphs with --prediction_type flow_matching: the loss (its t draws, x_t, the velocity target, the
+    buckets) traces without a graph break, gives the eager losses and leaves the generator where eager does. The
+    first test traces the whole step with the UNet; this is its flow-matching part, in seconds."""
+    diffusion = DiffusionConfig(
+        ddpm_num_steps=100, prediction_type="flow_matching", timestep_sampling="logit_normal", timestep_shift=3.0
+    )
+    noise_scheduler, objective = build_noise_scheduler(diffusion), objective_for(diffusion)
+    unet, shard = TimedConv(), Shard(index=1, count=2, size=2)  # the second process's half of a global batch of 4
+
+    def losses(clean):
+        per_sample, timesteps = diffusion_losses(unet, noise_scheduler, clean, torch.zeros(2, 2, 8), objective, shard)
+        return per_sample, timestep_buckets(timesteps, noise_scheduler.config.num_train_timesteps)
+
+    clean = torch.rand(2, 3, 8, 8) * 2 - 1
+    torch.manual_seed(5)
+    eager = losses(clean)
+    eager_generator = torch.get_rng_state()
+    torch._dynamo.reset()
+    torch.manual_seed(5)
+    traced = torch.compile(losses, fullgraph=True, backend="aot_eager")(clean)
+    torch._dynamo.reset()
+    assert torch.equal(torch.get_rng_state(), eager_generator)
+    torch.testing.assert_close(traced[0], eager[0])
+    assert torch.equal(traced[1], eager[1])

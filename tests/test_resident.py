@@ -61,8 +61,10 @@ def batches_and_weights(run, micro_batches: int, steps: int) -> tuple[list, dict
         ("--random_flip", "--augment_prob", "0.5", "--alpha_background", "random", "--conditioning_dropout_prob", "0.3",
          "--caption_shuffle_separator", " ", "--caption_tag_dropout", "0.2", "--gradient_accumulation_steps", "2"),
         ("--random_flip", "--flip_sided_captions", "no_flip", "--channels_last"),
+        ("--random_flip", "--prediction_type", "flow_matching", "--timestep_sampling", "logit_normal",
+         "--timestep_shift", "3", "--noise_offset", "0.05"),
     ],
-    ids=["defaults", "flips-augmentation-background-variants-accumulation", "no_flip"],
+    ids=["defaults", "flips-augmentation-background-variants-accumulation", "no_flip", "flow_matching"],
 )  # fmt: skip
 def test_on_the_cpu_the_device_path_trains_the_host_paths_batches_bit_for_bit(argv, flags):
     host = set_up(argv(*flags, "--data_on_device", "no", output="host"))

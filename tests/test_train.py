@@ -401,6 +401,28 @@ def test_resume_mid_epoch_with_ema_and_accumulation_gives_bit_identical_weights(
     assert all(torch.equal(a, b) for a, b in zip(first["shadow_params"], second["shadow_params"], strict=True))
 
 
+def test_flow_matching_resumes_with_bit_identical_weights_and_exports_its_flow_sampler(argv, tmp_path):
+    flags = ("--prediction_type", "flow_matching", "--timestep_sampling", "logit_normal", "--timestep_shift", "3")
+    flags += ("--noise_offset", "0.05", "--input_perturbation", "0.1")  # every draw of the loss, in its order
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_ok(argv(*flags, output=straight))
+    resume_from_the_checkpoint_before(argv, flags, straight, 4, resumed)
+    assert_same_tensors(checkpoint_weights(straight / "checkpoint-4"), checkpoint_weights(resumed / "checkpoint-4"))
+    assert_same_tensors(unet_weights(straight), unet_weights(resumed))
+    config = json.loads((resumed / "scheduler" / "scheduler_config.json").read_text())
+    assert (config["_class_name"], config["shift"], config["num_train_timesteps"]) == (
+        "FlowMatchEulerDiscreteScheduler",
+        3.0,
+        100,
+    )
+    from pipeline_text_to_image import TextToImagePipeline
+
+    pipe = TextToImagePipeline.from_pretrained(resumed)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe("a red square", num_inference_steps=2, output_type="np", generator=torch.manual_seed(0)).images
+    assert images.shape == (1, 16, 16, 3)
+
+
 def test_resume_inside_a_cosine_warm_up_with_a_trained_encoder_logs_and_trains_as_the_straight_run(
     argv, tmp_path, monkeypatch
 ):
