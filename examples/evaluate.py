@@ -111,7 +111,7 @@ def generate(pipeline, prompts: list[str], args: argparse.Namespace) -> list:
 def evaluate(args: argparse.Namespace) -> dict:
     from diffusers import DDPMScheduler
 
-    from pipeline_text_to_image import TextToImagePipeline, encode_text
+    from pipeline_text_to_image import TextToImagePipeline, encode_text, is_flow_matching
 
     pipeline = TextToImagePipeline.from_pretrained(args.model)
     pipeline.set_progress_bar_config(disable=True)
@@ -143,7 +143,9 @@ def evaluate(args: argparse.Namespace) -> dict:
                 weighting=MinSnrWeighting(snr_gamma),
                 keep_best=None,
             )
-            noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+            # a flow-matching model's sampler is its training scheduler; a DDPM one's keeps the training betas
+            config = pipeline.scheduler.config
+            noise_scheduler = pipeline.scheduler if is_flow_matching(config) else DDPMScheduler.from_config(config)
             metrics |= checks.validate(pipeline.unet, noise_scheduler)
         images = generate(pipeline, quality.prompts, args)
         metrics |= quality.measure(images)

@@ -357,11 +357,16 @@ def test_evaluation_mistakes_get_one_line_naming_the_flag(argv, capsys, flags, m
     assert message in capsys.readouterr().err
 
 
-def test_evaluate_script_reproduces_the_trainers_validation_loss_for_a_finished_run(argv, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "objective",
+    [(), ("--prediction_type", "flow_matching", "--timestep_shift", "2", "--max_train_steps", "2")],
+    ids=["v_prediction", "flow_matching"],
+)
+def test_evaluate_script_reproduces_the_trainers_validation_loss_for_a_finished_run(argv, tmp_path, capsys, objective):
     import evaluate
 
     held_out = write_imagefolder(tmp_path / "held_out", count=4, captions=["an empty caption"] * 4)
-    run_ok(argv("--validation_data_dir", str(held_out), "--use_ema"))
+    run_ok(argv("--validation_data_dir", str(held_out), "--use_ema", *objective))
     last = evaluations(tmp_path / "out")[-1]
     report = tmp_path / "metrics.json"
     command = ["--model", str(tmp_path / "out"), "--data", str(tmp_path / "data"), "--validation_data_dir"]
