@@ -461,38 +461,49 @@ def format_summary(curves: dict[tuple[str, int], dict[int, float]]) -> str:
     return markdown_table(header, rows)
 
 
-def plot(curves: dict[tuple[str, int], dict[int, float]], path: Path) -> None:
-    """Adherence against images seen, colour per recipe: each run thin and pale, the seeds' mean thick (PIL only)."""
+def plot(
+    curves: dict[tuple[str, int], dict[float, float]],
+    path: Path,
+    *,
+    title: str = "'all three' right (colour, shape, size), frozen text encoder",
+    x_label: str = "images seen",
+    levels: tuple[float, ...] = THRESHOLDS,
+    top: float = 1.0,
+) -> None:
+    """A share against images seen (or minutes), colour per recipe: each run thin and pale, the seeds' mean thick
+    (PIL only); `top` is the share at the top of the plot, `levels` the shares ruled across it."""
     from PIL import Image, ImageDraw
 
     width, height, margin = 640, 360, 48
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     most = max(max(curve) for curve in curves.values())
-    x_of = lambda images: margin + (width - 2 * margin) * images / most  # noqa: E731
-    y_of = lambda share: height - margin - (height - 2 * margin) * share  # noqa: E731
+    x_of = lambda x: margin + (width - 2 * margin) * x / most  # noqa: E731
+    y_of = lambda share: height - margin - (height - 2 * margin) * min(share, top) / top  # noqa: E731
     draw.line([(margin, margin), (margin, height - margin), (width - margin, height - margin)], fill="black")
-    for share in (0.5, 0.9):
+    for share in levels:
         draw.line([(margin, y_of(share)), (width - margin, y_of(share))], fill=(200, 200, 200))
         draw.text((4, y_of(share) - 6), f"{share:.0%}", fill="black")
-    draw.text((width - margin - 30, height - margin + 6), f"{most // 1000}k", fill="black")
-    draw.text((width // 2 - 40, height - 20), "images seen", fill="black")
-    draw.text((margin, 8), "'all three' right (colour, shape, size), frozen text encoder", fill="black")
+    right_end = f"{most / 1000:g}k" if most >= 1000 else f"{most:g}"
+    draw.text((width - margin - 30, height - margin + 6), right_end, fill="black")
+    draw.text((width // 2 - 40, height - 20), x_label, fill="black")
+    draw.text((margin, 8), title, fill="black")
     palette = [(200, 40, 40), (40, 90, 220), (30, 150, 60), (230, 140, 20), (140, 50, 170), (90, 90, 90)]
     recipes = list(dict.fromkeys(recipe for recipe, _ in curves))
-    line = lambda curve: [(x_of(0), y_of(0))] + [(x_of(images), y_of(curve[images])) for images in sorted(curve)]  # noqa: E731
+    line = lambda curve: [(x_of(0), y_of(0))] + [(x_of(x), y_of(curve[x])) for x in sorted(curve)]  # noqa: E731
     colour_of = {recipe: palette[index % len(palette)] for index, recipe in enumerate(recipes)}
     for (recipe, _), curve in curves.items():
         pale = tuple(channel + (255 - channel) * 3 // 5 for channel in colour_of[recipe])
         draw.line(line(curve), fill=pale, width=1)
     means = mean_curves(curves)
     for recipe, (_, mean) in means.items():
-        draw.line(line(mean), fill=colour_of[recipe], width=3)
+        if mean:
+            draw.line(line(mean), fill=colour_of[recipe], width=3)
     for index, recipe in enumerate(recipes):
         seeds = means[recipe][0]
         label = f"{recipe} ({seeds} seeds: thin; mean: thick)" if seeds > 1 else recipe
-        # bottom right: the curves rise from the bottom left and end at the top right
-        draw.text((width // 2, height - margin - 8 - 14 * (len(recipes) - index)), label, fill=colour_of[recipe])
+        # top left: the curves rise from the bottom left
+        draw.text((margin + 8, margin + 14 * index), label, fill=colour_of[recipe])
     image.save(path)
 
 

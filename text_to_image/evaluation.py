@@ -128,23 +128,58 @@ def pixel_rows(images: torch.Tensor) -> torch.Tensor:
     return images.reshape(len(images), -1).float().div_(255)
 
 
+def squared_distance_chunks(queries: torch.Tensor, reference: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """(start, summed squared pixel distances [chunk, N]) of uint8 queries to uint8 reference images, NEAREST_CHUNK
+    queries at a time (a 2,000-image reference at 64 px would otherwise need GBs at once)."""
+    queries, reference = pixel_rows(queries), pixel_rows(reference)
+    reference_norms = reference.pow(2).sum(1)
+    for start in range(0, len(queries), NEAREST_CHUNK):
+        chunk = queries[start : start + NEAREST_CHUNK]
+        yield start, chunk.pow(2).sum(1, keepdim=True) + reference_norms - 2 * chunk @ reference.T
+
+
 def nearest_neighbours(
     queries: torch.Tensor, reference: torch.Tensor, exclude: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMS pixel distance in [0, 1], index) of each query's nearest reference image; `exclude[i]` is a
     reference index query i may not match (itself, for leave-one-out)."""
-    queries, reference = pixel_rows(queries), pixel_rows(reference)
-    reference_norms = reference.pow(2).sum(1)
     distances, indices = [], []
-    for start in range(0, len(queries), NEAREST_CHUNK):
-        chunk = queries[start : start + NEAREST_CHUNK]
-        squared = chunk.pow(2).sum(1, keepdim=True) + reference_norms - 2 * chunk @ reference.T
+    for start, squared in squared_distance_chunks(queries, reference):
         if exists(exclude):
-            squared[torch.arange(len(chunk)), exclude[start : start + NEAREST_CHUNK]] = float("inf")
+            squared[torch.arange(len(squared)), exclude[start : start + NEAREST_CHUNK]] = float("inf")
         best = squared.min(dim=1)
-        distances.append(best.values.clamp_(min=0).div_(reference.shape[1]).sqrt_())
+        distances.append(best.values.clamp_(min=0).div_(reference[0].numel()).sqrt_())
         indices.append(best.indices)
     return torch.cat(distances), torch.cat(indices)
+
+
+def retrieval_ranks(samples: torch.Tensor, reference: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """Caption retrieval: the rank (1 = nearest) of each sample's own training image `own[i]` among all the
+    reference images, by pixel distance; ties count in the sample's favour."""
+    ranks = []
+    for start, squared in squared_distance_chunks(samples, reference):
+        rows = torch.arange(len(squared))
+        own_distance = squared[rows, own[start : start + NEAREST_CHUNK]]
+        ranks.append((squared < own_distance[:, None]).sum(1) + 1)
+    return torch.cat(ranks)
+
+
+def caption_effect(samples: torch.Tensor) -> float:
+    """How far a caption moves a sample, against how far the noise does: uint8 samples [captions, noises, 3, R, R],
+    each noise shared by every caption. The mean RMS distance between captions drawn from one noise over that
+    between noises drawn for one caption: near 0 when the UNet ignores its text, about 1 when it matters as much
+    as the noise."""
+    pixels = samples.flatten(2).float().div_(255)  # [captions, noises, D]
+    between_captions = mean_pairwise_distance(pixels.transpose(0, 1))
+    between_noises = mean_pairwise_distance(pixels)
+    return between_captions / max(between_noises, 1e-12)
+
+
+def mean_pairwise_distance(groups: torch.Tensor) -> float:
+    """The mean RMS distance between the members of each group [groups, members, D], over every pair of every group."""
+    distances = torch.cdist(groups.double(), groups.double()) / groups.shape[-1] ** 0.5
+    pairs = torch.triu_indices(groups.shape[1], groups.shape[1], offset=1)
+    return distances[:, pairs[0], pairs[1]].mean().item()
 
 
 def copy_threshold(images: torch.Tensor) -> float:

@@ -19,6 +19,9 @@ class Metric:
 VAL_LOSS = Metric(
     "val/loss", keep_best="val_loss", needs="held-out images: pass --validation_split or --validation_data_dir"
 )
+# samples of different captions from one noise, against samples of one caption from different noises: ~0 when the
+# UNet ignores its text (evaluation.caption_effect)
+CAPTION_EFFECT = Metric("text/caption_effect")
 COPY_RATE = Metric("memorization/copy_rate")  # of a grid's samples
 NEAREST_DISTANCE = Metric("memorization/nearest_distance_median")
 COPY_THRESHOLD = Metric("memorization/copy_threshold")
@@ -28,5 +31,5 @@ CLIP_SCORE = Metric("eval/clip_score")
 EVAL_COPY_RATE = Metric("eval/copy_rate")  # of the --eval_num_images samples
 
 # the run's last line shows these, in this order, when measured
-SUMMARY = (VAL_LOSS, COPY_RATE, FD, KID, CLIP_SCORE, EVAL_COPY_RATE)
+SUMMARY = (VAL_LOSS, CAPTION_EFFECT, COPY_RATE, FD, KID, CLIP_SCORE, EVAL_COPY_RATE)
 KEEP_BEST = {metric.keep_best: metric for metric in SUMMARY if metric.keep_best is not None}

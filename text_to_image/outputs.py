@@ -28,19 +28,21 @@ from text_to_image.evaluation import (
     Checks,
     Due,
     EvaluationLog,
+    caption_effect,
     eval_mode,
     metrics_table,
     newest_values,
     to_uint8_batch,
     write_nearest_strip,
 )
-from text_to_image.metrics import COPY_RATE, EVAL_COPY_RATE, KEEP_BEST
+from text_to_image.metrics import CAPTION_EFFECT, COPY_RATE, EVAL_COPY_RATE, KEEP_BEST
 from text_to_image.models import build_text_encoder
 from text_to_image.optimization import main_process_with_ema, unet_as_fp32
 
 logger = logging.getLogger(__name__)
 
 GIF_TRAILER = b";"
+CAPTION_EFFECT_SHAPE = (4, 4)  # grid prompts x shared noises drawn for text/caption_effect at each validation
 
 
 def build_pipeline(unet, text_encoder, tokenizer, noise_scheduler, text_max_length: int):
@@ -62,12 +64,28 @@ def choose_validation_prompts(requested: list[str] | None, captions: list[str], 
     return random.Random(seed).sample(pool, min(count, len(pool)))
 
 
+def shared_noise(prompts: int, per_prompt: int, resolution: int, seed: int) -> torch.Tensor:
+    """Starting noise [prompts x per_prompt, 3, R, R] in the pipeline's order (prompt-major): the i-th image of
+    every prompt starts from the same noise, so a column of a grid shows what the caption alone changes."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    noises = torch.randn(per_prompt, 3, resolution, resolution, generator=generator)
+    return noises.repeat(prompts, 1, 1, 1)
+
+
 def sample_images(
-    pipeline, prompts: list[str], num_images: int, steps: int, guidance: float, seed: int, embeddings=None
+    pipeline,
+    prompts: list[str],
+    num_images: int,
+    steps: int,
+    guidance: float,
+    seed: int,
+    embeddings=None,
+    shared: bool = False,
 ):
     """PIL images, prompts repeated to fill num_images; a fixed seed so grids compare across epochs.
 
     `embeddings` (prompts', empty caption's) stand in for a text encoder that was freed after caching.
+    `shared`: every prompt's images start from the same noises (shared_noise).
     """
     per_prompt = max(1, math.ceil(num_images / len(prompts)))
     generator = torch.Generator("cpu").manual_seed(seed)
@@ -75,12 +93,15 @@ def sample_images(
     if exists(embeddings):
         prompt_embeds, empty = embeddings
         text = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": empty.expand(len(prompts), -1, -1)}
+    resolution = pipeline.unet.config.sample_size
+    latents = shared_noise(len(prompts), per_prompt, resolution, seed) if shared else None
     images = pipeline(
         **text,
         num_images_per_prompt=per_prompt,
         num_inference_steps=steps,
         guidance_scale=guidance,
         generator=generator,
+        latents=latents,
     ).images
     captions = [prompt for prompt in prompts for _ in range(per_prompt)]
     return images[: max(num_images, len(prompts))], captions[: max(num_images, len(prompts))]
@@ -292,7 +313,10 @@ class Outputs:
             if exists(unet):
                 text_encoder = self.live_text_encoder()
                 with eval_mode(unet, text_encoder), self.accelerator.autocast():
-                    metrics = self.checks.validate(unet, self.noise_scheduler) if due.validation else {}
+                    metrics = {}
+                    if due.validation:
+                        metrics |= self.checks.validate(unet, self.noise_scheduler)
+                        metrics |= self.caption_effect(unet, text_encoder)
                     if due.grid:
                         grid, grid_metrics = self.grid(unet, text_encoder, state, epoch)
                         metrics |= grid_metrics
@@ -302,7 +326,7 @@ class Outputs:
                     self.record(unet, state, epoch, metrics, grid)
         return grid
 
-    def sample(self, unet, text_encoder, prompts: list[str], count: int, seed: int):
+    def sample(self, unet, text_encoder, prompts: list[str], count: int, seed: int, shared: bool = False):
         embeddings = None
         if not exists(text_encoder):  # freed after caching: the prompts' cached embeddings stand in
             embeddings = self.grids.prompt_embeddings
@@ -316,7 +340,18 @@ class Outputs:
             self.grids.guidance_scale,
             seed,
             embeddings,
+            shared,
         )
+
+    def caption_effect(self, unet, text_encoder) -> dict:
+        """text/caption_effect of the first distinct grid prompts, each drawn from the same fixed noises."""
+        captions, noises = CAPTION_EFFECT_SHAPE
+        prompts = list(dict.fromkeys(self.grids.prompts))[:captions]
+        if len(prompts) < 2:  # one caption: nothing to tell apart
+            return {}
+        images, _ = self.sample(unet, text_encoder, prompts, len(prompts) * noises, self.grids.seed, shared=True)
+        samples = to_uint8_batch(images, unet.config.sample_size)
+        return {CAPTION_EFFECT.logged: caption_effect(samples.reshape(len(prompts), noises, *samples.shape[1:]))}
 
     def grid(self, unet, text_encoder, state: TrainState, epoch: int) -> tuple[Path, dict]:
         """The fixed prompts' grid, written and logged; with a training reference, each sample's nearest image."""
