@@ -192,7 +192,6 @@ class Scorer:
     def __call__(self, checkpoint: Path, grid: Path) -> dict[str, float]:
         import torch
 
-        from pipeline_text_to_image import make_captioned_grid
         from text_to_image.evaluation import caption_effect, retrieval_ranks, to_uint8_batch
 
         self.load(checkpoint)
@@ -205,15 +204,25 @@ class Scorer:
         ).images
         samples = to_uint8_batch(images, self.reference.images.shape[-1])
         ranks = retrieval_ranks(samples, self.reference.images, self.reference.own.repeat_interleave(NOISES))
-        shown = GRID_CAPTIONS * NOISES
-        labels = [caption for caption in self.reference.captions[:GRID_CAPTIONS] for _ in range(NOISES)]
-        make_captioned_grid(images[:shown], labels, columns=NOISES * 2).save(grid)
+        self.grid(images, grid)
         return {
             "top1": (ranks <= 1).float().mean().item(),
             "top10": (ranks <= 10).float().mean().item(),
             "median_rank": float(torch.median(ranks.float()).item()),
             "caption_effect": caption_effect(samples.reshape(CAPTIONS, NOISES, *samples.shape[1:])),
         }
+
+    def grid(self, images: list, path: Path) -> None:
+        """The first GRID_CAPTIONS captions, each as its training image then its NOISES samples; two a row."""
+        from pipeline_text_to_image import make_captioned_grid
+        from text_to_image.evaluation import to_pil
+
+        cells, labels = [], []
+        for index, caption in enumerate(self.reference.captions[:GRID_CAPTIONS]):
+            own = self.reference.own[index].item()
+            cells += to_pil(self.reference.images[own : own + 1]) + images[index * NOISES : (index + 1) * NOISES]
+            labels += [f"trained: {caption}"] + [f"noise {noise}" for noise in range(NOISES)]
+        make_captioned_grid(cells, labels, columns=2 * (NOISES + 1)).save(path)
 
 
 def run_recipe(name: str, seed: int, args, encoder: Path, threads: int) -> list[dict]:

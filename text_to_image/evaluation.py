@@ -26,6 +26,7 @@ BEST_DIR = "best"  # --keep_best's pipeline, in --output_dir
 VALIDATION_CHUNK = 32  # held-out images per validation forward pass (fixes the noise draws too)
 NEAREST_CHUNK = 256  # samples compared with the training images at once
 FEATURE_CHUNK = 32  # images per feature-model forward pass
+RANK_TIE_TOLERANCE = 1e-9  # summed squared distances closer than this are equal (float64 rounding is ~1e-13)
 
 
 def held_out_count(split: float, usable: int) -> int:
@@ -123,15 +124,17 @@ def validation_losses(
     return [total / len(validation.captions) for total in totals]
 
 
-def pixel_rows(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, 3, R, R] -> float32 [N, 3 R R] in [0, 1]."""
-    return images.reshape(len(images), -1).float().div_(255)
+def pixel_rows(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [N, 3, R, R] -> [N, 3 R R] in [0, 1]."""
+    return images.reshape(len(images), -1).to(dtype).div_(255)
 
 
-def squared_distance_chunks(queries: torch.Tensor, reference: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+def squared_distance_chunks(
+    queries: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> Iterator[tuple[int, torch.Tensor]]:
     """(start, summed squared pixel distances [chunk, N]) of uint8 queries to uint8 reference images, NEAREST_CHUNK
     queries at a time (a 2,000-image reference at 64 px would otherwise need GBs at once)."""
-    queries, reference = pixel_rows(queries), pixel_rows(reference)
+    queries, reference = pixel_rows(queries, dtype), pixel_rows(reference, dtype)
     reference_norms = reference.pow(2).sum(1)
     for start in range(0, len(queries), NEAREST_CHUNK):
         chunk = queries[start : start + NEAREST_CHUNK]
@@ -155,12 +158,15 @@ def nearest_neighbours(
 
 def retrieval_ranks(samples: torch.Tensor, reference: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
     """Caption retrieval: the rank (1 = nearest) of each sample's own training image `own[i]` among all the
-    reference images, by pixel distance; ties count in the sample's favour."""
+    reference images, by pixel distance; ties (a training image twice, under two names) count in the sample's favour.
+
+    In float64: two images one uint8 level apart in one pixel differ by 1.5e-5 in the sum, which float32's rounding
+    of |a|^2 + |b|^2 - 2ab over thousands of pixels would hide."""
     ranks = []
-    for start, squared in squared_distance_chunks(samples, reference):
+    for start, squared in squared_distance_chunks(samples, reference, torch.float64):
         rows = torch.arange(len(squared))
         own_distance = squared[rows, own[start : start + NEAREST_CHUNK]]
-        ranks.append((squared < own_distance[:, None]).sum(1) + 1)
+        ranks.append((squared < own_distance[:, None] - RANK_TIE_TOLERANCE).sum(1) + 1)
     return torch.cat(ranks)
 
 
