@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from text_to_image.checkpoints import (
     PIPELINE_STAGING,
     STOP_CHECK_STEPS,
     StopRequest,
+    TrainState,
     find_latest_checkpoint,
     finish_interrupted_export,
     is_complete_checkpoint,
@@ -45,9 +47,20 @@ from text_to_image.models import (
     default_unet_config,
     fit_text_pooling_heads,
 )
+from text_to_image.optimization import WarmupStableDecay, build_lr_scheduler
 from text_to_image.outputs import build_pipeline, sample_images
 from text_to_image.setup import setup_run
-from text_to_image.training import DISK_BYTES_PER_SECOND, Schedule, StopCost, plan_schedule
+from text_to_image.training import (
+    DISK_BYTES_PER_SECOND,
+    LengthPlan,
+    Schedule,
+    StopCost,
+    TimePlanner,
+    cut_short,
+    plan_schedule,
+    planned_steps,
+    starting_length,
+)
 
 
 def unet_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -276,6 +289,110 @@ def test_epoch_events_fire_once_per_n_epochs_with_accumulation():
     batches = IndexedBatches(table, seed=3, shard=Shard(size=2), batches_per_epoch=5, num_workers=0)
     assert batches.rows(18 * 2) == epoch_order(table.usable_rows, 3, 7)[2:4].tolist()
     assert sorted(row for index in range(35, 40) for row in batches.rows(index)) == list(range(10))
+
+
+def test_warmup_stable_decay_warms_up_holds_then_decays_to_zero_over_the_last_share():
+    optim = OptimConfig(lr_scheduler="warmup_stable_decay", lr_warmup_steps=10, max_train_steps=100)
+    length, plans_by_time = starting_length(optim, TrainState(), bound=100)
+    assert (length, plans_by_time) == (LengthPlan(steps=100, decay_start=80), False)  # --lr_decay_share 0.2
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    lr_scheduler, factor = build_lr_scheduler(optimizer, optim, length.steps, length.decay_start)
+    rates = {}
+    for step in range(101):
+        rates[step] = lr_scheduler.get_last_lr()[0]
+        optimizer.step()
+        lr_scheduler.step()
+    # warm-up, stable, the decay's first step, its middle, its last step, the end
+    steps = (0, 5, 10, 79, 80, 90, 99, 100)
+    assert [factor(step) for step in steps] == [0.0, 0.5, 1.0, 1.0, 1.0, 0.5, 0.05, 0.0]
+    assert [rates[step] for step in steps] == pytest.approx([0.0, 5e-4, 1e-3, 1e-3, 1e-3, 5e-4, 5e-5, 0.0], abs=1e-18)
+    # a decay longer than the run's stable part starts inside the warm-up: the lower of the two
+    short = WarmupStableDecay(warmup_steps=10, total_steps=12, decay_start=4)
+    assert [short(step) for step in (2, 4, 8, 12)] == [0.2, 0.4, 0.5, 0.0]
+
+
+def test_time_plan_turns_the_measured_step_time_and_the_time_left_into_a_step_count():
+    # 8h29m50s left at step 21, 0.31 s a step plus 0.01 s of periodic saves, 95 s kept for the final ones
+    assert (
+        planned_steps(
+            step=21, seconds_left=30590.0, step_seconds=0.31, final_seconds=95.0, periodic_seconds_per_step=0.01
+        )
+        == 21 + 95296
+    )  # (30590 - 95) / 0.32 = 95296.9
+    assert (
+        planned_steps(step=21, seconds_left=50.0, step_seconds=0.31, final_seconds=95.0, periodic_seconds_per_step=0.0)
+        == 21
+    )  # no time left for a step: the run ends where it is
+
+    def planner(bound: int) -> TimePlanner:
+        return TimePlanner(
+            budget="8h30m",
+            bound=bound,
+            provisional=LengthPlan(steps=bound, decay_start=bound - round(0.2 * bound)),
+            decay_share=0.2,
+            factor=WarmupStableDecay(warmup_steps=100, total_steps=bound, decay_start=bound - round(0.2 * bound)),
+            first_step=1,
+        )
+
+    by_time = planner(bound=1_000_000)
+    plan = by_time.fix(21, seconds_left=30590.0, step_seconds=0.31, stop_seconds=95.0, periodic=0.01)
+    assert (plan.steps, plan.decay_start) == (95317, 95317 - 19063)
+    assert plan.how == (
+        "~95296 more in the 8h29m left of --max_train_time 8h30m at 0.31 s/step, timed over steps 2-21;"
+        " 95 s kept for the final checkpoint, grid and export, 953 s for the periodic ones"
+    )
+    assert (by_time.factor.total_steps, by_time.factor.decay_start) == (95317, 76254)
+    by_epochs = planner(bound=40).fix(21, seconds_left=30590.0, step_seconds=0.31, stop_seconds=95.0, periodic=0.01)
+    assert (by_epochs.steps, by_epochs.decay_start) == (40, 32)
+    assert (
+        by_epochs.how
+        == "--num_epochs' count; --max_train_time 8h30m would allow ~95317 at 0.31 s/step, timed over steps 2-21"
+    )
+    # 3 steps left: their decay starts at the step the plan is fixed at, never before it (the rate never jumps)
+    late = planner(bound=1_000_000).fix(21, seconds_left=98.0, step_seconds=1.0, stop_seconds=95.0, periodic=0.0)
+    assert (late.steps, late.decay_start) == (24, 21)
+    assert planner(bound=40).closes(21, seconds=6.0)  # 20 steps timed
+    assert planner(bound=1000).closes(5, seconds=30.0) and not planner(bound=1000).closes(5, seconds=29.0)
+    assert planner(bound=20).closes(16, seconds=1.0)  # by the provisional decay start: the rate is still stable
+
+
+def test_a_resumed_run_plans_anew_from_its_time_until_the_decay_begins_and_keeps_the_plan_after():
+    wsd = dict(lr_scheduler="warmup_stable_decay", max_train_time="9h")
+    saved = {"steps": 1000, "decay_start": 800, "how": "timed"}
+    assert starting_length(OptimConfig(**wsd), TrainState(), bound=4000) == (
+        LengthPlan(steps=4000, decay_start=3200),
+        True,
+    )
+    # a fresh session's budget: the saved plan is planned anew while its decay has not begun ...
+    assert starting_length(OptimConfig(**wsd), TrainState(step=799, plan=saved), 4000) == (LengthPlan(**saved), True)
+    # ... and finished as planned once it has, or without --max_train_time (the same schedule, exactly)
+    assert starting_length(OptimConfig(**wsd), TrainState(step=800, plan=saved), 4000) == (LengthPlan(**saved), False)
+    no_limit = OptimConfig(lr_scheduler="warmup_stable_decay")
+    assert starting_length(no_limit, TrainState(step=500, plan=saved), 4000) == (LengthPlan(**saved), False)
+    # a constant rate has no decay to wait for; --max_train_steps sets the length and drops the plan
+    constant = {"steps": 1000, "decay_start": None, "how": "timed"}
+    assert starting_length(OptimConfig(max_train_time="9h"), TrainState(step=1000, plan=constant), 4000)[1]
+    state = TrainState(step=500, plan=saved)
+    given = OptimConfig(**wsd, max_train_steps=2000)
+    assert starting_length(given, state, 2000) == (LengthPlan(steps=2000, decay_start=1600), False)
+    assert state.plan is None
+    # diffusers' cosine reads the total from its first step: it stays over --num_epochs' count
+    assert starting_length(OptimConfig(lr_scheduler="cosine", max_train_time="9h"), TrainState(), 4000) == (
+        LengthPlan(steps=4000),
+        False,
+    )
+
+
+def test_a_stop_by_time_says_what_it_left_of_the_planned_decay():
+    length = LengthPlan(steps=100, decay_start=80)
+    assert cut_short(length, 90, rate_share=0.5) == (
+        "stopped by --max_train_time at step 90 of the 100 planned: the learning-rate decay from step 80 was cut"
+        " short at 50% of the peak rate"
+    )
+    assert cut_short(length, 70, rate_share=1.0) == (
+        "stopped by --max_train_time at step 70 of the 100 planned: the learning-rate decay (from step 80) never began"
+    )
+    assert cut_short(length, 100, rate_share=0.0) is None and cut_short(LengthPlan(steps=100), 50, 1.0) is None
 
 
 def test_save_images_epoch_spelling_of_the_seed_is_accepted():
@@ -730,6 +847,71 @@ def test_stop_reserves_the_measured_time_of_the_final_saves():
     assert cost.seconds(step_seconds=0.5) == pytest.approx(4 + 0.5 * 10 + 2)
     cost.measured.update(checkpoint=1.0, grid=2.0)
     assert cost.seconds(step_seconds=0.5) == pytest.approx(1 + 2 + 2)
+
+
+def record_learning_rates(monkeypatch) -> dict[int, float]:
+    """The learning rate each training log line gives, by step (Accelerator.log recorded, then called)."""
+    from accelerate import Accelerator
+
+    logged, log = {}, Accelerator.log
+
+    def recording(self, values, step=None, log_kwargs=None):
+        if "lr" in values:  # a training step's log, not an evaluation's
+            logged[step] = values["lr"]
+        return log(self, values, step=step, log_kwargs=log_kwargs)
+
+    monkeypatch.setattr(Accelerator, "log", recording)
+    return logged
+
+
+# 16 images of batch 4: 4 epochs are 16 steps, the --num_epochs bound of a plan by time (an hour allows thousands)
+PLANNED_BY_TIME = ("--lr_scheduler", "warmup_stable_decay", "--lr_decay_share", "0.25", "--learning_rate", "1e-3")
+PLANNED_BY_TIME += ("--max_train_time", "1h", "--num_epochs", "4", "--checkpointing_steps", "7")
+PLANNED_BY_TIME += ("--logging_steps", "1", "--save_images_epochs", "100", "--save_model_epochs", "100")
+
+
+def without_max_train_steps(argv):
+    """The argv fixture without its --max_train_steps: the run's length is --num_epochs' or planned by time."""
+
+    def make(*extra: str, output: Path | None = None) -> list[str]:
+        made = argv(*extra, output=output)
+        at = made.index("--max_train_steps")
+        return made[:at] + made[at + 2 :]
+
+    return make
+
+
+def test_a_length_planned_from_max_train_time_decays_the_rate_to_zero_at_its_end_and_resumes_bit_identically(
+    argv, tmp_path, monkeypatch, caplog
+):
+    """Steps 2-12 are timed (by step 12, where the --num_epochs bound's decay would begin) and the plan fixed:
+    16 steps (that bound, under what the hour allows), the rate stable to step 12, then down to 0 at 16. Resumed
+    inside the decay at step 14 without --max_train_time, the run follows the plan its checkpoint saved."""
+    planned, logged = without_max_train_steps(argv), record_learning_rates(monkeypatch)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    with caplog.at_level("INFO"):
+        run_ok(planned(*PLANNED_BY_TIME, output=straight))
+    plan = read_train_state(straight / "checkpoint-16").plan
+    assert (plan["steps"], plan["decay_start"]) == (16, 12)
+    assert re.fullmatch(
+        r"--num_epochs' count; --max_train_time 1h would allow ~\d+ at .* s/step, timed over steps 2-\d+", plan["how"]
+    )
+    assert (
+        "at most 16 steps (4.0 epochs), the length planned from --max_train_time 1h once steps 2-12 (or 30 s of them) are timed"
+        in caplog.text
+    )
+    assert "run length planned: 16 steps (--num_epochs' count" in caplog.text
+    assert "the learning rate decays to 0 over steps 12-16 (the last 25%)" in caplog.text
+    assert read_train_state(straight / "checkpoint-14").plan == plan  # saved once fixed
+    assert [logged[step] for step in (11, 12, 14, 15, 16)] == pytest.approx([1e-3, 1e-3, 5e-4, 2.5e-4, 0.0], abs=1e-15)
+    straight_rates = dict(logged)
+    logged.clear()
+    flags = tuple(flag for flag in PLANNED_BY_TIME if flag not in ("--max_train_time", "1h"))
+    resume_from_the_checkpoint_before(planned, flags, straight, 16, resumed)
+    assert read_train_state(resumed / "checkpoint-16").plan == plan
+    assert logged == {step: straight_rates[step] for step in (15, 16)}
+    assert_same_tensors(checkpoint_weights(straight / "checkpoint-16"), checkpoint_weights(resumed / "checkpoint-16"))
+    assert_same_tensors(unet_weights(straight), unet_weights(resumed))
 
 
 def test_export_that_fails_halfway_keeps_the_previous_pipeline_loadable(argv, tmp_path, monkeypatch):

@@ -44,6 +44,7 @@ class TrainState:
     torch_compile: bool | None = None  # compiled weights are saved under "_orig_mod." names (None: not recorded)
     best: dict | None = None  # --keep_best: {"metric", "value", "step"} of the pipeline in OUTPUT_DIR/best
     data_on_device: bool | None = None  # batches drawn on the device (resident.py); None: not recorded
+    plan: dict | None = None  # a length planned from --max_train_time (training.LengthPlan's fields), fixed once
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -247,6 +248,10 @@ class StopRequest:
             file=sys.stderr,
             flush=True,
         )
+
+    def seconds_left(self) -> float | None:
+        """Seconds to the --max_train_time deadline (None without one)."""
+        return self.deadline - time.monotonic() if exists(self.deadline) else None
 
     def requested(self, accelerator, step: int) -> bool:
         if self.reason is None and exists(self.deadline) and time.monotonic() > self.deadline - self.reserve:

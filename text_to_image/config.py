@@ -34,6 +34,10 @@ DEFAULT_CAPTION_TEMPLATE = "{}"  # a class folder's caption is its name as writt
 VALIDATION_MAX_HELD_OUT = 256  # a --validation_split share holds out at most this many images
 VALIDATION_BUCKETS = 10  # the validation loss is read at this many fixed timestep ranges
 COPY_PERCENTILE = 5.0  # copy threshold: this percentile of the training images' leave-one-out NN distances
+WARMUP_STABLE_DECAY = "warmup_stable_decay"
+# schedules whose rate before any decay does not depend on the run's length: --max_train_time can plan it after
+# measuring the first steps. diffusers' linear, cosine and polynomial read the total from the first step on.
+SCHEDULES_PLANNED_BY_TIME = ("constant", "constant_with_warmup", WARMUP_STABLE_DECAY)
 
 
 # --model_size presets: channels per level (cut to the resolution's levels) and ResNet layers per level
@@ -480,7 +484,8 @@ class OptimConfig(FlagGroup):
     )
     max_train_time: str | None = flag(
         None,
-        "Stop after this long, e.g. 8h30m, 90m, 3600s (Kaggle/Colab limits): checkpoint, a last grid and the pipeline (EMA weights) are written within it; training stops early by their time, as last measured (estimated from the step time and model size before they first ran).",
+        "Stop after this long, e.g. 8h30m, 90m, 3600s (Kaggle/Colab limits): checkpoint, a last grid and the pipeline (EMA weights) are written within it; training stops early by their time, as last measured (estimated from the step time and model size before they first ran)."
+        " Without --max_train_steps it also plans the run's length: the step time is measured over the first steps (2-21, or 30 s) and the run trains the steps the time left allows (at most --num_epochs' count), so that a warmup_stable_decay schedule's decay ends at the limit; the plan is saved in each checkpoint. The limit is this session's: a resumed run plans anew from it while the decay has not begun, and finishes the saved plan's decay once it has. For --lr_scheduler constant/constant_with_warmup it sets only where the run ends; linear, cosine, cosine_with_restarts and polynomial stay planned over --num_epochs.",
     )
     gradient_accumulation_steps: int = flag(
         1,
@@ -500,8 +505,12 @@ class OptimConfig(FlagGroup):
     )
     lr_scheduler: str = flag(
         "constant_with_warmup",
-        "Learning-rate schedule after warm-up (constant by default: a decay to zero over a short --max_train_steps starves the late phase in which prompts are learned).",
-        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+        "Learning-rate schedule after warm-up (constant by default: a decay to zero over a short --max_train_steps starves the late phase in which prompts are learned). warmup_stable_decay: warm-up, constant, then a linear decay to 0 over the last --lr_decay_share of the steps (--max_train_steps, --num_epochs' count, or the steps planned from --max_train_time).",
+        choices=["linear", "cosine", "cosine_with_restarts", "polynomial", *SCHEDULES_PLANNED_BY_TIME],
+    )
+    lr_decay_share: float = flag(
+        0.2,
+        "--lr_scheduler warmup_stable_decay: the last share of the run's steps over which the rate decays linearly to 0.",
     )
     lr_warmup_steps: int = flag(
         100,
@@ -536,7 +545,8 @@ class OptimConfig(FlagGroup):
     ema_inv_gamma: float = flag(
         20.0,
         "EMA warm-up: decay = 1 - (1 + step / inv_gamma) ** -power, up to --ema_max_decay. The defaults (20, 1)"
-        " average about the last 5%% of the steps at any point of a run, so a short run's EMA is not behind it.",
+        " average about the last 5%% of the steps at any point of a run, so a short run's EMA is not behind it. It"
+        " depends on the step alone, not on the run's length, so a length planned from --max_train_time leaves it as is.",
     )
     ema_power: float = flag(
         1.0,
@@ -569,6 +579,8 @@ class OptimConfig(FlagGroup):
                 raise UserError(f"--{name} must be > 0, got {getattr(self, name)}")
         if exists(self.max_train_time):
             parse_duration(self.max_train_time)
+        if not 0 < self.lr_decay_share <= 1:
+            raise UserError(f"--lr_decay_share must be in (0, 1], got {self.lr_decay_share}")
         self.check_precision()
 
     def check_precision(self) -> None:

@@ -1,4 +1,5 @@
-"""The optimizer, the learning rate chosen for the UNet being trained, and the EMA (and its weights swapped in for sampling)."""
+"""The optimizer, the learning rate chosen for the UNet being trained and its schedule, and the EMA (and its weights
+swapped in for sampling)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from text_to_image.config import (
     MODEL_SIZES,
     PRESET_LEARNING_RATES,
     TEXT_ENCODER_RATE_SHARE,
+    WARMUP_STABLE_DECAY,
     ModelConfig,
     OptimConfig,
 )
@@ -165,6 +167,50 @@ def build_optimizer(parameters, optim: OptimConfig, learning_rate: float, device
     else:
         kwargs["foreach"] = True
     return torch.optim.AdamW(parameters, **kwargs)
+
+
+@dataclass(kw_only=True)
+class WarmupStableDecay:
+    """--lr_scheduler warmup_stable_decay's factor of the peak rate at a step: linear warm-up over `warmup_steps`
+    (diffusers' own ramp), constant, then linear to 0 from `decay_start` to `total_steps`.
+
+    Mutable: a length planned from --max_train_time is fixed after training began (training.TimePlanner), always
+    before `decay_start`, so the steps already taken had the rate the fixed plan gives them too.
+    """
+
+    warmup_steps: int
+    total_steps: int
+    decay_start: int
+
+    def __call__(self, step: int) -> float:
+        warm = step / max(1, self.warmup_steps) if step < self.warmup_steps else 1.0
+        if step < self.decay_start:
+            return warm
+        return min(warm, max(0.0, (self.total_steps - step) / max(1, self.total_steps - self.decay_start)))
+
+
+def decay_start(total_steps: int, share: float, earliest: int = 0) -> int:
+    """The step a warmup_stable_decay schedule over `total_steps` starts decaying at: the last `share` of them,
+    and not before `earliest` (the step a late plan was fixed at: the rate never jumps down)."""
+    return max(total_steps - round(share * total_steps), earliest)
+
+
+def build_lr_scheduler(optimizer, optim: OptimConfig, total_steps: int, decay_from: int | None):
+    """The LR schedule over `total_steps`, and for warmup_stable_decay the factor a time plan sets (else None).
+
+    The factor goes in as a lambda, so the scheduler's state (accelerate saves it) holds its step alone; the
+    plan it follows lives in TrainState.plan, the one place a resumed run reads it from.
+    """
+    from diffusers.optimization import get_scheduler
+    from torch.optim.lr_scheduler import LambdaLR
+
+    if optim.lr_scheduler != WARMUP_STABLE_DECAY:
+        schedule = get_scheduler(
+            optim.lr_scheduler, optimizer, num_warmup_steps=optim.lr_warmup_steps, num_training_steps=total_steps
+        )
+        return schedule, None
+    factor = WarmupStableDecay(warmup_steps=optim.lr_warmup_steps, total_steps=total_steps, decay_start=decay_from)
+    return LambdaLR(optimizer, lambda step: factor(step)), factor
 
 
 def build_ema(unet, optim: OptimConfig):

@@ -22,7 +22,15 @@ from text_to_image.captured import (
 )
 from text_to_image.checkpoints import TrainState, read_train_state, resolve_resume_checkpoint
 from text_to_image.common import UserError, exists, is_main_process, unwrap
-from text_to_image.config import DataConfig, ModelConfig, OptimConfig, OutputConfig, RunConfig
+from text_to_image.config import (
+    SCHEDULES_PLANNED_BY_TIME,
+    WARMUP_STABLE_DECAY,
+    DataConfig,
+    ModelConfig,
+    OptimConfig,
+    OutputConfig,
+    RunConfig,
+)
 from text_to_image.data import (
     NEAREST_SCALE_PROBES,
     STREAM_CAPTION_SAMPLE,
@@ -59,7 +67,9 @@ from text_to_image.models import (
 )
 from text_to_image.optimization import (
     LearningRates,
+    WarmupStableDecay,
     build_ema,
+    build_lr_scheduler,
     build_optimizer,
     choose_learning_rates,
     count_parameters,
@@ -76,7 +86,20 @@ from text_to_image.resident import (
     too_big_for,
     why_not_on_device,
 )
-from text_to_image.training import Intervals, Run, Schedule, Trainer, plan_schedule, stream_schedule
+from text_to_image.training import (
+    PLAN_SKIPPED_STEPS,
+    PLAN_TIMED_SECONDS,
+    Intervals,
+    LengthPlan,
+    Run,
+    Schedule,
+    TimePlanner,
+    Trainer,
+    describe_length,
+    plan_schedule,
+    starting_length,
+    stream_schedule,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -357,6 +380,7 @@ class PreparedModels:
     ema: object | None
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
+    lr_factor: WarmupStableDecay | None  # warmup_stable_decay's factor, which a plan by time is set in
     learning_rates: LearningRates
 
 
@@ -403,10 +427,11 @@ def load_checkpoint(accelerator, checkpoint: Path) -> None:
         ) from error
 
 
-def prepare_models(config: RunConfig, accelerator, text_encoder, data: TrainingData, state, resume) -> PreparedModels:
-    """UNet, EMA, optimizer and LR schedule, handed to accelerate and loaded from `resume` when given."""
-    from diffusers.optimization import get_scheduler
-
+def prepare_models(
+    config: RunConfig, accelerator, text_encoder, data: TrainingData, length: LengthPlan, state, resume
+) -> PreparedModels:
+    """UNet, EMA, optimizer and the LR schedule over `length`, handed to accelerate and loaded from `resume` when
+    given."""
     model, optim = config.model, config.optim
     unet = build_unet(
         model.model_config_name_or_path,
@@ -423,12 +448,7 @@ def prepare_models(config: RunConfig, accelerator, text_encoder, data: TrainingD
     rates = choose_learning_rates(optim, model, unet, images_per_step)
     parameters = trained_parameters(unet, text_encoder, model, rates)
     optimizer = build_optimizer(parameters, optim, rates.unet, accelerator.device)
-    lr_scheduler = get_scheduler(
-        optim.lr_scheduler,
-        optimizer,
-        num_warmup_steps=optim.lr_warmup_steps,
-        num_training_steps=data.schedule.max_steps,
-    )
+    lr_scheduler, lr_factor = build_lr_scheduler(optimizer, optim, length.steps, length.decay_start)
     if model.torch_compile:
         unet = torch.compile(unet)
     if model.train_text_encoder:
@@ -455,6 +475,7 @@ def prepare_models(config: RunConfig, accelerator, text_encoder, data: TrainingD
         ema=ema,
         optimizer=optimizer,
         lr_scheduler=lr_scheduler,
+        lr_factor=lr_factor,
         learning_rates=rates,
     )
 
@@ -479,7 +500,9 @@ def setup_run(config: RunConfig) -> Run:
     freeze_what_last_hidden_state_skips(text_encoder)
     text_encoder.to(accelerator.device)
     data = prepare_data(config, accelerator, state, tokenizer, text_encoder)
-    models = prepare_models(config, accelerator, text_encoder, data, state, resume)
+    length, plans_by_time = starting_length(config.optim, state, data.schedule.max_steps)
+    warn_unplanned_schedule(config.optim)
+    models = prepare_models(config, accelerator, text_encoder, data, length, state, resume)
     text_encoder = models.text_encoder
     prompts = choose_validation_prompts(output.validation_prompts, data.captions, output.eval_batch_size, state.seed)
     prompt_embeddings = None
@@ -528,8 +551,10 @@ def setup_run(config: RunConfig) -> Run:
         public_flags=config.public_flags | rates_used(models.learning_rates),
         checks=build_checks(config, accelerator, data),
     )
+    planner = time_planner(config.optim, state, data.schedule, length, models, trainer) if plans_by_time else None
     intervals = Intervals(
-        schedule=data.schedule,
+        # until a plan by time is fixed, --num_epochs' count bounds the run
+        schedule=data.schedule if plans_by_time else dataclasses.replace(data.schedule, max_steps=length.steps),
         logging_steps=output.logging_steps,
         checkpointing_steps=output.checkpointing_steps,
         grid_epochs=output.save_images_epochs,
@@ -546,7 +571,52 @@ def setup_run(config: RunConfig) -> Run:
         intervals=intervals,
         state=state,
         text_max_length=data.text_max_length,
-        plan=run_plan(data, trainer, models, streaming=config.data.streaming),
+        plan=run_plan(
+            data, trainer, models, describe_steps(intervals.schedule, length, planner, config.data.streaming)
+        ),
+        length=length,
+        planner=planner,
+    )
+
+
+def warn_unplanned_schedule(optim: OptimConfig) -> None:
+    """--max_train_time plans the length of the schedules that leave it open until their decay (config.py)."""
+    if not exists(optim.max_train_time) or exists(optim.max_train_steps) or not is_main_process():
+        return
+    if optim.lr_scheduler not in SCHEDULES_PLANNED_BY_TIME:
+        logger.warning(
+            "--lr_scheduler %s reads the run's length from the first step on, before any step is timed: it stays planned over --num_epochs, and --max_train_time only stops the run; --lr_scheduler %s decays to 0 at the time limit",
+            optim.lr_scheduler,
+            WARMUP_STABLE_DECAY,
+        )
+
+
+def time_planner(
+    optim: OptimConfig, state: TrainState, bound: Schedule, length: LengthPlan, models: PreparedModels, trainer: Trainer
+) -> TimePlanner:
+    """The planner that times this session's first steps (after the eager ones of --cuda_graphs: its capture is
+    no step time either) and fixes the run's length."""
+    skipped = PLAN_SKIPPED_STEPS + (EAGER_STEPS_BEFORE_CAPTURE if exists(trainer.captured) else 0)
+    return TimePlanner(
+        budget=optim.max_train_time,
+        bound=bound.max_steps,
+        provisional=length,
+        decay_share=optim.lr_decay_share if exists(models.lr_factor) else None,
+        factor=models.lr_factor,
+        first_step=state.step + skipped,
+    )
+
+
+def describe_steps(schedule: Schedule, length: LengthPlan, planner: TimePlanner | None, streaming: bool) -> str:
+    """The run plan's words for its length: steps, epochs, how they were chosen, where the rate decays."""
+    if streaming:
+        return f"{schedule.max_steps} steps (with --streaming an 'epoch' is --checkpointing_steps = {schedule.batches_per_epoch // schedule.accumulation} steps)"
+    epochs = f"{schedule.max_steps * schedule.accumulation / schedule.batches_per_epoch:.1f} epochs"
+    if exists(planner):
+        timed = f"steps {planner.first_step + 1}-{planner.last_step()} (or {PLAN_TIMED_SECONDS:.0f} s of them)"
+        return f"at most {schedule.max_steps} steps ({epochs}), the length planned from --max_train_time {planner.budget} once {timed} are timed"
+    return describe_length(
+        dataclasses.replace(length, how=f"{epochs}{'; planned: ' + length.how if length.how else ''}")
     )
 
 
@@ -569,13 +639,9 @@ def encode_grid_prompts(tokenizer, text_encoder, prompts: list[str], data: Train
     return prompt_embeddings, data.conditioner.embed([""])
 
 
-def run_plan(data: TrainingData, trainer: Trainer, models: PreparedModels, *, streaming: bool) -> str:
+def run_plan(data: TrainingData, trainer: Trainer, models: PreparedModels, steps: str) -> str:
     schedule, accelerator = data.schedule, trainer.accelerator
     unet_params = count_parameters(models.unet) / 1e6
-    if streaming:
-        length = f" (with --streaming an 'epoch' is --checkpointing_steps = {schedule.batches_per_epoch // schedule.accumulation} steps)"
-    else:
-        length = f" ({schedule.max_steps * schedule.accumulation / schedule.batches_per_epoch:.1f} epochs)"
     held_out = f" ({len(data.validation.captions)} more held out for the validation loss)" if data.validation else ""
     variants = trainer.data.tag_variants
     each = f", {variants.count} variants each" if exists(variants) else ""
@@ -583,5 +649,5 @@ def run_plan(data: TrainingData, trainer: Trainer, models: PreparedModels, *, st
     return (
         f"{data.batches.describe()}{held_out}{each} padded to {data.text_max_length} tokens{cut}; batch {trainer.data.train_batch_size} x "
         f"{accelerator.num_processes} processes x {schedule.accumulation} accumulation = {trainer.images_per_step()} per step; "
-        f"{schedule.max_steps} steps{length}; UNet {unet_params:.1f}M parameters; {describe_rates(models.learning_rates)}"
+        f"{steps}; UNet {unet_params:.1f}M parameters; {describe_rates(models.learning_rates)}"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -16,18 +17,29 @@ from text_to_image.batches import augment_pixels, choose_captions, crop_and_flip
 from text_to_image.captured import CapturedStep, StepInputs, StepRows
 from text_to_image.checkpoints import StopRequest, TrainState, check_finite_loss, save_checkpoint
 from text_to_image.common import UserError, exists, unwrap
-from text_to_image.config import VALIDATION_BUCKETS, DataConfig, DiffusionConfig
+from text_to_image.config import (
+    SCHEDULES_PLANNED_BY_TIME,
+    VALIDATION_BUCKETS,
+    WARMUP_STABLE_DECAY,
+    DataConfig,
+    DiffusionConfig,
+    OptimConfig,
+)
 from text_to_image.data import BatchSource, Shard
 from text_to_image.evaluation import BEST_DIR, Due
 from text_to_image.loss import bucket_names, diffusion_losses, objective_for, timestep_buckets
 from text_to_image.metrics import SUMMARY
 from text_to_image.models import CachedEmbeddings, LiveEncoder
+from text_to_image.optimization import WarmupStableDecay, decay_start
 from text_to_image.outputs import Outputs
 from text_to_image.resident import ResidentBatches
 
 logger = logging.getLogger(__name__)
 
 DISK_BYTES_PER_SECOND = 100e6  # a slow notebook disk: the estimate of a save's time before one is measured
+PLAN_SKIPPED_STEPS = 1  # a session's first step compiles kernels, allocates memory and fills caches: never timed
+PLAN_TIMED_STEPS = 20  # a --max_train_time plan times this many steps after the skipped ones,
+PLAN_TIMED_SECONDS = 30.0  # or fewer when they take this long
 
 
 @dataclass(frozen=True)
@@ -103,6 +115,119 @@ class Intervals:
             validation=self.validates and self.every(step, self.validation_steps),
             quality=self.measures_quality and self.every(step, self.quality_steps),
         )
+
+    def steps_between(self) -> dict[str, float]:
+        """Optimizer steps between two checkpoints, two evaluations (grid, validation or quality) and two exports."""
+        steps_per_epoch = self.schedule.batches_per_epoch / self.schedule.accumulation
+        evaluations = [self.grid_epochs * steps_per_epoch]
+        evaluations += [self.validation_steps] if self.validates and exists(self.validation_steps) else []
+        evaluations += [self.quality_steps] if self.measures_quality and exists(self.quality_steps) else []
+        return {
+            "checkpoint": self.checkpointing_steps,
+            "grid": min(evaluations),
+            "export": self.export_epochs * steps_per_epoch,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's length: the flags' step count, or planned from --max_train_time after timing the first steps
+
+
+@dataclass(frozen=True, kw_only=True)
+class LengthPlan:
+    """The run's length in optimizer steps and where a warmup_stable_decay rate starts decaying (None: no decay to
+    place), with where they came from. A length planned from --max_train_time is saved as TrainState.plan."""
+
+    steps: int
+    decay_start: int | None = None
+    how: str = ""
+
+
+def planned_steps(
+    *, step: int, seconds_left: float, step_seconds: float, final_seconds: float, periodic_seconds_per_step: float
+) -> int:
+    """The step the time left reaches from `step`: each step at its measured time plus its share of the periodic
+    checkpoints, grids and exports, and the final checkpoint, grid and export kept out of the time left."""
+    usable = seconds_left - final_seconds
+    return step + max(0, math.floor(usable / (step_seconds + periodic_seconds_per_step)))
+
+
+def starting_length(optim: OptimConfig, state: TrainState, bound: int) -> tuple[LengthPlan, bool]:
+    """The length the run starts with, and whether this session times its first steps to plan it anew.
+
+    `bound` is --max_train_steps, else --num_epochs' count. With --max_train_time and no --max_train_steps, a
+    schedule of SCHEDULES_PLANNED_BY_TIME is planned from this session's time left: anew while the saved plan's
+    decay has not begun (a resumed session brings a budget of its own), kept once it has (the decay ends where it
+    was planned to). Without --max_train_time a saved plan is kept: the resumed run continues its schedule
+    exactly. When the flags set the length, a saved plan is dropped from `state`.
+    """
+    share = optim.lr_decay_share if optim.lr_scheduler == WARMUP_STABLE_DECAY else None
+    flags = LengthPlan(steps=bound, decay_start=decay_start(bound, share) if exists(share) else None)
+    if exists(optim.max_train_steps) or optim.lr_scheduler not in SCHEDULES_PLANNED_BY_TIME:
+        state.plan = None
+        return flags, False
+    current = LengthPlan(**state.plan) if exists(state.plan) else flags
+    decaying = exists(current.decay_start) and state.step >= current.decay_start
+    return current, exists(optim.max_train_time) and not decaying
+
+
+@dataclass(kw_only=True)
+class TimePlanner:
+    """Times the steps after a session's first ones and fixes the run's length from them, once.
+
+    Until then the run follows `provisional` (the saved plan, or --num_epochs' count), whose decay has not begun;
+    timing ends by its `decay_start`, so every step taken had the rate the fixed plan gives it.
+    """
+
+    budget: str  # --max_train_time as given
+    bound: int  # the most steps: --num_epochs' count
+    provisional: LengthPlan
+    decay_share: float | None  # warmup_stable_decay: the share of the planned steps the rate decays over
+    factor: WarmupStableDecay | None  # that schedule's factor, given the plan when it is fixed
+    first_step: int  # timing starts after this step
+    opened: tuple[float, float] | None = None  # the clock and the seconds spent saving and sampling then
+    plan: LengthPlan | None = None
+
+    def last_step(self) -> int:
+        """The step timing ends at, unless PLAN_TIMED_SECONDS pass first: by the provisional decay's start."""
+        last = self.first_step + PLAN_TIMED_STEPS
+        return min(last, self.provisional.decay_start) if exists(self.provisional.decay_start) else last
+
+    def closes(self, step: int, seconds: float) -> bool:
+        return step >= self.last_step() or seconds >= PLAN_TIMED_SECONDS
+
+    def fix(
+        self, step: int, *, seconds_left: float, step_seconds: float, stop_seconds: float, periodic: float
+    ) -> LengthPlan:
+        """The length planned at `step` from the timed steps (NaN step_seconds: none were timed), set in the
+        schedule's factor. `stop_seconds` is the final checkpoint, grid and export; `periodic` the periodic
+        ones' seconds per step."""
+        if math.isnan(step_seconds):
+            kept = "kept: its decay begins before a step of this session could be timed"
+            plan = dataclasses.replace(self.provisional, how="; ".join(filter(None, (self.provisional.how, kept))))
+        else:
+            allowed = planned_steps(
+                step=step,
+                seconds_left=seconds_left,
+                step_seconds=step_seconds,
+                final_seconds=stop_seconds,
+                periodic_seconds_per_step=periodic,
+            )
+            steps = max(step, min(allowed, self.bound))
+            start = decay_start(steps, self.decay_share, earliest=step) if exists(self.decay_share) else None
+            timed = f"at {step_seconds:.3g} s/step, timed over steps {self.first_step + 1}-{step}"
+            if allowed <= self.bound:
+                how = (
+                    f"~{allowed - step} more in the {format_duration(seconds_left)} left of --max_train_time {self.budget} {timed};"
+                    f" {stop_seconds:.0f} s kept for the final checkpoint, grid and export, {periodic * (allowed - step):.0f} s for the periodic ones"
+                )
+            else:
+                how = f"--num_epochs' count; --max_train_time {self.budget} would allow ~{allowed} {timed}"
+            plan = LengthPlan(steps=steps, decay_start=start, how=how)
+        if exists(self.factor):
+            self.factor.total_steps, self.factor.decay_start = plan.steps, plan.decay_start
+        self.plan = plan
+        return plan
 
 
 class Trainer:
@@ -252,6 +377,8 @@ class Run:
     state: TrainState
     text_max_length: int
     plan: str  # the run plan, logged once
+    length: LengthPlan  # the steps the run trains and where its rate decays: intervals.schedule.max_steps once fixed
+    planner: TimePlanner | None = None  # --max_train_time without --max_train_steps: times the first steps, plans
 
 
 @dataclass
@@ -337,20 +464,30 @@ class StopCost:
     model_bytes: int
     grid_passes_per_step: float  # grid UNet passes over training passes (forward + backward ~ 3) in one step
     measured: dict[str, float] = field(default_factory=dict)
+    spent: float = 0.0  # seconds in all timed saves and grids so far: not step time
 
     @contextlib.contextmanager
     def timed(self, kind: str) -> Iterator[None]:
         started = time.monotonic()
         yield
         self.measured[kind] = time.monotonic() - started
+        self.spent += self.measured[kind]
 
-    def seconds(self, step_seconds: float) -> float:
+    def each(self, step_seconds: float) -> dict[str, float]:
         estimate = {
             "checkpoint": 4 * self.model_bytes / DISK_BYTES_PER_SECOND,  # weights, two Adam moments, EMA
             "grid": step_seconds * self.grid_passes_per_step,
             "export": 2 * self.model_bytes / DISK_BYTES_PER_SECOND,  # UNet and text encoder, roughly
         }
-        return sum(self.measured.get(kind, guess) for kind, guess in estimate.items())
+        return {kind: self.measured.get(kind, guess) for kind, guess in estimate.items()}
+
+    def seconds(self, step_seconds: float) -> float:
+        return sum(self.each(step_seconds).values())
+
+    def periodic(self, step_seconds: float, intervals: Intervals) -> float:
+        """Seconds a step adds on average by the checkpoints, grids and exports made every so many steps."""
+        between = intervals.steps_between()
+        return sum(seconds / between[kind] for kind, seconds in self.each(step_seconds).items())
 
 
 def stop_cost(run: Run) -> StopCost:
@@ -360,12 +497,95 @@ def stop_cost(run: Run) -> StopCost:
     return StopCost(model_bytes=model_bytes, grid_passes_per_step=grid_passes / (3 * run.trainer.images_per_step()))
 
 
+def max_over_processes(accelerator, values: list[float]) -> list[float]:
+    """Each value's maximum over the processes: one collective, and with one process none (nor a device sync,
+    which would stop the host from queueing the next step while the device runs this one)."""
+    if accelerator.num_processes == 1:
+        return values
+    return accelerator.reduce(torch.tensor(values, device=accelerator.device), reduction="max").tolist()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that the host's clock reads the steps' end."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def plan_by_time(run: Run, stop: StopRequest, cost: StopCost, progress) -> None:
+    """run.planner's timing at this step; when it ends, the length fixed, saved in the state, set in the intervals
+    and logged. Several processes time their own steps and agree at each timed step (one small collective) on
+    whether it ends and on the slowest step time and the shortest time left, so that all plan the same length."""
+    planner, step, device = run.planner, run.state.step, run.accelerator.device
+    if step < planner.first_step:
+        return
+    if not exists(planner.opened) and not planner.closes(step, 0.0):
+        synchronize(device)
+        planner.opened = (time.monotonic(), cost.spent)
+        return
+    seconds = math.nan
+    if exists(planner.opened):
+        seconds = time.monotonic() - planner.opened[0] - (cost.spent - planner.opened[1])
+    agreed = [float(planner.closes(step, seconds)), seconds, -stop.seconds_left()]
+    closes, seconds, seconds_left = max_over_processes(run.accelerator, agreed)
+    if not closes:
+        return
+    synchronize(device)
+    if exists(planner.opened):  # read again after the device caught up
+        seconds = max(seconds, time.monotonic() - planner.opened[0] - (cost.spent - planner.opened[1]))
+    step_seconds = seconds / max(1, step - planner.first_step)
+    plan = planner.fix(
+        step,
+        seconds_left=-seconds_left,
+        step_seconds=step_seconds,
+        stop_seconds=cost.seconds(step_seconds),
+        periodic=cost.periodic(step_seconds, run.intervals),
+    )
+    run.state.plan, run.length = dataclasses.asdict(plan), plan
+    run.intervals = dataclasses.replace(
+        run.intervals, schedule=dataclasses.replace(run.intervals.schedule, max_steps=plan.steps)
+    )
+    progress.total = plan.steps
+    progress.refresh()
+    logger.info("run length planned: %s", describe_length(plan))
+
+
+def describe_length(plan: LengthPlan) -> str:
+    decay = ""
+    if exists(plan.decay_start):
+        share = (plan.steps - plan.decay_start) / max(1, plan.steps)
+        decay = f"; the learning rate decays to 0 over steps {plan.decay_start}-{plan.steps} (the last {share:.0%})"
+    return f"{plan.steps} steps ({plan.how}){decay}" if plan.how else f"{plan.steps} steps{decay}"
+
+
+def cut_short(length: LengthPlan, step: int, rate_share: float) -> str | None:
+    """What a --max_train_time stop at `step` left of the planned learning-rate decay (None: nothing to say);
+    `rate_share` is the rate there over the peak rate."""
+    if not exists(length.decay_start) or step >= length.steps:
+        return None
+    where = f"stopped by --max_train_time at step {step} of the {length.steps} planned"
+    if step < length.decay_start:
+        return f"{where}: the learning-rate decay (from step {length.decay_start}) never began"
+    return f"{where}: the learning-rate decay from step {length.decay_start} was cut short at {rate_share:.0%} of the peak rate"
+
+
+def rate_share(lr_scheduler) -> float:
+    """The learning rate the next step takes, over the peak rate."""
+    return lr_scheduler.get_last_lr()[0] / lr_scheduler.base_lrs[0]
+
+
+def format_duration(seconds: float) -> str:
+    """8h05m, 12m30s or 45s: --max_train_time's spelling."""
+    minutes, second = divmod(round(seconds), 60)
+    hours, minute = divmod(minutes, 60)
+    return f"{hours}h{minute:02d}m" if hours else f"{minute}m{second:02d}s" if minute else f"{second}s"
+
+
 def train(run: Run, stop: StopRequest, checkpoints_total_limit: int | None) -> str:
     """The loop. Returns why it ended: 'done' or the stop reason."""
     from tqdm.auto import tqdm
 
     trainer, outputs, intervals, state = run.trainer, run.outputs, run.intervals, run.state
-    schedule, output_dir = intervals.schedule, outputs.output_dir
+    output_dir = outputs.output_dir
     meter = Meter(
         mean_over_processes=mean_over_processes(run.accelerator),
         num_train_timesteps=trainer.noise_scheduler.config.num_train_timesteps,
@@ -374,7 +594,7 @@ def train(run: Run, stop: StopRequest, checkpoints_total_limit: int | None) -> s
     grad_norm, grid = None, None
     cost, started, start_step = stop_cost(run), time.monotonic(), state.step
     progress = tqdm(
-        total=schedule.max_steps,
+        total=intervals.schedule.max_steps,
         initial=state.step,
         desc="training",
         unit="step",
@@ -383,17 +603,20 @@ def train(run: Run, stop: StopRequest, checkpoints_total_limit: int | None) -> s
     trainer.unet.train()
     if exists(trainer.text_encoder):
         trainer.text_encoder.train(len(trainer.trained) > 1)
-    while state.step < schedule.max_steps:
+    while state.step < intervals.schedule.max_steps:
         loss, norm, buckets = trainer.step(state.step)
         state.step += 1
         meter.add(loss, trainer.images_per_step(), buckets)
         grad_norm = norm if exists(norm) else grad_norm
         progress.update(1)
+        if exists(run.planner) and not exists(run.planner.plan):
+            plan_by_time(run, stop, cost, progress)  # before the intervals: a plan may end the run at this step
+            intervals = run.intervals
         if intervals.log(state.step):
             log_step(run, meter, grad_norm, progress)
         if due := intervals.due(state.step):
             with cost.timed("grid"):
-                grid = outputs.evaluate(state, schedule.epoch_of(state.step), due) or grid
+                grid = outputs.evaluate(state, intervals.schedule.epoch_of(state.step), due) or grid
         if intervals.export(state.step):
             meter.check_finite(state.step, output_dir)
             with cost.timed("export"):
@@ -407,10 +630,12 @@ def train(run: Run, stop: StopRequest, checkpoints_total_limit: int | None) -> s
             logger.info("saved checkpoint %s", path)
         if stopping:
             progress.close()
+            if not stop.by_signal and (short := cut_short(run.length, state.step, rate_share(trainer.lr_scheduler))):
+                logger.warning("%s", short)
             if not intervals.last(state.step):  # the last step has exported already
                 if not stop.by_signal:  # a preemption's grace period may be short: no last grid then
                     due = Due(grid=True, validation=intervals.validates)
-                    grid = outputs.evaluate(state, schedule.epoch_of(state.step), due)
+                    grid = outputs.evaluate(state, intervals.schedule.epoch_of(state.step), due)
                 outputs.export(state, grid)
             return stop.reason
     progress.close()
