@@ -75,8 +75,11 @@ RECIPES = {
     "flow matching": recipe("--prediction_type", "flow_matching"),
     "flow matching, logit-normal": recipe("--prediction_type", "flow_matching", "--timestep_sampling", "logit_normal"),
     # the caption pooled by attention and added to the timestep embedding (Imagen, SDXL)
-    "pooled": recipe("--learning_rate", "2e-3", unet={"addition_embed_type": "text"}),
-    "no min-SNR, pooled": recipe("--snr_gamma", "0", "--learning_rate", "2e-3", unet={"addition_embed_type": "text"}),
+    "pooled": recipe("--pooled_text"),
+    "no min-SNR, pooled": recipe("--snr_gamma", "0", "--pooled_text"),
+    "flow matching, logit-normal, pooled": recipe(
+        "--prediction_type", "flow_matching", "--timestep_sampling", "logit_normal", "--pooled_text"
+    ),
     "small": recipe("--model_size", "small"),
     "batch 64": recipe(batch=64),
     "no caption dropout": recipe("--conditioning_dropout_prob", "0"),

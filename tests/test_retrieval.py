@@ -8,7 +8,7 @@ import math
 import pytest
 import retrieval_curve
 import torch
-from conftest import caption_of_pixels, run_ok, write_imagefolder
+from conftest import caption_of_pixels, run_error, run_ok, write_imagefolder
 
 from text_to_image.evaluation import EVALUATION_LOG, caption_effect, retrieval_ranks
 from text_to_image.metrics import CAPTION_EFFECT, VAL_LOSS
@@ -94,3 +94,20 @@ def test_the_benchmark_tables_each_point_and_each_recipes_mean_crossings():
     # the seeds' mean curve: 3% at 6.4k, 9% at 12.8k; 5% is crossed a third of the way, at 8.5k images; seed 0's
     # minutes curve crosses 5% at 2.25 min, seed 1's (2%, 6%) at 3.5 min: 2.9 on average
     assert "| defaults | 2 | 9.0% | 120 | 8.5k / 2.9 | not reached | not reached |" in summary
+
+
+def test_pooled_text_adds_the_pooled_caption_to_the_unet_and_the_pipeline_samples_with_it(argv, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    run_ok(argv("--pooled_text", "--max_train_steps", "2"))
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "out", subfolder="unet")
+    assert unet.config.addition_embed_type == "text" and unet.add_embedding is not None
+    assert unet.config.addition_embed_type_num_heads == 64  # a divisor of the 64-wide test encoder
+    assert list((tmp_path / "out" / "samples").glob("*.png"))  # its grid sampled through the pipeline
+
+
+def test_resuming_with_pooled_text_turned_on_or_off_is_refused_in_one_line(argv, capsys):
+    run_ok(argv("--max_train_steps", "2"))
+    error = run_error(argv("--max_train_steps", "4", "--pooled_text", "--resume_from_checkpoint", "latest"), capsys)
+    assert "that run trained without --pooled_text" in error and "pass --no-pooled_text to resume it" in error
+    assert "Traceback" not in error and len([line for line in error.splitlines() if "pooled_text" in line]) == 1

@@ -335,6 +335,12 @@ class ModelConfig(FlagGroup):
         "Size of the default UNet (README 'Model sizes' lists parameters and speed): tiny 32-256 channels and small 64-256 with 1 layer per level, base 128-512 and large 192-768 with 2.",
         choices=list(MODEL_SIZES),
     )
+    pooled_text: bool = flag(
+        False,
+        "Also add the caption, pooled by attention, to the UNet's timestep embedding (diffusers' addition_embed_type"
+        " 'text', as Imagen and SDXL do): every ResNet block then sees which caption it draws, not only the"
+        " cross-attention layers. For the --model_size UNet and a --model_config_name_or_path config alike.",
+    )
     gradient_checkpointing: bool = flag(
         False,
         "Trade compute for memory in the UNet.",

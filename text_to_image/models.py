@@ -327,6 +327,7 @@ def build_unet(
     cross_attention_dim: int,
     model_size: str = DEFAULT_MODEL_SIZE,
     augmentation: bool = False,
+    pooled_text: bool = False,
 ):
     """UNet2DConditionModel for pixel space; sample_size and cross_attention_dim follow the data and encoder."""
     from diffusers import UNet2DConditionModel
@@ -334,6 +335,8 @@ def build_unet(
     config = load_unet_config(config_path, resolution, model_size)
     if augmentation:
         condition_on_augmentation(config)
+    if pooled_text:
+        config["addition_embed_type"] = "text"
     warn_collapsed_levels(config, resolution)
     if config.get("cross_attention_dim") not in (None, cross_attention_dim):
         logger.info(

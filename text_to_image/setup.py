@@ -384,22 +384,39 @@ class PreparedModels:
     learning_rates: LearningRates
 
 
-def check_checkpoint_augmentation(checkpoint: Path, augmentation: bool) -> None:
-    """--augment_prob adds the UNet's class embedding: a checkpoint made with it cannot resume without it, nor
-    the other way round; say so instead of a state-dict error."""
+def checkpoint_has_weights(checkpoint: Path, name_part: str) -> bool | None:
+    """Whether the checkpoint's UNet has a weight whose name holds `name_part` (None: no model.safetensors)."""
     from safetensors import safe_open
 
     weights = checkpoint / "model.safetensors"
     if not weights.is_file():
-        return
+        return None
     with safe_open(str(weights), "pt") as opened:
-        trained_with = any("class_embedding." in key for key in opened.keys())
-    if trained_with != augmentation:
+        return any(name_part in key for key in opened.keys())
+
+
+def check_checkpoint_augmentation(checkpoint: Path, augmentation: bool) -> None:
+    """--augment_prob adds the UNet's class embedding: a checkpoint made with it cannot resume without it, nor
+    the other way round; say so instead of a state-dict error."""
+    trained_with = checkpoint_has_weights(checkpoint, "class_embedding.")
+    if trained_with is not None and trained_with != augmentation:
         was, now = ("with", "0") if trained_with else ("without", "> 0")
         raise UserError(
             f"--resume_from_checkpoint {checkpoint}: that run trained {was} --augment_prob (its UNet's class embedding"
             f" {'is' if trained_with else 'is not'} there), this one has --augment_prob {now}; resume with the first run's"
             " --augment_prob, or start a new --output_dir"
+        )
+
+
+def check_checkpoint_pooled_text(checkpoint: Path, pooled_text: bool) -> None:
+    """--pooled_text adds the UNet's pooled-caption embedding: resume with the setting the run was trained with."""
+    trained_with = checkpoint_has_weights(checkpoint, "add_embedding.")
+    if trained_with is not None and trained_with != pooled_text:
+        flag = "--pooled_text" if trained_with else "--no-pooled_text"
+        raise UserError(
+            f"--resume_from_checkpoint {checkpoint}: that run trained {'with' if trained_with else 'without'}"
+            f" --pooled_text (its UNet's pooled-caption embedding {'is' if trained_with else 'is not'} there);"
+            f" pass {flag} to resume it, or start a new --output_dir"
         )
 
 
@@ -439,6 +456,7 @@ def prepare_models(
         text_hidden_size(text_encoder),
         model.model_size,
         augmentation=config.data.augment_prob > 0,
+        pooled_text=model.pooled_text,
     )
     configure_unet(unet, model)
     ema = build_ema(unet, optim)  # from the CPU copy: with --ema_offload the EMA never touches the GPU
@@ -462,6 +480,7 @@ def prepare_models(
         accelerator.register_for_checkpointing(ema)
     if exists(resume):
         check_checkpoint_augmentation(resume, config.data.augment_prob > 0)
+        check_checkpoint_pooled_text(resume, config.model.pooled_text)
         check_checkpoint_ema(resume, optim.use_ema)
         load_checkpoint(accelerator, resume)
         logger.info("resumed from %s at step %d", resume, state.step)
