@@ -167,6 +167,12 @@ RECIPES = {
     "tiny defaults, warm-up 500": defaults("tiny", "--lr_warmup_steps", "500"),
     "tiny defaults, dropout 0.2": defaults("tiny", "--conditioning_dropout_prob", "0.2"),
     "base defaults, no EMA": defaults("base", "--no-use_ema"),
+    # issue 36: the levers that made the UNet use its caption on real sets with one name per image
+    # (docs/results/real-images.md), checked on the shapes task
+    "tiny defaults, no min-SNR, pooled": defaults("tiny", "--snr_gamma", "0", "--pooled_text"),
+    "tiny defaults, flow matching, logit-normal": defaults(
+        "tiny", "--prediction_type", "flow_matching", "--timestep_sampling", "logit_normal"
+    ),
     "base defaults, warm-up 500": defaults("base", "--lr_warmup_steps", "500"),
 }
 
@@ -469,9 +475,11 @@ def plot(
     x_label: str = "images seen",
     levels: tuple[float, ...] = THRESHOLDS,
     top: float = 1.0,
+    start: float = 0.0,
 ) -> None:
     """A share against images seen (or minutes), colour per recipe: each run thin and pale, the seeds' mean thick
-    (PIL only); `top` is the share at the top of the plot, `levels` the shares ruled across it."""
+    (PIL only); `top` is the share at the top of the plot, `levels` the shares ruled across it, `start` the share
+    every curve starts from at 0."""
     from PIL import Image, ImageDraw
 
     width, height, margin = 640, 360, 48
@@ -490,7 +498,7 @@ def plot(
     draw.text((margin, 8), title, fill="black")
     palette = [(200, 40, 40), (40, 90, 220), (30, 150, 60), (230, 140, 20), (140, 50, 170), (90, 90, 90)]
     recipes = list(dict.fromkeys(recipe for recipe, _ in curves))
-    line = lambda curve: [(x_of(0), y_of(0))] + [(x_of(x), y_of(curve[x])) for x in sorted(curve)]  # noqa: E731
+    line = lambda curve: [(x_of(0), y_of(start))] + [(x_of(x), y_of(curve[x])) for x in sorted(curve)]  # noqa: E731
     colour_of = {recipe: palette[index % len(palette)] for index, recipe in enumerate(recipes)}
     for (recipe, _), curve in curves.items():
         pale = tuple(channel + (255 - channel) * 3 // 5 for channel in colour_of[recipe])

@@ -312,6 +312,13 @@ def write_report(runs: dict[tuple[str, int], list[dict]], reference_size: int, a
             path = args.plot.with_name(f"{args.plot.stem}-{x}{args.plot.suffix}")
             curves = {run: curve(points, x, "top10") for run, points in drawn.items()}
             plot(curves, path, title=title, x_label=label, levels=TOP_LEVELS, top=top)
+        # the median rank moves long before top-10 does: as the share of training images the own image beats
+        beaten = {
+            run: {p["images"]: 1 - p["median_rank"] / reference_size for p in points} for run, points in drawn.items()
+        }
+        title = f"median sample: share of the {reference_size} training images its own image beats (chance 50%)"
+        path = args.plot.with_name(f"{args.plot.stem}-rank{args.plot.suffix}")
+        plot(beaten, path, title=title, x_label="images seen", levels=(0.5, 0.75), top=1.0, start=0.5)
     return text
 
 
