@@ -256,6 +256,19 @@ def complete_checkpoints(model: Path) -> list[Path]:
     return sorted(model.glob("checkpoint-*"), key=checkpoint_step)
 
 
+def load_checkpoint_weights(unet, checkpoint: Path, weights: str = "ema") -> None:
+    """The checkpoint's EMA weights into `unet` (its trained ones with weights "raw", or when it has no EMA)."""
+    import torch
+
+    shadow = checkpoint_ema(checkpoint) if weights == "ema" else None
+    if shadow is None:
+        unet.load_state_dict(load_raw_state(checkpoint))
+        return
+    with torch.no_grad():
+        for parameter, saved in zip(unet.parameters(), shadow, strict=True):
+            parameter.copy_(saved)
+
+
 class Scorer:
     """Scores checkpoints with one pipeline (the run's first export) on the GPU when there is one."""
 
@@ -271,16 +284,7 @@ class Scorer:
         self.images_per_prompt, self.guidance, self.weights, self.steps = images_per_prompt, guidance, weights, steps
 
     def load(self, checkpoint: Path) -> None:
-        """The checkpoint's EMA weights (its trained ones with --weights raw, or when it has no EMA)."""
-        import torch
-
-        shadow = checkpoint_ema(checkpoint) if self.weights == "ema" else None
-        if shadow is None:
-            self.pipeline.unet.load_state_dict(load_raw_state(checkpoint))
-            return
-        with torch.no_grad():
-            for parameter, saved in zip(self.pipeline.unet.parameters(), shadow, strict=True):
-                parameter.copy_(saved)
+        load_checkpoint_weights(self.pipeline.unet, checkpoint, self.weights)
 
     def __call__(self, checkpoint: Path) -> float:
         """'all three' share: every prompt of the dataset drawn with the checkpoint's weights."""

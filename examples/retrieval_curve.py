@@ -43,11 +43,10 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 from adherence_curve import (  # noqa: E402
-    checkpoint_ema,
     checkpoint_step,
     complete_checkpoints,
     interpolated_crossing,
-    load_raw_state,
+    load_checkpoint_weights,
     markdown_table,
     mean_curves,
     plot,
@@ -181,23 +180,12 @@ class Scorer:
         noises = torch.randn(NOISES, 3, resolution, resolution, generator=torch.Generator().manual_seed(SAMPLE_SEED))
         self.latents = noises.repeat(CAPTIONS, 1, 1, 1)  # prompt-major: sample j of every caption from noise j
 
-    def load(self, checkpoint: Path) -> None:
-        import torch
-
-        shadow = checkpoint_ema(checkpoint)
-        if shadow is None:
-            self.pipeline.unet.load_state_dict(load_raw_state(checkpoint))
-            return
-        with torch.no_grad():
-            for parameter, saved in zip(self.pipeline.unet.parameters(), shadow, strict=True):
-                parameter.copy_(saved)
-
     def __call__(self, checkpoint: Path, grid: Path) -> dict[str, float]:
         import torch
 
         from text_to_image.evaluation import caption_effect, retrieval_ranks, to_uint8_batch
 
-        self.load(checkpoint)
+        load_checkpoint_weights(self.pipeline.unet, checkpoint)
         images = self.pipeline(
             self.reference.captions,
             num_images_per_prompt=NOISES,
