@@ -169,16 +169,15 @@ class Scorer:
     """Draws the reference's captions with a checkpoint's EMA weights and ranks each sample's own image."""
 
     def __init__(self, model: Path, reference: Reference, guidance: float, steps: int):
-        import torch
 
         from pipeline_text_to_image import TextToImagePipeline
+        from text_to_image.outputs import shared_noise
 
         self.pipeline = TextToImagePipeline.from_pretrained(model)
         self.pipeline.set_progress_bar_config(disable=True)
         self.reference, self.guidance, self.steps = reference, guidance, steps
         resolution = self.pipeline.unet.config.sample_size
-        noises = torch.randn(NOISES, 3, resolution, resolution, generator=torch.Generator().manual_seed(SAMPLE_SEED))
-        self.latents = noises.repeat(CAPTIONS, 1, 1, 1)  # prompt-major: sample j of every caption from noise j
+        self.latents = shared_noise(CAPTIONS, NOISES, resolution, SAMPLE_SEED)  # sample j of every caption: noise j
 
     def __call__(self, checkpoint: Path, grid: Path) -> dict[str, float]:
         import torch
