@@ -27,9 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from text_to_image.common import exists
-from text_to_image.config import VALIDATION_BUCKETS
 from text_to_image.data import Shard
-from text_to_image.loss import DiffusionObjective, diffusion_losses, timestep_buckets
+from text_to_image.loss import DiffusionObjective, StepLoss
 
 EAGER_STEPS_BEFORE_CAPTURE = 3  # PyTorch's advice: warm up on a side stream (cuBLAS handles, lazy state) first
 
@@ -111,7 +110,6 @@ class DeviceStep:
         self.device = self.parameters[0].device
         self.learning_rates = [self.scalar(group["lr"]) for group in self.optimizer.param_groups]
         self.ema_weight = self.scalar(0.0)
-        self.num_timesteps = noise_scheduler.config.num_train_timesteps
         initialize_adamw_state(self.optimizer)
 
     def scalar(self, value: float) -> torch.Tensor:
@@ -130,7 +128,7 @@ class DeviceStep:
 
     def __call__(self, inputs: StepInputs | StepRows) -> StepOutputs:
         accumulation = len(inputs.rows if isinstance(inputs, StepRows) else inputs.pixels)
-        losses, buckets = [], torch.zeros(2, VALIDATION_BUCKETS, device=self.device)
+        step_loss = StepLoss(self.unet, self.noise_scheduler, self.objective, self.shard, self.device)
         gradients = None
         for micro in range(accumulation):
             if isinstance(inputs, StepRows):  # the batch's draws, then the loss's: the eager step's order
@@ -138,22 +136,15 @@ class DeviceStep:
             else:
                 pixels, text, labels = inputs.micro_batch(micro)
             with self.autocast():
-                per_sample, timesteps = diffusion_losses(
-                    self.unet, self.noise_scheduler, pixels, text, self.objective, self.shard, labels
-                )
-                loss = per_sample.mean()
+                loss = step_loss.micro_batch(pixels, text, labels)
             # gradients as values, not .grad: nothing outside the step holds them, and a capture owns them
             micro_gradients = torch.autograd.grad(
                 loss / accumulation, self.parameters, allow_unused=True, materialize_grads=True
             )  # divided as accelerate's backward divides it
             gradients = micro_gradients if gradients is None else torch._foreach_add(gradients, micro_gradients)
-            losses.append(loss.detach())
-            bucket = timestep_buckets(timesteps, self.num_timesteps)
-            buckets[0].index_add_(0, bucket, per_sample.detach().float())
-            buckets[1].index_add_(0, bucket, torch.ones_like(per_sample, dtype=torch.float))
         grad_norm = self.clip(gradients)
         self.update_weights(gradients)
-        return StepOutputs(loss=torch.stack(losses).mean(), grad_norm=grad_norm, buckets=buckets)
+        return StepOutputs(loss=step_loss.mean(), grad_norm=grad_norm, buckets=step_loss.buckets)
 
     def autocast(self):
         # cached casts would outlive a graph capture: PyTorch's CUDA graph notes ask for cache_enabled=False

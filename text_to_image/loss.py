@@ -204,6 +204,35 @@ def diffusion_losses(
     return losses, timesteps
 
 
+class StepLoss:
+    """One optimizer step's loss, micro-batch by micro-batch: each micro-batch's mean over the shard (what its
+    backward takes), and every sample's loss summed per timestep bucket. The eager step (training.Trainer.step)
+    and the device step (captured.DeviceStep) both take their loss here."""
+
+    def __init__(self, unet, noise_scheduler, objective: DiffusionObjective, shard: Shard | None = None, device=None):
+        self.unet, self.noise_scheduler, self.objective, self.shard = unet, noise_scheduler, objective, shard
+        self.losses: list[torch.Tensor] = []
+        self.buckets = torch.zeros(2, VALIDATION_BUCKETS, device=device)  # loss sums, counts
+
+    def micro_batch(
+        self, clean: torch.Tensor, text_embeddings: torch.Tensor, augment_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The micro-batch's mean loss; its samples' losses kept for the step's mean and buckets."""
+        per_sample, timesteps = diffusion_losses(
+            self.unet, self.noise_scheduler, clean, text_embeddings, self.objective, self.shard, augment_labels
+        )
+        loss = per_sample.mean()
+        self.losses.append(loss.detach())
+        bucket = timestep_buckets(timesteps, self.noise_scheduler.config.num_train_timesteps)
+        self.buckets[0].index_add_(0, bucket, per_sample.detach().float())
+        self.buckets[1].index_add_(0, bucket, torch.ones_like(per_sample, dtype=torch.float))
+        return loss
+
+    def mean(self) -> torch.Tensor:
+        """The mean of the micro-batches' losses."""
+        return torch.stack(self.losses).mean()
+
+
 def diffusion_loss(unet, noise_scheduler, clean, text_embeddings, objective: DiffusionObjective, shard=None):
     """The training loss: noise, timesteps, target per prediction type, weighted MSE, mean over the shard."""
     return diffusion_losses(unet, noise_scheduler, clean, text_embeddings, objective, shard)[0].mean()

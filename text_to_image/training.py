@@ -19,7 +19,6 @@ from text_to_image.checkpoints import StopRequest, TrainState, check_finite_loss
 from text_to_image.common import UserError, exists, unwrap
 from text_to_image.config import (
     SCHEDULES_PLANNED_BY_TIME,
-    VALIDATION_BUCKETS,
     WARMUP_STABLE_DECAY,
     DataConfig,
     DiffusionConfig,
@@ -27,7 +26,7 @@ from text_to_image.config import (
 )
 from text_to_image.data import BatchSource, Shard
 from text_to_image.evaluation import BEST_DIR, Due
-from text_to_image.loss import bucket_names, diffusion_losses, objective_for, timestep_buckets
+from text_to_image.loss import StepLoss, bucket_names, objective_for
 from text_to_image.metrics import SUMMARY
 from text_to_image.models import CachedEmbeddings, LiveEncoder
 from text_to_image.optimization import WarmupStableDecay, decay_start
@@ -303,31 +302,22 @@ class Trainer:
         ([2, VALIDATION_BUCKETS]: sums, counts), all on the device: no sync."""
         if exists(self.captured):
             return self.captured_step(step)
-        accelerator, losses, grad_norm = self.accelerator, [], None
-        num_timesteps = self.noise_scheduler.config.num_train_timesteps
-        buckets = torch.zeros(2, VALIDATION_BUCKETS, device=accelerator.device)
+        accelerator, grad_norm = self.accelerator, None
+        step_loss = StepLoss(self.unet, self.noise_scheduler, self.objective, self.shard, accelerator.device)
         for micro_index in range(step * self.accumulation, (step + 1) * self.accumulation):
             pixels, captions, labels = self.micro_batch(micro_index)
             with accelerator.accumulate(*self.trained):
                 with accelerator.autocast():
-                    text = self.conditioner.embed(captions)
-                    per_sample, timesteps = diffusion_losses(
-                        self.unet, self.noise_scheduler, pixels, text, self.objective, self.shard, labels
-                    )
-                    loss = per_sample.mean()
+                    loss = step_loss.micro_batch(pixels, self.conditioner.embed(captions), labels)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and self.max_grad_norm > 0:
                     parameters = [parameter for model in self.trained for parameter in model.parameters()]
                     grad_norm = accelerator.clip_grad_norm_(parameters, self.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
-            bucket = timestep_buckets(timesteps, num_timesteps)
-            buckets[0].index_add_(0, bucket, per_sample.detach().float())
-            buckets[1].index_add_(0, bucket, torch.ones_like(per_sample, dtype=torch.float))
         self.lr_scheduler.step()
         self.update_ema()
-        return torch.stack(losses).mean(), grad_norm, buckets
+        return step_loss.mean(), grad_norm, step_loss.buckets
 
     def captured_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """The same step through captured.CapturedStep: the host draws and gathers the micro-batches, the
