@@ -652,7 +652,7 @@ def graphed_ops(run, steps: int) -> tuple[int, int, float]:
     trainer = run.trainer
     device_step = device_step_for(trainer)
     with OpCounter() as in_graph:
-        device_step(trainer.step_inputs(run.state.step))
+        device_step(device_step.inputs(trainer.micro_indices(run.state.step)))
     trainer.captured = CapturedStep(device_step, capture=record_once)
     for _ in range(EAGER_STEPS_BEFORE_CAPTURE + 1):  # eager steps, then the capture
         time_optimizer_step(run)
@@ -669,7 +669,7 @@ def step_ops_row(size: str, argv: list[str], steps: int) -> str:
     host_ops, host_ms = ops_and_host_ms(host, steps)
     trainer = host.trainer
     with OpCounter() as data:
-        trainer.micro_batch(host.state.step * trainer.accumulation)
+        trainer.batches.micro_batch(host.state.step * trainer.accumulation)
     ema = OpCounter()
     if trainer.ema is not None:
         with ema:
@@ -800,7 +800,7 @@ def evaluation_table(data_dir: Path | None, quick: bool) -> str:
         ]  # fmt: skip
         setup_seconds, run = timed(lambda: set_up_training(argv))
         outputs, checks = run.outputs, run.outputs.checks
-        table = run.trainer.batches.table
+        table = run.trainer.batches.source.table
         unet = run.accelerator.unwrap_model(run.trainer.unet)
         resolution = table.cache[0].shape[-1]
         reference_seconds, _ = timed(lambda: TrainingReference.from_table(table, resolution))

@@ -272,7 +272,9 @@ def flops_per_image(run, resolution: int) -> float:
 
 def mode_note(setting: Setting, run) -> str:
     """What the trainer did instead of the mode asked for, if anything, and where its data was."""
-    notes = ["data on the device"] if getattr(run.trainer, "resident", None) is not None else []
+    from text_to_image.resident import ResidentBatches
+
+    notes = ["data on the device"] if isinstance(run.trainer.batches, ResidentBatches) else []
     captured = run.trainer.captured
     if "--cuda_graphs" in MODES[setting.mode] and captured is None:
         if run.accelerator.device.type != "cuda":

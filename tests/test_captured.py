@@ -13,7 +13,7 @@ import torch
 from conftest import assert_same_tensors, resume_from_the_checkpoint_before, run_ok, train_argv
 from safetensors.torch import load_file
 
-from text_to_image.captured import CapturedStep, device_step_for, why_not_captured
+from text_to_image.captured import CapturedStep, DeviceFeed, device_step_for, why_not_captured
 from text_to_image.config import DiffusionConfig, RunConfig, parse_args
 from text_to_image.data import Shard
 from text_to_image.loss import diffusion_losses, objective_for, timestep_buckets
@@ -74,7 +74,7 @@ def test_the_device_step_traces_whole_and_trains_the_eager_steps_weights(argv, m
     compiled = torch.compile(device_step, fullgraph=True, backend="aot_eager")
     traced_losses = []
     for step in range(3):
-        inputs = trainer.step_inputs(step)
+        inputs = device_step.inputs(range(step, step + 1))
         device_step.set_scalars()
         traced_losses.append(compiled(inputs).loss)
         trainer.lr_scheduler.step()
@@ -95,12 +95,13 @@ def test_the_batch_drawn_on_the_device_traces_whole_and_draws_every_number(argv)
     must end where the eager draws leave it."""
     flags = ("--augment_prob", "0.5", "--alpha_background", "random", "--caption_shuffle_separator", " ")
     trainer = set_up(argv("--data_on_device", "yes", *flags)).trainer
-    rows = trainer.resident.rows(range(1))[0]
+    feed = DeviceFeed(trainer.batches, trainer.conditioner.embed)  # what a --cuda_graphs step gathers with
+    rows = trainer.batches.rows(range(1))[0]
     torch.manual_seed(3)
-    eager = trainer.gathered(rows)
+    eager = feed.gathered(rows)
     eager_generator = torch.get_rng_state()
     torch._dynamo.reset()
-    compiled = torch.compile(trainer.gathered, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(feed.gathered, fullgraph=True, backend="aot_eager")
     torch.manual_seed(3)
     traced = compiled(rows)
     torch._dynamo.reset()

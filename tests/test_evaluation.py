@@ -78,7 +78,7 @@ def test_held_out_images_never_train_whatever_the_seed(argv, seed):
     args = parse_args(argv("--validation_split", "4", "--seed", seed))
     run = setup_run(RunConfig.from_args(args))
     held = hold_out_rows(torch.arange(16), 4).tolist()
-    batches = run.trainer.batches
+    batches = run.trainer.batches.source
     trained = {row for micro_index in range(batches.batches_per_epoch * 3) for row in batches.rows(micro_index)}
     assert trained == set(range(16)) - set(held)
     validation = run.outputs.checks.validation

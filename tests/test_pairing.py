@@ -18,10 +18,10 @@ from conftest import caption_of_pixels, run_ok, train_argv, write_imagefolder
 from PIL import Image
 
 import text_to_image.data as data_module
+from text_to_image.batches import HostBatches
 from text_to_image.config import DataConfig
 from text_to_image.data import IndexedBatches, Shard, read_image_table
 from text_to_image.evaluation import TrainingReference, ValidationSet
-from text_to_image.training import Trainer
 
 CORRUPTED = "000.png"  # "a red square"
 CORRUPTED_CAPTION = "a red square"
@@ -34,14 +34,14 @@ def shapes(tmp_path) -> Path:
 
 def record_pairs(monkeypatch) -> list[tuple[str, str]]:
     """(the caption the pixels were drawn for, the caption trained with) of every image that reaches the loss."""
-    pairs, micro_batch = [], Trainer.micro_batch
+    pairs, micro_batch = [], HostBatches.micro_batch
 
     def recording(self, micro_index):
         pixels, captions, labels = micro_batch(self, micro_index)
         pairs.extend((caption_of_pixels(image), caption) for image, caption in zip(pixels, captions, strict=True))
         return pixels, captions, labels
 
-    monkeypatch.setattr(Trainer, "micro_batch", recording)
+    monkeypatch.setattr(HostBatches, "micro_batch", recording)
     return pairs
 
 

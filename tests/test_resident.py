@@ -12,6 +12,7 @@ import torch
 from conftest import draw_shape, run_error, train_argv
 from test_captured import set_up
 
+from text_to_image.batches import HostBatches
 from text_to_image.common import UserError
 from text_to_image.data import IndexedBatches, Shard
 from text_to_image.resident import ResidentBatches, choose_on_device
@@ -47,7 +48,7 @@ def batches_and_weights(run, micro_batches: int, steps: int) -> tuple[list, dict
     trainer = run.trainer
     batches = []
     for index in range(micro_batches):
-        pixels, captions, labels = trainer.micro_batch(index)
+        pixels, captions, labels = trainer.batches.micro_batch(index)
         batches.append((pixels, trainer.conditioner.embed(captions), labels))
     for step in range(steps):
         trainer.step(step)
@@ -68,11 +69,11 @@ def batches_and_weights(run, micro_batches: int, steps: int) -> tuple[list, dict
 )  # fmt: skip
 def test_on_the_cpu_the_device_path_trains_the_host_paths_batches_bit_for_bit(argv, flags):
     host = set_up(argv(*flags, "--data_on_device", "no", output="host"))
-    assert host.trainer.resident is None
+    assert isinstance(host.trainer.batches, HostBatches)
     host_batches, host_weights = batches_and_weights(host, micro_batches=6, steps=3)
 
     resident = set_up(argv(*flags, "--data_on_device", "yes", output="resident"))
-    assert isinstance(resident.trainer.resident, ResidentBatches)
+    assert isinstance(resident.trainer.batches, ResidentBatches)
     assert resident.state.data_on_device is True and host.state.data_on_device is False
     resident_batches, resident_weights = batches_and_weights(resident, micro_batches=6, steps=3)
 
@@ -90,7 +91,7 @@ def test_on_the_cpu_the_device_path_trains_the_host_paths_batches_bit_for_bit(ar
 
 def test_mirrored_sided_captions_swap_their_words_on_the_device(argv):
     run = set_up(argv("--random_flip", "--conditioning_dropout_prob", "0", "--data_on_device", "yes"))
-    resident, row_of = run.trainer.resident, run.trainer.conditioner.row_of
+    resident, row_of = run.trainer.batches, run.trainer.conditioner.row_of
     text_at = {row: text for text, row in row_of.items()}
     rows = torch.tensor([0, 1, 2, 3])  # "left" (or no side), "right", and two that say neither
     seen = set()
@@ -103,18 +104,18 @@ def test_mirrored_sided_captions_swap_their_words_on_the_device(argv):
 
 def test_processes_draw_their_shares_of_the_one_process_batch_on_the_device(argv):
     run = set_up(argv("--random_flip", "--augment_prob", "0.5", "--data_on_device", "yes"))
-    whole = run.trainer.resident
+    whole = run.trainer.batches
 
     def share(index: int, count: int) -> ResidentBatches:
         batches = IndexedBatches(
-            whole.batches.table,
+            whole.source.table,
             seed=run.state.seed,
             shard=Shard(index, count, 4 // count),
-            batches_per_epoch=whole.batches.batches_per_epoch,
+            batches_per_epoch=whole.source.batches_per_epoch,
             num_workers=0,
         )
         return ResidentBatches(
-            images=whole.images, captions=whole.captions, batches=batches, data=whole.data, dropout_prob=0.1
+            images=whole.images, captions=whole.captions, source=batches, data=whole.data, dropout_prob=0.1
         )
 
     torch.manual_seed(7)
@@ -164,7 +165,7 @@ def test_same_size_wide_images_are_cropped_on_the_device_as_on_the_host(
     for choice in ("no", "yes"):
         flags = train_argv(wide, tiny_text_encoder_dir, tiny_unet_config_file, tmp_path / choice)
         runs[choice] = set_up([*flags, "--random_flip", "--data_on_device", choice])
-        runs[choice] = [runs[choice].trainer.micro_batch(index)[0] for index in range(4)]  # random crops
+        runs[choice] = [runs[choice].trainer.batches.micro_batch(index)[0] for index in range(4)]  # random crops
     assert runs["yes"][0].shape == (4, 3, 16, 16)
     for host, resident in zip(runs["no"], runs["yes"], strict=True):
         assert torch.equal(resident, host)

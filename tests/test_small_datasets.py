@@ -26,6 +26,7 @@ from text_to_image.batches import (
     AUGMENT_LABELS,
     AugmentDraws,
     BatchDraws,
+    HostBatches,
     augment_pixels,
     augmentation_labels,
     caption_variants_of,
@@ -39,7 +40,6 @@ from text_to_image.data import Shard, decode_image, warn_fractional_nearest
 from text_to_image.evaluation import on_white
 from text_to_image.loss import DiffusionObjective, MinSnrWeighting, diffusion_losses
 from text_to_image.models import build_noise_scheduler
-from text_to_image.training import Trainer
 
 
 def identity_draws(count: int, **changes) -> AugmentDraws:
@@ -242,14 +242,14 @@ def test_caption_variants_are_all_in_the_cache_and_training_uses_several(
     captions = [f"a {colour} square, small, on a white background" for colour in ("red", "green", "blue", "yellow")]
     data = write_imagefolder(tmp_path / "data", count=8, captions=captions * 2)
     shown = []
-    micro_batch = Trainer.micro_batch
+    micro_batch = HostBatches.micro_batch
 
     def recording(self, micro_index):
         pixels, captions, labels = micro_batch(self, micro_index)
         shown.extend(captions)
         return pixels, captions, labels
 
-    monkeypatch.setattr(Trainer, "micro_batch", recording)
+    monkeypatch.setattr(HostBatches, "micro_batch", recording)
     argv = train_argv(data, tiny_text_encoder_dir, tiny_unet_config_file, tmp_path / "out")
     flags = ("--caption_shuffle_separator", ",", "--caption_keep_tokens", "1", "--caption_variants", "3")
     run_ok([*argv, *flags, "--max_train_steps", "6", "--random_flip", "--conditioning_dropout_prob", "0"])
@@ -385,14 +385,14 @@ def write_transparent_sprites(folder: Path, count: int = 8) -> Path:
 def corners_per_batch(argv: list[str], monkeypatch) -> list[torch.Tensor]:
     """The top-left pixel (background) of every image of every training micro-batch of a run."""
     corners = []
-    micro_batch = Trainer.micro_batch
+    micro_batch = HostBatches.micro_batch
 
     def recording(self, micro_index):
         pixels, captions, labels = micro_batch(self, micro_index)
         corners.append(pixels[:, :, 0, 0].clone())
         return pixels, captions, labels
 
-    monkeypatch.setattr(Trainer, "micro_batch", recording)
+    monkeypatch.setattr(HostBatches, "micro_batch", recording)
     run_ok(argv)
     monkeypatch.undo()
     return corners

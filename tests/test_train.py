@@ -1019,7 +1019,7 @@ def test_captions_are_padded_to_the_longest_or_to_caption_max_length(argv, caplo
     run = setup_run(RunConfig.from_args(args))
     assert run.text_max_length == expected  # "a red square": start, 3 words, end
     assert run.trainer.conditioner.table.shape[1] == expected
-    assert len(run.trainer.batches.table.cache) == 16  # decoded once
+    assert len(run.trainer.batches.source.table.cache) == 16  # decoded once
     # all but the empty caption are cut to "a", so all 8 become one
     cut = "--caption_max_length 3 cuts 8 of 9 distinct captions, and 8 of them become token-for-token identical"
     assert (cut in caplog.text) == (expected == 3)

@@ -1,5 +1,8 @@
 """One micro-batch's random draws and what they do: which caption each image trains with (variants,
-sides), the crop and flip, and --augment_prob's transforms. The order of the draws is draw_batch's contract."""
+sides), the crop and flip, and --augment_prob's transforms. The order of the draws is draw_batch's contract.
+
+The trainer takes its micro-batches from a MicroBatches: HostBatches here, which applies the draws on the host,
+or resident.ResidentBatches (--data_on_device), which applies the same draws on the device."""
 
 from __future__ import annotations
 
@@ -9,13 +12,14 @@ import math
 import random
 import re
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from text_to_image.common import CPU, exists, to_device
 from text_to_image.config import CaptionVariants, DataConfig
-from text_to_image.data import Shard
+from text_to_image.data import BatchSource, Shard
 
 SIDE_WORDS = re.compile(r"\b(left|right)(?=\b|ward|most|side|hand)", re.IGNORECASE)
 AUGMENT_TRANSFORM_PROB = 0.5  # an augmented image gets each of the five transforms with this probability
@@ -354,3 +358,56 @@ def augment_pixels(pixels: torch.Tensor, augment: AugmentDraws) -> tuple[torch.T
     moved = F.grid_sample(pixels, grids, mode="bilinear", padding_mode="reflection", align_corners=False)
     pixels = torch.where(to_device(changed, pixels.device)[:, None, None, None], moved, pixels)
     return pixels, to_device(labels, pixels.device)
+
+
+# ---- the trainer's micro-batches
+
+
+class MicroBatches(Protocol):
+    """Where the trainer takes its micro-batches: drawn on the host (HostBatches) or on the device
+    (resident.ResidentBatches), by draw_batch's draws in its order."""
+
+    source: BatchSource  # the examples: their rows, what was skipped, their description
+    shard: Shard
+
+    def micro_batch(self, micro_index: int) -> tuple[torch.Tensor, list[str] | torch.Tensor, torch.Tensor | None]:
+        """Pixels in [-1, 1] on the device, one caption each and the augmentation labels (None without
+        --augment_prob), for this process's share of one global micro-batch. The captions are texts, or with
+        --data_on_device rows of the caption-embedding table: the conditioner embeds either."""
+        ...
+
+
+class HostBatches:
+    """Micro-batches drawn on the host: a batch source's examples, each captioned, cropped, flipped and
+    augmented by its draws, then sent to the device."""
+
+    def __init__(
+        self,
+        *,
+        source: BatchSource,
+        shard: Shard,
+        data: DataConfig,
+        dropout_prob: float,
+        device: torch.device,
+        channels_last: bool = False,
+    ):
+        self.source, self.shard, self.data, self.dropout_prob = source, shard, data, dropout_prob
+        self.device, self.channels_last = device, channels_last
+
+    def micro_batch(self, micro_index: int) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+        data = self.data
+        examples = self.source.examples(micro_index)
+        draws = draws_for(self.shard, data, self.dropout_prob)
+        captions = choose_captions(examples.caption_options, draws, data.tag_variants)
+        captions, draws = mind_the_sides(captions, draws, data.flip_sided_captions)
+        device = self.device
+        pixels = crop_and_flip(examples.images, data.resolution, draws.crop_at, draws.flip, device, draws.background)
+        labels = None
+        if exists(draws.augment):
+            pixels, labels = augment_pixels(pixels, draws.augment)
+        return laid_out(pixels, self.channels_last), captions, labels
+
+
+def laid_out(pixels: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """The batch in the UNet's memory format (--channels_last)."""
+    return pixels.contiguous(memory_format=torch.channels_last) if channels_last else pixels

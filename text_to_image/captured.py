@@ -10,8 +10,8 @@ launches, not on the GPU. Here the device work of one optimizer step is one func
 - the EMA as three foreach ops weighted by a device scalar (torch has no foreach lerp by a tensor weight).
 
 What changes from step to step is written into fixed device tensors before each call: the micro-batches
-(pixels, caption embeddings, augmentation labels; with --data_on_device only their rows, the batch being drawn
-and gathered inside), the learning rates and the EMA's weight. The host keeps
+(pixels, caption embeddings, augmentation labels: HostFeed; with --data_on_device only their rows, the batch
+being drawn and gathered inside: DeviceFeed), the learning rates and the EMA's weight. The host keeps
 the LR schedule and the EMA's decay formula (diffusers'), so both stay what the eager step uses, and the
 optimizer and EMA state stay the ones checkpoints save.
 
@@ -26,9 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
+from text_to_image.batches import HostBatches
 from text_to_image.common import exists
 from text_to_image.data import Shard
 from text_to_image.loss import DiffusionObjective, StepLoss
+from text_to_image.resident import ResidentBatches
 
 EAGER_STEPS_BEFORE_CAPTURE = 3  # PyTorch's advice: warm up on a side stream (cuBLAS handles, lazy state) first
 
@@ -41,6 +43,9 @@ class StepInputs:
     text: torch.Tensor
     labels: torch.Tensor | None = None
 
+    def __len__(self) -> int:
+        return len(self.pixels)
+
     def micro_batch(self, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         return self.pixels[micro], self.text[micro], self.labels[micro] if exists(self.labels) else None
 
@@ -51,6 +56,59 @@ class StepRows:
     device; the step draws and gathers its micro-batches itself (resident.ResidentBatches)."""
 
     rows: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+Embed = Callable[[list[str] | torch.Tensor], torch.Tensor]  # captions -> embeddings: the conditioner's embed
+
+
+class HostFeed:
+    """A step's inputs when the host draws its micro-batches: drawn, embedded and stacked before the step,
+    indexed inside it."""
+
+    def __init__(self, batches: HostBatches, embed: Embed):
+        self.batches, self.embed = batches, embed
+
+    def inputs(self, micro_indices: range) -> StepInputs:
+        """Drawn here on the CPU, the noise comes after all of the step's batch draws instead of between them
+        (one generator): with accumulation the numbers differ from the eager step's there; on a GPU the noise
+        has a generator of its own and they do not."""
+        micro_batches = [self.batches.micro_batch(index) for index in micro_indices]
+        labels = [labels for _, _, labels in micro_batches]
+        return StepInputs(
+            pixels=torch.stack([pixels for pixels, _, _ in micro_batches]),
+            text=torch.stack([self.embed(captions) for _, captions, _ in micro_batches]),
+            labels=torch.stack(labels) if exists(labels[0]) else None,
+        )
+
+    def micro_batch(self, inputs: StepInputs, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return inputs.micro_batch(micro)
+
+
+class DeviceFeed:
+    """--data_on_device: a step's inputs are its micro-batches' rows; each micro-batch is drawn and gathered
+    inside the step, its batch draws before its loss draws, the eager step's order."""
+
+    def __init__(self, batches: ResidentBatches, embed: Embed):
+        self.batches, self.embed = batches, embed
+
+    def inputs(self, micro_indices: range) -> StepRows:
+        return StepRows(rows=self.batches.rows(micro_indices))
+
+    def micro_batch(self, inputs: StepRows, micro: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        return self.gathered(inputs.rows[micro])
+
+    def gathered(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """These rows' pixels, caption embeddings and augmentation labels, drawn on the device."""
+        pixels, captions, labels = self.batches.gathered(rows)
+        return pixels, self.embed(captions), labels
+
+
+def feed_for(batches: HostBatches | ResidentBatches, embed: Embed) -> HostFeed | DeviceFeed:
+    """How a step over these micro-batches gets its inputs: by where the batches are drawn."""
+    return DeviceFeed(batches, embed) if isinstance(batches, ResidentBatches) else HostFeed(batches, embed)
 
 
 def static_copy(inputs: StepInputs | StepRows) -> StepInputs | StepRows:
@@ -100,10 +158,10 @@ class DeviceStep:
         ema,
         max_grad_norm: float,
         autocast_dtype: torch.dtype | None,
-        gather: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None,
+        feed: HostFeed | DeviceFeed,
     ):
         self.unet, self.noise_scheduler, self.objective, self.shard = unet, noise_scheduler, objective, shard
-        self.gather = gather  # --data_on_device: rows -> (pixels, caption embeddings, labels), drawn on the device
+        self.feed = feed
         self.optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds torch's
         self.ema, self.max_grad_norm, self.autocast_dtype = ema, max_grad_norm, autocast_dtype
         self.parameters = [parameter for group in self.optimizer.param_groups for parameter in group["params"]]
@@ -126,15 +184,16 @@ class DeviceStep:
             self.ema_weight.fill_(1 - self.ema.cur_decay_value)
         self.optimizer._opt_called = True  # what the LR scheduler checks: AdamW steps in this step, before it
 
+    def inputs(self, micro_indices: range) -> StepInputs | StepRows:
+        """On the host, before the call: what the step over these micro-batches reads."""
+        return self.feed.inputs(micro_indices)
+
     def __call__(self, inputs: StepInputs | StepRows) -> StepOutputs:
-        accumulation = len(inputs.rows if isinstance(inputs, StepRows) else inputs.pixels)
+        accumulation = len(inputs)
         step_loss = StepLoss(self.unet, self.noise_scheduler, self.objective, self.shard, self.device)
         gradients = None
         for micro in range(accumulation):
-            if isinstance(inputs, StepRows):  # the batch's draws, then the loss's: the eager step's order
-                pixels, text, labels = self.gather(inputs.rows[micro])
-            else:
-                pixels, text, labels = inputs.micro_batch(micro)
+            pixels, text, labels = self.feed.micro_batch(inputs, micro)
             with self.autocast():
                 loss = step_loss.micro_batch(pixels, text, labels)
             # gradients as values, not .grad: nothing outside the step holds them, and a capture owns them
@@ -250,7 +309,7 @@ def device_step_for(trainer) -> DeviceStep:
         ema=trainer.ema,
         max_grad_norm=trainer.max_grad_norm,
         autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(trainer.accelerator.mixed_precision),
-        gather=trainer.gathered if exists(trainer.resident) else None,
+        feed=feed_for(trainer.batches, trainer.conditioner.embed),
     )
 
 
@@ -282,7 +341,9 @@ class CapturedStep:
         self.static_inputs: StepInputs | StepRows | None = None
         self.replay: Callable[[], StepOutputs] | None = None
 
-    def __call__(self, inputs: StepInputs | StepRows) -> StepOutputs:
+    def __call__(self, micro_indices: range) -> StepOutputs:
+        """One optimizer step over these micro-batches."""
+        inputs = self.device_step.inputs(micro_indices)
         if self.eager_steps < EAGER_STEPS_BEFORE_CAPTURE:
             self.eager_steps += 1
             self.device_step.set_scalars()

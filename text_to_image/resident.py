@@ -25,6 +25,7 @@ from text_to_image.batches import (
     crop_offset,
     draws_for,
     flipped_in_unit_range,
+    laid_out,
     mirrored,
     says_side,
     swap_sides,
@@ -95,28 +96,30 @@ def share_index(share: torch.Tensor, count: torch.Tensor | int) -> torch.Tensor:
 
 
 class ResidentBatches:
-    """Micro-batches drawn and gathered on the device from the images and caption rows held there."""
+    """Micro-batches drawn and gathered on the device from the images and caption rows held there: a
+    batches.MicroBatches, like batches.HostBatches, and the rows a device step gathers by itself."""
 
     def __init__(
         self,
         *,
         images: torch.Tensor,
         captions: CaptionRows,
-        batches: IndexedBatches,
+        source: IndexedBatches,
         data: DataConfig,
         dropout_prob: float,
+        channels_last: bool = False,
     ):
-        self.images, self.captions, self.batches = images, captions, batches  # images: uint8 [rows, C, H, W]
-        self.data, self.dropout_prob = data, dropout_prob
+        self.images, self.captions, self.source = images, captions, source  # images: uint8 [rows, C, H, W]
+        self.data, self.dropout_prob, self.channels_last = data, dropout_prob, channels_last
         self.device = images.device
 
     @property
     def shard(self) -> Shard:
-        return self.batches.shard
+        return self.source.shard
 
     def rows(self, micro_indices: range) -> torch.Tensor:
         """The rows of these micro-batches ([micro-batches, shard]) on the device: the step's one host copy."""
-        rows = [self.batches.rows(index) for index in micro_indices]
+        rows = [self.source.rows(index) for index in micro_indices]
         return to_device(torch.tensor(rows, dtype=torch.long), self.device)
 
     def micro_batch(self, micro_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -132,7 +135,7 @@ class ResidentBatches:
         labels = None
         if exists(draws.augment):
             pixels, labels = augment_pixels(pixels, draws.augment)
-        return pixels, captions, labels
+        return laid_out(pixels, self.channels_last), captions, labels
 
     def choose_captions(self, rows: torch.Tensor, draws) -> torch.Tensor:
         """batches.choose_captions as table rows: an option, then its variant; the empty caption where dropped."""
@@ -230,7 +233,12 @@ def choose_on_device(choice: str, recorded: bool | None, why_not: str | None, de
 
 
 def move_to_device(
-    table: ImageTable, conditioner: CachedEmbeddings, batches: IndexedBatches, data: DataConfig, dropout_prob: float
+    table: ImageTable,
+    conditioner: CachedEmbeddings,
+    source: IndexedBatches,
+    data: DataConfig,
+    dropout_prob: float,
+    channels_last: bool,
 ) -> ResidentBatches:
     """The decoded images and the embedding table copied to the conditioner's device, and the caption rows."""
     device = conditioner.device
@@ -253,7 +261,8 @@ def move_to_device(
     return ResidentBatches(
         images=images,
         captions=caption_rows(table.caption_options, conditioner.row_of, data).to(device),
-        batches=batches,
+        source=source,
         data=data,
         dropout_prob=dropout_prob,
+        channels_last=channels_last,
     )

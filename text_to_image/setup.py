@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from pipeline_text_to_image import encode_text
-from text_to_image.batches import training_texts
+from text_to_image.batches import HostBatches, MicroBatches, training_texts
 from text_to_image.captured import (
     EAGER_STEPS_BEFORE_CAPTURE,
     CapturedStep,
@@ -79,7 +79,6 @@ from text_to_image.optimization import (
 )
 from text_to_image.outputs import GridConfig, Outputs, choose_validation_prompts
 from text_to_image.resident import (
-    ResidentBatches,
     choose_on_device,
     data_bytes,
     move_to_device,
@@ -174,13 +173,13 @@ def configure_unet(unet, model: ModelConfig) -> None:
 class TrainingData:
     """What the loop draws batches from, and what the captions need."""
 
-    batches: BatchSource
+    source: BatchSource
+    batches: MicroBatches  # the source's micro-batches, drawn on the host, or on the device (--data_on_device)
     conditioner: CachedEmbeddings | LiveEncoder
     captions: list[str]  # the dataset's distinct captions (a sample of them when streaming), "" first
     text_max_length: int
     schedule: Schedule
     validation: ValidationSet | None  # held-out images, out of the batches
-    resident: ResidentBatches | None = None  # --data_on_device: the batches drawn and gathered on the device
     caption_cut: CaptionCut | None = None  # what padding to text_max_length cuts; None for a stream (not known)
 
 
@@ -189,11 +188,12 @@ def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, t
     data, optim = config.data, config.optim
     shard_start = state.step * optim.gradient_accumulation_steps
     validation = None
+    shard = Shard(accelerator.process_index, accelerator.num_processes, data.train_batch_size)
     if data.streaming:
-        batches = open_stream(data, accelerator.process_index, accelerator.num_processes, state.seed, shard_start)
-        captions = batches.sample_captions(STREAM_CAPTION_SAMPLE)
+        source = open_stream(data, accelerator.process_index, accelerator.num_processes, state.seed, shard_start)
+        captions = source.sample_captions(STREAM_CAPTION_SAMPLE)
         shown = captions  # a stream's captions are encoded per batch: variants are made there
-        warn_fractional_nearest(batches.first_sources(NEAREST_SCALE_PROBES), data.decoding)
+        warn_fractional_nearest(source.first_sources(NEAREST_SCALE_PROBES), data.decoding)
         text_max_length, cut = caption_max_length(tokenizer, None, data.caption_max_length), None
         schedule = stream_schedule(
             checkpointing_steps=config.output.checkpointing_steps,
@@ -221,8 +221,7 @@ def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, t
             max_steps=optim.max_train_steps,
             num_epochs=optim.num_epochs,
         )
-        shard = Shard(accelerator.process_index, accelerator.num_processes, data.train_batch_size)
-        batches = IndexedBatches(
+        source = IndexedBatches(
             table,
             seed=state.seed,
             shard=shard,
@@ -252,13 +251,13 @@ def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, t
             )
         conditioner = CachedEmbeddings(cached, embeddings, accelerator.device)
     return TrainingData(
-        batches=batches,
+        source=source,
+        batches=micro_batches(config, state, source, shard, conditioner, accelerator),
         conditioner=conditioner,
         captions=captions,
         text_max_length=text_max_length,
         schedule=schedule,
         validation=validation,
-        resident=resident_batches(config, state, batches, conditioner, accelerator),
         caption_cut=cut,
     )
 
@@ -273,12 +272,12 @@ def fit_captions(tokenizer, shown: list[str], requested: int | None) -> tuple[in
     return max_length, cut
 
 
-def resident_batches(
-    config: RunConfig, state: TrainState, batches: BatchSource, conditioner, accelerator
-) -> ResidentBatches | None:
-    """--data_on_device: the batches drawn and gathered on the device, or None (the host path); recorded in the
-    state, so that a resumed run draws where it started."""
-    table, device = batches.table if isinstance(batches, IndexedBatches) else None, accelerator.device
+def micro_batches(
+    config: RunConfig, state: TrainState, source: BatchSource, shard: Shard, conditioner, accelerator
+) -> MicroBatches:
+    """The source's micro-batches, drawn and gathered on the device (--data_on_device) or on the host; where is
+    recorded in the state, so that a resumed run draws where it started."""
+    table, device = source.table if isinstance(source, IndexedBatches) else None, accelerator.device
     why_not = why_not_on_device(table, conditioner, config.data.resolution)
     if not exists(why_not):
         why_not = too_big_for(device, data_bytes(table, conditioner))
@@ -287,9 +286,17 @@ def resident_batches(
         why_not = why_not or (None if bool(fits.all()) else "it does not fit on another process's GPU")
     recorded = state.data_on_device if state.step > 0 else None
     state.data_on_device = choose_on_device(config.data.data_on_device, recorded, why_not, device)
-    if not state.data_on_device:
-        return None
-    return move_to_device(table, conditioner, batches, config.data, config.diffusion.conditioning_dropout_prob)
+    dropout_prob, channels_last = config.diffusion.conditioning_dropout_prob, config.model.channels_last
+    if state.data_on_device:
+        return move_to_device(table, conditioner, source, config.data, dropout_prob, channels_last)
+    return HostBatches(
+        source=source,
+        shard=shard,
+        data=config.data,
+        dropout_prob=dropout_prob,
+        device=accelerator.device,
+        channels_last=channels_last,
+    )
 
 
 def read_validation_folder(data: DataConfig, folder: str, show_progress: bool) -> ValidationSet:
@@ -323,7 +330,7 @@ def evaluation_embedder(conditioner: CachedEmbeddings | LiveEncoder, accelerator
 def build_checks(config: RunConfig, accelerator, data: TrainingData) -> Checks:
     """The evaluation material, built on the main process only (it alone evaluates)."""
     evaluation, resolution = config.evaluation, config.data.resolution
-    table = data.batches.table if isinstance(data.batches, IndexedBatches) else None
+    table = data.source.table if isinstance(data.source, IndexedBatches) else None
     reference = quality = None
     if accelerator.is_main_process and evaluation.memorization_check:
         if exists(table) and exists(table.cache):
@@ -541,12 +548,9 @@ def setup_run(config: RunConfig) -> Run:
         ema=models.ema,
         ema_offload=config.optim.ema_offload,
         batches=data.batches,
-        resident=data.resident,
         conditioner=data.conditioner,
-        data=config.data,
         diffusion=config.diffusion,
         max_grad_norm=config.optim.max_grad_norm,
-        channels_last=model.channels_last,
     )
     trainer.captured = captured_step(config, trainer)
     outputs = Outputs(
@@ -591,7 +595,11 @@ def setup_run(config: RunConfig) -> Run:
         state=state,
         text_max_length=data.text_max_length,
         plan=run_plan(
-            data, trainer, models, describe_steps(intervals.schedule, length, planner, config.data.streaming)
+            config.data,
+            data,
+            trainer,
+            models,
+            describe_steps(intervals.schedule, length, planner, config.data.streaming),
         ),
         length=length,
         planner=planner,
@@ -658,15 +666,15 @@ def encode_grid_prompts(tokenizer, text_encoder, prompts: list[str], data: Train
     return prompt_embeddings, data.conditioner.embed([""])
 
 
-def run_plan(data: TrainingData, trainer: Trainer, models: PreparedModels, steps: str) -> str:
+def run_plan(flags: DataConfig, data: TrainingData, trainer: Trainer, models: PreparedModels, steps: str) -> str:
     schedule, accelerator = data.schedule, trainer.accelerator
     unet_params = count_parameters(models.unet) / 1e6
     held_out = f" ({len(data.validation.captions)} more held out for the validation loss)" if data.validation else ""
-    variants = trainer.data.tag_variants
+    variants = flags.tag_variants
     each = f", {variants.count} variants each" if exists(variants) else ""
     cut = data.caption_cut.describe() if exists(data.caption_cut) else ""
     return (
-        f"{data.batches.describe()}{held_out}{each} padded to {data.text_max_length} tokens{cut}; batch {trainer.data.train_batch_size} x "
+        f"{data.source.describe()}{held_out}{each} padded to {data.text_max_length} tokens{cut}; batch {flags.train_batch_size} x "
         f"{accelerator.num_processes} processes x {schedule.accumulation} accumulation = {trainer.images_per_step()} per step; "
         f"{steps}; UNet {unet_params:.1f}M parameters; {describe_rates(models.learning_rates)}"
     )

@@ -13,25 +13,22 @@ from pathlib import Path
 
 import torch
 
-from text_to_image.batches import augment_pixels, choose_captions, crop_and_flip, draws_for, mind_the_sides
-from text_to_image.captured import CapturedStep, StepInputs, StepRows
+from text_to_image.batches import MicroBatches
+from text_to_image.captured import CapturedStep
 from text_to_image.checkpoints import StopRequest, TrainState, check_finite_loss, save_checkpoint
 from text_to_image.common import UserError, exists, unwrap
 from text_to_image.config import (
     SCHEDULES_PLANNED_BY_TIME,
     WARMUP_STABLE_DECAY,
-    DataConfig,
     DiffusionConfig,
     OptimConfig,
 )
-from text_to_image.data import BatchSource, Shard
 from text_to_image.evaluation import BEST_DIR, Due
 from text_to_image.loss import StepLoss, bucket_names, objective_for
 from text_to_image.metrics import SUMMARY
 from text_to_image.models import CachedEmbeddings, LiveEncoder
 from text_to_image.optimization import WarmupStableDecay, decay_start
 from text_to_image.outputs import Outputs
-from text_to_image.resident import ResidentBatches
 
 logger = logging.getLogger(__name__)
 
@@ -244,57 +241,25 @@ class Trainer:
         lr_scheduler,
         ema,
         ema_offload: bool,
-        batches: BatchSource,
-        resident: ResidentBatches | None = None,
+        batches: MicroBatches,
         conditioner: CachedEmbeddings | LiveEncoder,
-        data: DataConfig,
         diffusion: DiffusionConfig,
         max_grad_norm: float,
-        channels_last: bool,
     ):
         self.accelerator, self.unet, self.text_encoder = accelerator, unet, text_encoder
         self.trained = (unet, text_encoder) if trains_text_encoder else (unet,)
         self.noise_scheduler, self.optimizer, self.lr_scheduler = noise_scheduler, optimizer, lr_scheduler
         self.ema, self.ema_offload = ema, ema_offload
-        self.batches, self.conditioner, self.data, self.diffusion = batches, conditioner, data, diffusion
-        self.resident = resident  # --data_on_device: micro-batches drawn and gathered on the device
+        self.batches, self.conditioner = batches, conditioner  # batches: drawn on the host or the device
         self.objective = objective_for(diffusion)
         self.max_grad_norm = max_grad_norm
-        self.channels_last = channels_last
-        self.shard = Shard(accelerator.process_index, accelerator.num_processes, data.train_batch_size)
+        self.shard = batches.shard
         self.accumulation = accelerator.gradient_accumulation_steps
         self.captured: CapturedStep | None = None  # --cuda_graphs: the step replayed from one capture
 
-    def micro_batch(self, micro_index: int) -> tuple[torch.Tensor, list[str] | torch.Tensor, torch.Tensor | None]:
-        """Pixels in [-1, 1], one caption each and the augmentation labels (None without --augment_prob), for
-        this process's share of one global micro-batch. The captions are texts, or with --data_on_device rows of
-        the caption-embedding table, on the device: the conditioner embeds either."""
-        if exists(self.resident):
-            pixels, captions, labels = self.resident.micro_batch(micro_index)
-        else:
-            pixels, captions, labels = self.host_micro_batch(micro_index)
-        return self.laid_out(pixels), captions, labels
-
-    def laid_out(self, pixels: torch.Tensor) -> torch.Tensor:
-        return pixels.contiguous(memory_format=torch.channels_last) if self.channels_last else pixels
-
-    def gathered(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """--data_on_device, inside a device step: these rows' pixels, caption embeddings and labels."""
-        pixels, captions, labels = self.resident.gathered(rows)
-        return self.laid_out(pixels), self.conditioner.embed(captions), labels
-
-    def host_micro_batch(self, micro_index: int) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
-        data = self.data
-        examples = self.batches.examples(micro_index)
-        draws = draws_for(self.shard, data, self.diffusion.conditioning_dropout_prob)
-        captions = choose_captions(examples.caption_options, draws, data.tag_variants)
-        captions, draws = mind_the_sides(captions, draws, data.flip_sided_captions)
-        device = self.accelerator.device
-        pixels = crop_and_flip(examples.images, data.resolution, draws.crop_at, draws.flip, device, draws.background)
-        labels = None
-        if exists(draws.augment):
-            pixels, labels = augment_pixels(pixels, draws.augment)
-        return pixels, captions, labels
+    def micro_indices(self, step: int) -> range:
+        """The micro-batches of optimizer step `step` + 1."""
+        return range(step * self.accumulation, (step + 1) * self.accumulation)
 
     def step(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Optimizer step `step` + 1: its micro-batches forward and backward, clip, update, LR and EMA.
@@ -304,8 +269,8 @@ class Trainer:
             return self.captured_step(step)
         accelerator, grad_norm = self.accelerator, None
         step_loss = StepLoss(self.unet, self.noise_scheduler, self.objective, self.shard, accelerator.device)
-        for micro_index in range(step * self.accumulation, (step + 1) * self.accumulation):
-            pixels, captions, labels = self.micro_batch(micro_index)
+        for micro_index in self.micro_indices(step):
+            pixels, captions, labels = self.batches.micro_batch(micro_index)
             with accelerator.accumulate(*self.trained):
                 with accelerator.autocast():
                     loss = step_loss.micro_batch(pixels, self.conditioner.embed(captions), labels)
@@ -320,28 +285,12 @@ class Trainer:
         return step_loss.mean(), grad_norm, step_loss.buckets
 
     def captured_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """The same step through captured.CapturedStep: the host draws and gathers the micro-batches, the
-        device does the rest in one replay."""
-        outputs = self.captured(self.step_inputs(step))
+        """The same step through captured.CapturedStep: the host makes the step's inputs (the micro-batches, or
+        with --data_on_device only their rows), the device does the rest in one replay."""
+        outputs = self.captured(self.micro_indices(step))
         self.accelerator.step += self.accumulation  # accelerate's micro-step count, as accumulate() keeps it
         self.lr_scheduler.step()
         return outputs.loss, outputs.grad_norm, outputs.buckets
-
-    def step_inputs(self, step: int) -> StepInputs | StepRows:
-        """The step's micro-batches, stacked; with --data_on_device only their rows, drawn and gathered inside
-        the step. Gathered here on the CPU, the noise comes after all of the step's batch draws instead of
-        between them (one generator): with accumulation the numbers differ from the eager step's there; on a
-        GPU the noise has a generator of its own and they do not."""
-        micro_indices = range(step * self.accumulation, (step + 1) * self.accumulation)
-        if exists(self.resident):
-            return StepRows(rows=self.resident.rows(micro_indices))
-        micro_batches = [self.micro_batch(index) for index in micro_indices]
-        labels = [labels for _, _, labels in micro_batches]
-        return StepInputs(
-            pixels=torch.stack([pixels for pixels, _, _ in micro_batches]),
-            text=torch.stack([self.conditioner.embed(captions) for _, captions, _ in micro_batches]),
-            labels=torch.stack(labels) if exists(labels[0]) else None,
-        )
 
     def update_ema(self) -> None:
         if not exists(self.ema):
@@ -634,7 +583,7 @@ def train(run: Run, stop: StopRequest, checkpoints_total_limit: int | None) -> s
 
 def summary_line(run: Run, images: int, seconds: float, reason: str) -> str:
     rate = images / max(seconds, 1e-9)
-    skipped = run.trainer.batches.skipped
+    skipped = run.trainer.batches.source.skipped
     skipped = f", skipped {skipped} unreadable images" if skipped else ""
     line = f"{'finished' if reason == 'done' else 'stopped'} at step {run.state.step}/{run.intervals.schedule.max_steps}: {images} images in {seconds:.1f} s, {rate:.2f} img/s{skipped}"
     return line + evaluation_summary(run.outputs.latest, run.state.best)
