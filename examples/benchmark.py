@@ -650,7 +650,17 @@ def graphed_ops(run, steps: int) -> tuple[int, int, float]:
     from text_to_image.captured import EAGER_STEPS_BEFORE_CAPTURE, CapturedStep, device_step_for
 
     trainer = run.trainer
-    device_step = device_step_for(trainer)
+    device_step = device_step_for(
+        unet=trainer.unet,
+        noise_scheduler=trainer.noise_scheduler,
+        objective=trainer.objective,
+        optimizer=trainer.optimizer,
+        ema=trainer.ema,
+        max_grad_norm=trainer.max_grad_norm,
+        mixed_precision=run.accelerator.mixed_precision,
+        batches=trainer.batches,
+        embed=trainer.conditioner.embed,
+    )
     with OpCounter() as in_graph:
         device_step(device_step.inputs(trainer.micro_indices(run.state.step)))
     trainer.captured = CapturedStep(device_step, capture=record_once)

@@ -32,14 +32,16 @@ from text_to_image.evaluation import (  # noqa: E402
     SampleQuality,
     TrainingReference,
     ValidationSet,
-    hold_out_rows,
     to_uint8_batch,
-    without_rows,
 )
 from text_to_image.loss import MinSnrWeighting  # noqa: E402
 from text_to_image.metrics import COPY_RATE, EVAL_COPY_RATE  # noqa: E402
 from text_to_image.outputs import sample_images  # noqa: E402
-from text_to_image.setup import read_validation_folder  # noqa: E402
+from text_to_image.setup import (  # noqa: E402
+    hold_out_rows,
+    read_validation_folder,  # noqa: E402
+    without_rows,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

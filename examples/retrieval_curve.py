@@ -108,7 +108,8 @@ class Reference:
 
         from text_to_image.config import DataConfig, EvalConfig, parse_args
         from text_to_image.data import read_image_table
-        from text_to_image.evaluation import centre_crops, hold_out_rows
+        from text_to_image.evaluation import centre_crops
+        from text_to_image.setup import hold_out_rows
 
         flags = parse_args(["--train_data_dir", str(data), "--resolution", str(resolution)])
         flags.text_encoder_name_or_path = str(encoder)

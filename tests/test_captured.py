@@ -57,6 +57,21 @@ def argv(tiny_imagefolder, tiny_text_encoder_dir, tiny_unet_config_file, tmp_pat
     return make
 
 
+def device_step_of(trainer):
+    """A --cuda_graphs step over an eager run's trainer: its UNet, optimizer, EMA and micro-batches."""
+    return device_step_for(
+        unet=trainer.unet,
+        noise_scheduler=trainer.noise_scheduler,
+        objective=trainer.objective,
+        optimizer=trainer.optimizer,
+        ema=trainer.ema,
+        max_grad_norm=trainer.max_grad_norm,
+        mixed_precision=trainer.accelerator.mixed_precision,
+        batches=trainer.batches,
+        embed=trainer.conditioner.embed,
+    )
+
+
 ON_DEVICE = ("--data_on_device", "yes", "--augment_prob", "0.5", "--gradient_accumulation_steps", "2")
 
 
@@ -67,7 +82,7 @@ def test_the_device_step_traces_whole_and_trains_the_eager_steps_weights(argv, m
 
     traced = set_up(argv(*flags, output="traced"))
     trainer = traced.trainer
-    device_step = device_step_for(trainer)
+    device_step = device_step_of(trainer)
     monkeypatch.setattr(torch._dynamo.config, "trace_autograd_ops", True)  # backward() inside the graph
     torch._dynamo.reset()
     # fullgraph: a graph break (a host sync, a data-dependent branch, an untraceable call) is an error

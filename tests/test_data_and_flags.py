@@ -21,7 +21,7 @@ from text_to_image.batches import crop_and_flip, draw_batch
 from text_to_image.checkpoints import list_checkpoints
 from text_to_image.config import DataConfig, DiffusionConfig, RunConfig, build_parser, parse_args, public_flags
 from text_to_image.data import Shard, decode_image, read_image_table
-from text_to_image.loss import DiffusionObjective, MinSnrWeighting, diffusion_loss
+from text_to_image.loss import DiffusionObjective, MinSnrWeighting, StepLoss
 from text_to_image.models import build_noise_scheduler
 from text_to_image.optimization import build_ema
 from text_to_image.outputs import append_to_gif, choose_validation_prompts
@@ -213,11 +213,8 @@ def test_noise_offset_and_zero_terminal_snr_change_the_noise(tiny_unet_config_fi
     losses = []
     for offset in (0.0, 0.0, 0.5):
         torch.manual_seed(0)
-        losses.append(
-            diffusion_loss(
-                unet, plain, clean, text, DiffusionObjective(MinSnrWeighting(0.0), noise_offset=offset)
-            ).item()
-        )
+        objective = DiffusionObjective(MinSnrWeighting(0.0), noise_offset=offset)
+        losses.append(StepLoss(unet, plain, objective).micro_batch(clean, text).item())
     assert losses[0] == losses[1] != losses[2]
 
 

@@ -19,7 +19,7 @@ import train_text_to_image as trainer
 from text_to_image.common import UserError
 from text_to_image.config import DiffusionConfig, RunConfig, parse_args
 from text_to_image.evaluation import BEST_DIR, EVALUATION_LOG
-from text_to_image.loss import DiffusionObjective, MinSnrWeighting, diffusion_loss
+from text_to_image.loss import DiffusionObjective, MinSnrWeighting, StepLoss
 from text_to_image.models import build_noise_scheduler, build_unet
 from text_to_image.setup import check_distributed_type
 
@@ -170,12 +170,8 @@ def test_loss_runs_on_a_unet_held_in_bf16_as_deepspeed_holds_it(tiny_unet_config
     scheduler = build_noise_scheduler(
         DiffusionConfig.from_args(parse_args(["--train_data_dir", "d", "--ddpm_num_steps", "100"]))
     )
-    loss = diffusion_loss(
-        unet,
-        scheduler,
-        torch.rand(2, 3, 16, 16) * 2 - 1,
-        torch.randn(2, 8, 64),
-        DiffusionObjective(MinSnrWeighting(5.0)),
+    loss = StepLoss(unet, scheduler, DiffusionObjective(MinSnrWeighting(5.0))).micro_batch(
+        torch.rand(2, 3, 16, 16) * 2 - 1, torch.randn(2, 8, 64)
     )
     loss.backward()
     assert loss.dtype == torch.float32 and torch.isfinite(loss)

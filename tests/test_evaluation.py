@@ -22,14 +22,12 @@ from text_to_image.evaluation import (
     copy_threshold,
     eval_mode,
     frechet_distance,
-    held_out_count,
-    hold_out_rows,
     kernel_inception_distance,
     nearest_neighbours,
     newest_values,
 )
 from text_to_image.loss import bucket_names
-from text_to_image.setup import setup_run
+from text_to_image.setup import held_out_count, hold_out_rows, setup_run
 from text_to_image.training import Meter, evaluation_summary
 
 

@@ -72,7 +72,7 @@ def test_the_benchmark_scores_captions_of_trained_images_each_with_its_own_image
 
 
 def test_the_benchmark_leaves_the_validation_splits_images_out_of_the_scored_captions(tmp_path, tiny_text_encoder_dir):
-    from text_to_image.evaluation import hold_out_rows
+    from text_to_image.setup import hold_out_rows
 
     data = write_imagefolder(tmp_path / "data", count=80)
     held_out = set(hold_out_rows(torch.arange(80), 0.02).tolist())

@@ -35,7 +35,7 @@ from text_to_image.checkpoints import (
 )
 from text_to_image.config import DataConfig, DiffusionConfig, OptimConfig, RunConfig, parse_args
 from text_to_image.data import IndexedBatches, Shard, decode_image, epoch_order, read_image_table, to_rgb
-from text_to_image.loss import DiffusionObjective, MinSnrWeighting, diffusion_loss, min_snr_weights
+from text_to_image.loss import DiffusionObjective, MinSnrWeighting, StepLoss, min_snr_weights
 from text_to_image.models import (
     CaptionCut,
     build_noise_scheduler,
@@ -49,7 +49,7 @@ from text_to_image.models import (
 )
 from text_to_image.optimization import WarmupStableDecay, build_lr_scheduler
 from text_to_image.outputs import build_pipeline, sample_images
-from text_to_image.setup import setup_run
+from text_to_image.setup import plan_schedule, setup_run
 from text_to_image.training import (
     DISK_BYTES_PER_SECOND,
     LengthPlan,
@@ -57,7 +57,6 @@ from text_to_image.training import (
     StopCost,
     TimePlanner,
     cut_short,
-    plan_schedule,
     planned_steps,
     starting_length,
 )
@@ -153,7 +152,7 @@ def test_loss_is_finite_and_bounded_for_every_prediction_type_and_schedule(
     unet = build_unet(str(tiny_unet_config_file), 16, 64)
     torch.manual_seed(0)
     clean = torch.rand(8, 3, 16, 16) * 2 - 1
-    loss = diffusion_loss(unet, scheduler, clean, torch.randn(8, 5, 64), DiffusionObjective(MinSnrWeighting(5.0)))
+    loss = StepLoss(unet, scheduler, DiffusionObjective(MinSnrWeighting(5.0))).micro_batch(clean, torch.randn(8, 5, 64))
     assert torch.isfinite(loss) and 0 < loss.item() < 20
 
 

@@ -101,7 +101,7 @@ def draw_batch(
     The ordering contract that exact resume and "N processes = 1 process" rest on: per micro-batch,
     this function draws first (caption choice, dropout, crop, flip, then when turned on caption variant,
     augmentation, background; each for the whole global batch, then sliced to this process's shard), then
-    `diffusion_loss` draws noise, noise offset, timesteps and input perturbation, and nothing else in the
+    `loss.diffusion_losses` draws noise, noise offset, timesteps and input perturbation, and nothing else in the
     step draws from the global RNG (data loaders own their generators). A draw added anywhere else, or
     moved, changes every later batch of a run and breaks both guarantees without failing; add new draws
     here, at the end, and only when their flag is on, so that runs without it keep their batches.

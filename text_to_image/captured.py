@@ -298,18 +298,29 @@ def why_not_captured(config, accelerator) -> str | None:
     return next((why for refused, why in reasons if refused), None)
 
 
-def device_step_for(trainer) -> DeviceStep:
-    """The DeviceStep over a training.Trainer's UNet, objective, optimizer and EMA."""
+def device_step_for(
+    *,
+    unet,
+    noise_scheduler,
+    objective: DiffusionObjective,
+    optimizer,
+    ema,
+    max_grad_norm: float,
+    mixed_precision: str,
+    batches: HostBatches | ResidentBatches,
+    embed: Embed,
+) -> DeviceStep:
+    """The DeviceStep over the trainer's UNet, objective, optimizer and EMA, fed from its micro-batches."""
     return DeviceStep(
-        unet=trainer.unet,
-        noise_scheduler=trainer.noise_scheduler,
-        objective=trainer.objective,
-        shard=trainer.shard,
-        optimizer=trainer.optimizer,
-        ema=trainer.ema,
-        max_grad_norm=trainer.max_grad_norm,
-        autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(trainer.accelerator.mixed_precision),
-        feed=feed_for(trainer.batches, trainer.conditioner.embed),
+        unet=unet,
+        noise_scheduler=noise_scheduler,
+        objective=objective,
+        shard=batches.shard,
+        optimizer=optimizer,
+        ema=ema,
+        max_grad_norm=max_grad_norm,
+        autocast_dtype={"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision),
+        feed=feed_for(batches, embed),
     )
 
 

@@ -351,7 +351,8 @@ class Examples:
 
 
 class BatchSource(Protocol):
-    """Where a run's micro-batches come from (IndexedBatches, StreamedBatches; setup.prepare_data picks one).
+    """Where a run's micro-batches come from (IndexedBatches, StreamedBatches; setup.prepare_indexed_data or
+    prepare_streamed_data builds one).
 
     The resume contract: `examples(k)` is a pure function of (seed, k) and the process's Shard, so a
     run resumed at micro-batch k, or split over another number of processes, reads the same examples

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ import torch
 
 from pipeline_text_to_image import FLOW_MATCHING, make_captioned_grid, prediction_type_of, unaugmented_labels
 from text_to_image.common import UserError, exists, to_device
-from text_to_image.config import COPY_PERCENTILE, VALIDATION_BUCKETS, VALIDATION_MAX_HELD_OUT, EvalConfig
+from text_to_image.config import COPY_PERCENTILE, VALIDATION_BUCKETS, EvalConfig
 from text_to_image.data import ImageTable, stand_in_for_unreadable
 from text_to_image.loss import LossWeighting, bucket_names, weighted_losses
 from text_to_image.metrics import CLIP_SCORE, COPY_RATE, COPY_THRESHOLD, FD, KID, NEAREST_DISTANCE, VAL_LOSS
@@ -27,26 +26,6 @@ VALIDATION_CHUNK = 32  # held-out images per validation forward pass (fixes the 
 NEAREST_CHUNK = 256  # samples compared with the training images at once
 FEATURE_CHUNK = 32  # images per feature-model forward pass
 RANK_TIE_TOLERANCE = 1e-9  # summed squared distances closer than this are equal (float64 rounding is ~1e-13)
-
-
-def held_out_count(split: float, usable: int) -> int:
-    """Images a --validation_split holds out of `usable`: a count (>= 1), or a share capped at VALIDATION_MAX_HELD_OUT."""
-    return int(split) if split >= 1 else min(int(split * usable), VALIDATION_MAX_HELD_OUT)
-
-
-def hold_out_rows(usable_rows: torch.Tensor, split: float) -> torch.Tensor:
-    """The held-out rows, sorted: a function of the usable rows only (not --seed), so every run holds out the same."""
-    count = held_out_count(split, len(usable_rows))
-    if count >= len(usable_rows):
-        raise UserError(
-            f"--validation_split {split:g} holds out {count} of the {len(usable_rows)} usable images, leaving none to train on; pass a smaller share or count"
-        )
-    order = torch.randperm(len(usable_rows), generator=torch.Generator().manual_seed(VALIDATION_SPLIT_SEED))
-    return usable_rows[order[:count]].sort().values
-
-
-def without_rows(table: ImageTable, rows: torch.Tensor) -> ImageTable:
-    return dataclasses.replace(table, usable_rows=table.usable_rows[~torch.isin(table.usable_rows, rows)])
 
 
 def centre_crop(image: torch.Tensor, resolution: int) -> torch.Tensor:

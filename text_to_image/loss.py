@@ -233,11 +233,6 @@ class StepLoss:
         return torch.stack(self.losses).mean()
 
 
-def diffusion_loss(unet, noise_scheduler, clean, text_embeddings, objective: DiffusionObjective, shard=None):
-    """The training loss: noise, timesteps, target per prediction type, weighted MSE, mean over the shard."""
-    return diffusion_losses(unet, noise_scheduler, clean, text_embeddings, objective, shard)[0].mean()
-
-
 def timestep_buckets(timesteps: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
     """Which of VALIDATION_BUCKETS equal timestep ranges each timestep is in (0: least noise); flow matching's
     float timesteps t * num_train_timesteps alike, t = 1 in the last."""

@@ -209,7 +209,7 @@ class CachedEmbeddings:
 
     def __init__(self, captions: list[str], table: torch.Tensor, device):
         self.row_of = {text: row for row, text in enumerate(captions)}
-        # [captions, tokens, hidden], in CPU memory unless --data_on_device moved it (resident.py)
+        # [captions, tokens, hidden], in CPU memory, or with --data_on_device on the device (setup.py)
         self.table, self.device = table, torch.device(device)
 
     def embed(self, texts: list[str] | torch.Tensor) -> torch.Tensor:

@@ -171,13 +171,16 @@ def cropped(images: torch.Tensor, crop_at: torch.Tensor, resolution: int) -> tor
 # ---- whether the data goes to the device ----
 
 
-def why_not_on_device(table: ImageTable | None, conditioner, resolution: int) -> str | None:
-    """Why this run's data cannot live on the device (None: it can), each reason with its fix."""
+def why_not_on_device(
+    table: ImageTable | None, embeddings: torch.Tensor | None, resolution: int, device: torch.device
+) -> str | None:
+    """Why this run's data (its decoded images, its captions' cached embeddings) cannot live on the device (None:
+    it can), each reason with its fix."""
     if not exists(table):
         return "--streaming decodes images per batch (drop --streaming)"
     if not exists(table.cache):
         return "the images are decoded per batch, as they need more than --image_cache_max_gb (raise it)"
-    if not isinstance(conditioner, CachedEmbeddings):
+    if not exists(embeddings):
         return "the captions are encoded per batch (--train_text_encoder or --no_caption_cache)"
     rows = table.usable_rows.tolist()
     first = table.cache[rows[0]].shape[1:]
@@ -188,12 +191,11 @@ def why_not_on_device(table: ImageTable | None, conditioner, resolution: int) ->
             f"the images differ in size at --resolution {resolution} (row {rows[0]}: {first[1]}x{first[0]} px, row"
             f" {other_row}: {other[1]}x{other[0]} px; pass --center_crop)"
         )
-    return None
+    return too_big_for(device, data_bytes(table, embeddings))
 
 
-def data_bytes(table: ImageTable, conditioner: CachedEmbeddings) -> int:
+def data_bytes(table: ImageTable, embeddings: torch.Tensor) -> int:
     image = next(image for image in table.cache if exists(image))
-    embeddings = conditioner.table
     return len(table.cache) * image.numel() + embeddings.numel() * embeddings.element_size()
 
 
@@ -232,7 +234,7 @@ def choose_on_device(choice: str, recorded: bool | None, why_not: str | None, de
     return wanted
 
 
-def move_to_device(
+def resident_batches(
     table: ImageTable,
     conditioner: CachedEmbeddings,
     source: IndexedBatches,
@@ -240,7 +242,8 @@ def move_to_device(
     dropout_prob: float,
     channels_last: bool,
 ) -> ResidentBatches:
-    """The decoded images and the embedding table copied to the conditioner's device, and the caption rows."""
+    """The source's micro-batches drawn on the device: the decoded images copied to the conditioner's device,
+    where its embedding table is, and the caption rows."""
     device = conditioner.device
     shape = next(image for image in table.cache if exists(image)).shape
     images = torch.zeros(len(table.cache), *shape, dtype=torch.uint8, device=device)
@@ -250,7 +253,6 @@ def move_to_device(
             for image in table.cache[start : start + COPY_CHUNK]
         ]
         images[start : start + len(chunk)] = to_device(torch.stack(chunk), device)
-    conditioner.table = conditioner.table.to(device)
     logger.info(
         "data on the device: %d images (%.1f MiB) and %d caption embeddings (%.1f MiB); batches drawn there",
         len(table.usable_rows),

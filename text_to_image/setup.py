@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import random
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from text_to_image.checkpoints import TrainState, read_train_state, resolve_resu
 from text_to_image.common import UserError, exists, is_main_process, unwrap
 from text_to_image.config import (
     SCHEDULES_PLANNED_BY_TIME,
+    VALIDATION_MAX_HELD_OUT,
     WARMUP_STABLE_DECAY,
     DataConfig,
     ModelConfig,
@@ -35,21 +37,15 @@ from text_to_image.data import (
     NEAREST_SCALE_PROBES,
     STREAM_CAPTION_SAMPLE,
     BatchSource,
+    ImageTable,
     IndexedBatches,
     Shard,
     open_stream,
     read_image_table,
     warn_fractional_nearest,
 )
-from text_to_image.evaluation import (
-    Checks,
-    SampleQuality,
-    TrainingReference,
-    ValidationSet,
-    hold_out_rows,
-    without_rows,
-)
-from text_to_image.loss import objective_for
+from text_to_image.evaluation import VALIDATION_SPLIT_SEED, Checks, SampleQuality, TrainingReference, ValidationSet
+from text_to_image.loss import DiffusionObjective, objective_for
 from text_to_image.models import (
     CachedEmbeddings,
     CaptionCut,
@@ -78,13 +74,7 @@ from text_to_image.optimization import (
     trained_parameters,
 )
 from text_to_image.outputs import GridConfig, Outputs, choose_validation_prompts
-from text_to_image.resident import (
-    choose_on_device,
-    data_bytes,
-    move_to_device,
-    too_big_for,
-    why_not_on_device,
-)
+from text_to_image.resident import ResidentBatches, choose_on_device, resident_batches, why_not_on_device
 from text_to_image.training import (
     PLAN_SKIPPED_STEPS,
     PLAN_TIMED_SECONDS,
@@ -95,9 +85,7 @@ from text_to_image.training import (
     TimePlanner,
     Trainer,
     describe_length,
-    plan_schedule,
     starting_length,
-    stream_schedule,
 )
 
 logger = logging.getLogger(__name__)
@@ -169,97 +157,159 @@ def configure_unet(unet, model: ModelConfig) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+# ---------------------------------------------------------------------------------------------
+# The data: an indexed dataset or a stream, its micro-batches, its captions' embeddings, its schedule
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainingData:
     """What the loop draws batches from, and what the captions need."""
 
     source: BatchSource
     batches: MicroBatches  # the source's micro-batches, drawn on the host, or on the device (--data_on_device)
-    conditioner: CachedEmbeddings | LiveEncoder
+    embeddings: CachedEmbeddings | None  # every caption's embedding, cached; None: encoded per batch (LiveEncoder)
     captions: list[str]  # the dataset's distinct captions (a sample of them when streaming), "" first
     text_max_length: int
     schedule: Schedule
     validation: ValidationSet | None  # held-out images, out of the batches
     caption_cut: CaptionCut | None = None  # what padding to text_max_length cuts; None for a stream (not known)
+    unreadable_rows: list[int] | None = None  # the rows that do not decode; None for a stream (met per batch)
 
 
-def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, text_encoder) -> TrainingData:
-    """The batch source of the dataset's kind and the conditioner that embeds its captions."""
-    data, optim = config.data, config.optim
-    shard_start = state.step * optim.gradient_accumulation_steps
-    validation = None
-    shard = Shard(accelerator.process_index, accelerator.num_processes, data.train_batch_size)
-    if data.streaming:
-        source = open_stream(data, accelerator.process_index, accelerator.num_processes, state.seed, shard_start)
-        captions = source.sample_captions(STREAM_CAPTION_SAMPLE)
-        shown = captions  # a stream's captions are encoded per batch: variants are made there
-        warn_fractional_nearest(source.first_sources(NEAREST_SCALE_PROBES), data.decoding)
-        text_max_length, cut = caption_max_length(tokenizer, None, data.caption_max_length), None
-        schedule = stream_schedule(
-            checkpointing_steps=config.output.checkpointing_steps,
-            accumulation=optim.gradient_accumulation_steps,
-            max_steps=optim.max_train_steps,
-        )
+def prepare_indexed_data(config: RunConfig, accelerator, saved: TrainState, tokenizer, text_encoder) -> TrainingData:
+    """A dataset read into a table (every row checked, or decoded, once), some rows held out for the validation
+    loss, every caption's embedding cached unless the encoder trains or --no_caption_cache, and the
+    micro-batches drawn on the host or on the device."""
+    data, device = config.data, accelerator.device
+    known = saved.unreadable_rows if saved.step > 0 else None
+    table = read_image_table(data, known, accelerator.is_local_main_process)
+    captions, unreadable = table.captions, table.unreadable_rows
+    table, validation = hold_out(table, config.evaluation.held_out_share, data.resolution)
+    # every text a caption is shown as (variants, sides swapped): the cache holds them all, and a variant
+    # can tokenize longer than its caption (tags rejoined), so captions are padded to the longest
+    shown = list(dict.fromkeys(captions + training_texts(captions, data)))
+    text_max_length, cut = fit_captions(tokenizer, shown, data.caption_max_length)
+    schedule = plan_schedule(
+        len(table.usable_rows),
+        batch_size=data.train_batch_size,
+        num_processes=accelerator.num_processes,
+        accumulation=config.optim.gradient_accumulation_steps,
+        max_steps=config.optim.max_train_steps,
+        num_epochs=config.optim.num_epochs,
+    )
+    source = IndexedBatches(
+        table,
+        seed=saved.seed,
+        shard=process_shard(accelerator, data),
+        batches_per_epoch=schedule.batches_per_epoch,
+        num_workers=data.dataloader_num_workers,
+    )
+    validation = validation_set(config, accelerator, validation)
+    texts = list(dict.fromkeys(shown + (validation.captions if exists(validation) else [])))
+    embeddings = None
+    if data.caption_cache and not config.model.train_text_encoder:
+        embeddings = encode_captions(config, accelerator, tokenizer, text_encoder, texts, text_max_length)
+    why_not = why_not_on_device(table, embeddings, data.resolution, device)
+    on_device = agreed_on_device(config.data.data_on_device, saved, why_not, accelerator)
+    cached = None
+    if exists(embeddings):  # --data_on_device: batches choose captions as rows of the table, on the device
+        cached = CachedEmbeddings(texts, embeddings.to(device) if on_device else embeddings, device)
+    if on_device:
+        dropout_prob, channels_last = config.diffusion.conditioning_dropout_prob, config.model.channels_last
+        batches = resident_batches(table, cached, source, data, dropout_prob, channels_last)
     else:
-        known = state.unreadable_rows if state.step > 0 else None
-        table = read_image_table(data, known, accelerator.is_local_main_process)
-        state.unreadable_rows, state.skipped_images = table.unreadable_rows, len(table.unreadable_rows)
-        captions = table.captions
-        if config.evaluation.held_out_share > 0:
-            held_out = hold_out_rows(table.usable_rows, config.evaluation.held_out_share)
-            validation = ValidationSet.from_table(table, held_out.tolist(), data.resolution) if len(held_out) else None
-            table = without_rows(table, held_out)
-        # every text a caption is shown as (variants, sides swapped): the cache holds them all, and a variant
-        # can tokenize longer than its caption (tags rejoined), so captions are padded to the longest
-        shown = list(dict.fromkeys(captions + training_texts(captions, data)))
-        text_max_length, cut = fit_captions(tokenizer, shown, data.caption_max_length)
-        schedule = plan_schedule(
-            len(table.usable_rows),
-            batch_size=data.train_batch_size,
-            num_processes=accelerator.num_processes,
-            accumulation=optim.gradient_accumulation_steps,
-            max_steps=optim.max_train_steps,
-            num_epochs=optim.num_epochs,
-        )
-        source = IndexedBatches(
-            table,
-            seed=state.seed,
-            shard=shard,
-            batches_per_epoch=schedule.batches_per_epoch,
-            num_workers=data.dataloader_num_workers,
-        )
-    if exists(config.evaluation.validation_data_dir):
-        validation = read_validation_folder(
-            data, config.evaluation.validation_data_dir, accelerator.is_local_main_process
-        )
-    if data.streaming or config.model.train_text_encoder or not data.caption_cache:
-        conditioner = LiveEncoder(
-            tokenizer=tokenizer,
-            encoder=text_encoder,
-            max_length=text_max_length,
-            trains=config.model.train_text_encoder,
-            device=accelerator.device,
-        )
-    else:
-        cached = list(dict.fromkeys(shown + (validation.captions if exists(validation) else [])))
-        cache_file = caption_cache_path(
-            config.output.output_dir, config.model.text_encoder_name_or_path, text_encoder, cached, text_max_length
-        )
-        with accelerator.main_process_first():  # the others then read the main process's cache file
-            embeddings = encode_captions_once(
-                tokenizer, text_encoder, cached, text_max_length, cache_file, accelerator.device
-            )
-        conditioner = CachedEmbeddings(cached, embeddings, accelerator.device)
+        batches = host_batches(config, source, source.shard, device)
     return TrainingData(
         source=source,
-        batches=micro_batches(config, state, source, shard, conditioner, accelerator),
-        conditioner=conditioner,
+        batches=batches,
+        embeddings=cached,
         captions=captions,
         text_max_length=text_max_length,
         schedule=schedule,
         validation=validation,
         caption_cut=cut,
+        unreadable_rows=unreadable,
     )
+
+
+def prepare_streamed_data(config: RunConfig, accelerator, saved: TrainState, tokenizer) -> TrainingData:
+    """--streaming: a dataset read as it streams, resumed where the step says; its images decoded and its
+    captions encoded per batch, its micro-batches drawn on the host."""
+    data, optim = config.data, config.optim
+    start = saved.step * optim.gradient_accumulation_steps
+    source = open_stream(data, accelerator.process_index, accelerator.num_processes, saved.seed, start)
+    captions = source.sample_captions(STREAM_CAPTION_SAMPLE)
+    warn_fractional_nearest(source.first_sources(NEAREST_SCALE_PROBES), data.decoding)
+    text_max_length = caption_max_length(tokenizer, None, data.caption_max_length)
+    schedule = stream_schedule(
+        checkpointing_steps=config.output.checkpointing_steps,
+        accumulation=optim.gradient_accumulation_steps,
+        max_steps=optim.max_train_steps,
+    )
+    validation = validation_set(config, accelerator, None)
+    # no table to keep on the device: this refuses --data_on_device yes, and says why auto draws on the host
+    why_not = why_not_on_device(None, None, data.resolution, accelerator.device)
+    agreed_on_device(config.data.data_on_device, saved, why_not, accelerator)
+    return TrainingData(
+        source=source,
+        batches=host_batches(config, source, process_shard(accelerator, data), accelerator.device),
+        embeddings=None,
+        captions=captions,
+        text_max_length=text_max_length,
+        schedule=schedule,
+        validation=validation,
+    )
+
+
+def process_shard(accelerator, data: DataConfig) -> Shard:
+    return Shard(accelerator.process_index, accelerator.num_processes, data.train_batch_size)
+
+
+def plan_schedule(
+    num_rows: int, *, batch_size: int, num_processes: int, accumulation: int, max_steps: int | None, num_epochs: int
+) -> Schedule:
+    global_batch = batch_size * num_processes
+    batches_per_epoch = num_rows // global_batch
+    if batches_per_epoch == 0:
+        raise UserError(
+            f"the dataset has {num_rows} usable images, fewer than one batch of {global_batch} (--train_batch_size {batch_size} x {num_processes} processes); lower --train_batch_size"
+        )
+    max_steps = max_steps or math.ceil(num_epochs * batches_per_epoch / accumulation)
+    return Schedule(batches_per_epoch, accumulation, max_steps)
+
+
+def stream_schedule(*, checkpointing_steps: int, accumulation: int, max_steps: int) -> Schedule:
+    """A stream has no length: --max_train_steps sets the run, and an 'epoch' is --checkpointing_steps steps."""
+    return Schedule(checkpointing_steps * accumulation, accumulation, max_steps)
+
+
+def held_out_count(split: float, usable: int) -> int:
+    """Images a --validation_split holds out of `usable`: a count (>= 1), or a share capped at VALIDATION_MAX_HELD_OUT."""
+    return int(split) if split >= 1 else min(int(split * usable), VALIDATION_MAX_HELD_OUT)
+
+
+def hold_out_rows(usable_rows: torch.Tensor, split: float) -> torch.Tensor:
+    """The held-out rows, sorted: a function of the usable rows only (not --seed), so every run holds out the same."""
+    count = held_out_count(split, len(usable_rows))
+    if count >= len(usable_rows):
+        raise UserError(
+            f"--validation_split {split:g} holds out {count} of the {len(usable_rows)} usable images, leaving none to train on; pass a smaller share or count"
+        )
+    order = torch.randperm(len(usable_rows), generator=torch.Generator().manual_seed(VALIDATION_SPLIT_SEED))
+    return usable_rows[order[:count]].sort().values
+
+
+def without_rows(table: ImageTable, rows: torch.Tensor) -> ImageTable:
+    return dataclasses.replace(table, usable_rows=table.usable_rows[~torch.isin(table.usable_rows, rows)])
+
+
+def hold_out(table: ImageTable, split: float, resolution: int) -> tuple[ImageTable, ValidationSet | None]:
+    """The table without the rows --validation_split holds out, and those rows' validation set (None: none)."""
+    if split <= 0:
+        return table, None
+    held_out = hold_out_rows(table.usable_rows, split)
+    validation = ValidationSet.from_table(table, held_out.tolist(), resolution) if len(held_out) else None
+    return without_rows(table, held_out), validation
 
 
 def fit_captions(tokenizer, shown: list[str], requested: int | None) -> tuple[int, CaptionCut]:
@@ -272,31 +322,45 @@ def fit_captions(tokenizer, shown: list[str], requested: int | None) -> tuple[in
     return max_length, cut
 
 
-def micro_batches(
-    config: RunConfig, state: TrainState, source: BatchSource, shard: Shard, conditioner, accelerator
-) -> MicroBatches:
-    """The source's micro-batches, drawn and gathered on the device (--data_on_device) or on the host; where is
-    recorded in the state, so that a resumed run draws where it started."""
-    table, device = source.table if isinstance(source, IndexedBatches) else None, accelerator.device
-    why_not = why_not_on_device(table, conditioner, config.data.resolution)
-    if not exists(why_not):
-        why_not = too_big_for(device, data_bytes(table, conditioner))
-    if accelerator.num_processes > 1:  # every process must draw on the same generator: all fit, or none goes
+def encode_captions(config: RunConfig, accelerator, tokenizer, text_encoder, texts: list[str], max_length: int):
+    """The texts' embeddings [texts, max_length, hidden] on the CPU, from the output folder's cache file when
+    an earlier run (or the main process) wrote it."""
+    model = config.model
+    cache_file = caption_cache_path(
+        config.output.output_dir, model.text_encoder_name_or_path, text_encoder, texts, max_length
+    )
+    with accelerator.main_process_first():  # the others then read the main process's cache file
+        return encode_captions_once(tokenizer, text_encoder, texts, max_length, cache_file, accelerator.device)
+
+
+def agreed_on_device(choice: str, saved: TrainState, why_not: str | None, accelerator) -> bool:
+    """--data_on_device's answer (resident.choose_on_device), the same on every process: every process must
+    draw on the same generator, so all fit, or none goes; a resumed run draws where it started."""
+    device = accelerator.device
+    if accelerator.num_processes > 1:
         fits = accelerator.gather(torch.tensor([int(not exists(why_not))], device=device))
         why_not = why_not or (None if bool(fits.all()) else "it does not fit on another process's GPU")
-    recorded = state.data_on_device if state.step > 0 else None
-    state.data_on_device = choose_on_device(config.data.data_on_device, recorded, why_not, device)
-    dropout_prob, channels_last = config.diffusion.conditioning_dropout_prob, config.model.channels_last
-    if state.data_on_device:
-        return move_to_device(table, conditioner, source, config.data, dropout_prob, channels_last)
+    recorded = saved.data_on_device if saved.step > 0 else None
+    return choose_on_device(choice, recorded, why_not, device)
+
+
+def host_batches(config: RunConfig, source: BatchSource, shard: Shard, device: torch.device) -> HostBatches:
     return HostBatches(
         source=source,
         shard=shard,
         data=config.data,
-        dropout_prob=dropout_prob,
-        device=accelerator.device,
-        channels_last=channels_last,
+        dropout_prob=config.diffusion.conditioning_dropout_prob,
+        device=device,
+        channels_last=config.model.channels_last,
     )
+
+
+def validation_set(config: RunConfig, accelerator, held_out: ValidationSet | None) -> ValidationSet | None:
+    """--validation_data_dir's images when it is given, else the held-out ones."""
+    folder = config.evaluation.validation_data_dir
+    if not exists(folder):
+        return held_out
+    return read_validation_folder(config.data, folder, accelerator.is_local_main_process)
 
 
 def read_validation_folder(data: DataConfig, folder: str, show_progress: bool) -> ValidationSet:
@@ -327,7 +391,9 @@ def evaluation_embedder(conditioner: CachedEmbeddings | LiveEncoder, accelerator
     )
 
 
-def build_checks(config: RunConfig, accelerator, data: TrainingData) -> Checks:
+def build_checks(
+    config: RunConfig, accelerator, data: TrainingData, conditioner: CachedEmbeddings | LiveEncoder
+) -> Checks:
     """The evaluation material, built on the main process only (it alone evaluates)."""
     evaluation, resolution = config.evaluation, config.data.resolution
     table = data.source.table if isinstance(data.source, IndexedBatches) else None
@@ -351,7 +417,7 @@ def build_checks(config: RunConfig, accelerator, data: TrainingData) -> Checks:
         validation=data.validation if accelerator.is_main_process else None,
         reference=reference,
         quality=quality,
-        embed=evaluation_embedder(data.conditioner, accelerator),
+        embed=evaluation_embedder(conditioner, accelerator),
         weighting=objective_for(config.diffusion).weighting,
         keep_best=evaluation.keep_best,
     )
@@ -451,9 +517,7 @@ def load_checkpoint(accelerator, checkpoint: Path) -> None:
         ) from error
 
 
-def prepare_models(
-    config: RunConfig, accelerator, text_encoder, data: TrainingData, length: LengthPlan, state, resume
-) -> PreparedModels:
+def prepare_models(config: RunConfig, accelerator, text_encoder, length: LengthPlan, state, resume) -> PreparedModels:
     """UNet, EMA, optimizer and the LR schedule over `length`, handed to accelerate and loaded from `resume` when
     given."""
     model, optim = config.model, config.optim
@@ -477,8 +541,7 @@ def prepare_models(
     if model.torch_compile:
         unet = torch.compile(unet)
     if model.train_text_encoder:
-        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)
-        data.conditioner.encoder = text_encoder  # the prepared (DDP) one: its gradients are synced
+        unet, text_encoder, optimizer = accelerator.prepare(unet, text_encoder, optimizer)  # the encoder: DDP's
     else:
         unet, optimizer = accelerator.prepare(unet, optimizer)
     # stepped by hand once per optimizer step: accelerate would step a prepared one per process
@@ -517,42 +580,31 @@ def setup_run(config: RunConfig) -> Run:
     accelerator = make_accelerator(config.optim, output)
     check_launch(accelerator)
     check_distributed_type(accelerator, config)
-    resume, state = open_state(config, accelerator)
-    set_seed(state.seed)
+    resume, saved = open_state(config, accelerator)
+    set_seed(saved.seed)
 
     logger.info("preparing %s and the text encoder %s", config.data.name, model.text_encoder_name_or_path)
     tokenizer, text_encoder = build_text_encoder(model.text_encoder_name_or_path, config.data.cache_dir)
     text_encoder.requires_grad_(model.train_text_encoder)
     freeze_what_last_hidden_state_skips(text_encoder)
     text_encoder.to(accelerator.device)
-    data = prepare_data(config, accelerator, state, tokenizer, text_encoder)
+    if config.data.streaming:
+        data = prepare_streamed_data(config, accelerator, saved, tokenizer)
+    else:
+        data = prepare_indexed_data(config, accelerator, saved, tokenizer, text_encoder)
+    state = starting_state(saved, data)
     length, plans_by_time = starting_length(config.optim, state, data.schedule.max_steps)
     warn_unplanned_schedule(config.optim)
-    models = prepare_models(config, accelerator, text_encoder, data, length, state, resume)
-    text_encoder = models.text_encoder
+    models = prepare_models(config, accelerator, text_encoder, length, state, resume)
+    conditioner = conditioner_for(config, data, tokenizer, models.text_encoder, accelerator.device)
     prompts = choose_validation_prompts(output.validation_prompts, data.captions, output.eval_batch_size, state.seed)
-    prompt_embeddings = None
-    if isinstance(data.conditioner, CachedEmbeddings):
-        prompt_embeddings = encode_grid_prompts(tokenizer, text_encoder, prompts, data)
+    prompt_embeddings, text_encoder = None, models.text_encoder
+    if isinstance(conditioner, CachedEmbeddings):
+        prompt_embeddings = encode_grid_prompts(tokenizer, text_encoder, prompts, data.text_max_length, conditioner)
         # training reads the cached table only: free the frozen encoder (~0.5 GB for CLIP-L), reloaded to save
         text_encoder = None
     noise_scheduler = build_noise_scheduler(config.diffusion)
-    trainer = Trainer(
-        accelerator=accelerator,
-        unet=models.unet,
-        text_encoder=text_encoder,
-        trains_text_encoder=model.train_text_encoder,
-        noise_scheduler=noise_scheduler,
-        optimizer=models.optimizer,
-        lr_scheduler=models.lr_scheduler,
-        ema=models.ema,
-        ema_offload=config.optim.ema_offload,
-        batches=data.batches,
-        conditioner=data.conditioner,
-        diffusion=config.diffusion,
-        max_grad_norm=config.optim.max_grad_norm,
-    )
-    trainer.captured = captured_step(config, trainer)
+    trainer = build_trainer(config, accelerator, models, text_encoder, noise_scheduler, data.batches, conditioner)
     outputs = Outputs(
         accelerator=accelerator,
         unet=models.unet,
@@ -572,21 +624,10 @@ def setup_run(config: RunConfig) -> Run:
         ),
         output_dir=output.output_dir,
         public_flags=config.public_flags | rates_used(models.learning_rates),
-        checks=build_checks(config, accelerator, data),
+        checks=build_checks(config, accelerator, data, conditioner),
     )
     planner = time_planner(config.optim, state, data.schedule, length, models, trainer) if plans_by_time else None
-    intervals = Intervals(
-        # until a plan by time is fixed, --num_epochs' count bounds the run
-        schedule=data.schedule if plans_by_time else dataclasses.replace(data.schedule, max_steps=length.steps),
-        logging_steps=output.logging_steps,
-        checkpointing_steps=output.checkpointing_steps,
-        grid_epochs=output.save_images_epochs,
-        export_epochs=output.save_model_epochs,
-        validation_steps=config.evaluation.validation_steps,
-        quality_steps=config.evaluation.eval_steps,
-        validates=exists(data.validation),
-        measures_quality=config.evaluation.measures_quality,
-    )
+    intervals = intervals_for(config, data, length, plans_by_time)
     return Run(
         accelerator=accelerator,
         trainer=trainer,
@@ -603,6 +644,77 @@ def setup_run(config: RunConfig) -> Run:
         ),
         length=length,
         planner=planner,
+    )
+
+
+def starting_state(saved: TrainState, data: TrainingData) -> TrainState:
+    """The loop state this session starts from: the saved one (or a fresh one), with what preparing the data
+    found: the rows that do not decode (a resumed run need not check them again), and whether the batches are
+    drawn on the device (a resumed run draws where it started)."""
+    found = {"data_on_device": isinstance(data.batches, ResidentBatches)}
+    if exists(data.unreadable_rows):
+        found |= {"unreadable_rows": data.unreadable_rows, "skipped_images": len(data.unreadable_rows)}
+    return dataclasses.replace(saved, **found)
+
+
+def conditioner_for(
+    config: RunConfig, data: TrainingData, tokenizer, text_encoder, device: torch.device
+) -> CachedEmbeddings | LiveEncoder:
+    """The captions' cached embeddings, or the encoder run per batch: as accelerate prepared it, when it trains
+    (its gradients are synced then)."""
+    if exists(data.embeddings):
+        return data.embeddings
+    return LiveEncoder(
+        tokenizer=tokenizer,
+        encoder=text_encoder,
+        max_length=data.text_max_length,
+        trains=config.model.train_text_encoder,
+        device=device,
+    )
+
+
+def build_trainer(
+    config: RunConfig,
+    accelerator,
+    models: PreparedModels,
+    text_encoder,
+    noise_scheduler,
+    batches: MicroBatches,
+    conditioner: CachedEmbeddings | LiveEncoder,
+) -> Trainer:
+    """The Trainer over the prepared models and the data's micro-batches, with its --cuda_graphs step if any."""
+    objective = objective_for(config.diffusion)
+    return Trainer(
+        accelerator=accelerator,
+        unet=models.unet,
+        text_encoder=text_encoder,
+        trains_text_encoder=config.model.train_text_encoder,
+        noise_scheduler=noise_scheduler,
+        optimizer=models.optimizer,
+        lr_scheduler=models.lr_scheduler,
+        ema=models.ema,
+        ema_offload=config.optim.ema_offload,
+        batches=batches,
+        conditioner=conditioner,
+        objective=objective,
+        max_grad_norm=config.optim.max_grad_norm,
+        captured=captured_step(config, accelerator, models, noise_scheduler, objective, batches, conditioner),
+    )
+
+
+def intervals_for(config: RunConfig, data: TrainingData, length: LengthPlan, plans_by_time: bool) -> Intervals:
+    output = config.output
+    return Intervals(
+        # until a plan by time is fixed, --num_epochs' count bounds the run
+        schedule=data.schedule if plans_by_time else dataclasses.replace(data.schedule, max_steps=length.steps),
+        logging_steps=output.logging_steps,
+        checkpointing_steps=output.checkpointing_steps,
+        grid_epochs=output.save_images_epochs,
+        export_epochs=output.save_model_epochs,
+        validation_steps=config.evaluation.validation_steps,
+        quality_steps=config.evaluation.eval_steps,
+        validates=exists(data.validation),
+        measures_quality=config.evaluation.measures_quality,
     )
 
 
@@ -647,23 +759,42 @@ def describe_steps(schedule: Schedule, length: LengthPlan, planner: TimePlanner 
     )
 
 
-def captured_step(config: RunConfig, trainer: Trainer) -> CapturedStep | None:
+def captured_step(
+    config: RunConfig,
+    accelerator,
+    models: PreparedModels,
+    noise_scheduler,
+    objective: DiffusionObjective,
+    batches: MicroBatches,
+    conditioner: CachedEmbeddings | LiveEncoder,
+) -> CapturedStep | None:
     """--cuda_graphs: the trainer's step as one CUDA graph, or None (eager) with the reason in one line."""
     if not config.model.cuda_graphs:
         return None
-    why_not = why_not_captured(config, trainer.accelerator)
+    why_not = why_not_captured(config, accelerator)
     if exists(why_not):
         logger.warning("--cuda_graphs: training eagerly, because %s", why_not)
         return None
     logger.info("--cuda_graphs: each step is one CUDA graph, captured after %d eager steps", EAGER_STEPS_BEFORE_CAPTURE)
-    return CapturedStep(device_step_for(trainer))
+    device_step = device_step_for(
+        unet=models.unet,
+        noise_scheduler=noise_scheduler,
+        objective=objective,
+        optimizer=models.optimizer,
+        ema=models.ema,
+        max_grad_norm=config.optim.max_grad_norm,
+        mixed_precision=accelerator.mixed_precision,
+        batches=batches,
+        embed=conditioner.embed,
+    )
+    return CapturedStep(device_step)
 
 
-def encode_grid_prompts(tokenizer, text_encoder, prompts: list[str], data: TrainingData):
+def encode_grid_prompts(tokenizer, text_encoder, prompts: list[str], max_length: int, conditioner: CachedEmbeddings):
     """The grids' fixed prompts and the empty caption, encoded now so the frozen encoder can be freed."""
     with torch.no_grad():
-        prompt_embeddings = encode_text(tokenizer, text_encoder, prompts, data.text_max_length).float()
-    return prompt_embeddings, data.conditioner.embed([""])
+        prompt_embeddings = encode_text(tokenizer, text_encoder, prompts, max_length).float()
+    return prompt_embeddings, conditioner.embed([""])
 
 
 def run_plan(flags: DataConfig, data: TrainingData, trainer: Trainer, models: PreparedModels, steps: str) -> str:

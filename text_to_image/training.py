@@ -16,15 +16,14 @@ import torch
 from text_to_image.batches import MicroBatches
 from text_to_image.captured import CapturedStep
 from text_to_image.checkpoints import StopRequest, TrainState, check_finite_loss, save_checkpoint
-from text_to_image.common import UserError, exists, unwrap
+from text_to_image.common import exists, unwrap
 from text_to_image.config import (
     SCHEDULES_PLANNED_BY_TIME,
     WARMUP_STABLE_DECAY,
-    DiffusionConfig,
     OptimConfig,
 )
 from text_to_image.evaluation import BEST_DIR, Due
-from text_to_image.loss import StepLoss, bucket_names, objective_for
+from text_to_image.loss import DiffusionObjective, StepLoss, bucket_names
 from text_to_image.metrics import SUMMARY
 from text_to_image.models import CachedEmbeddings, LiveEncoder
 from text_to_image.optimization import WarmupStableDecay, decay_start
@@ -53,24 +52,6 @@ class Schedule:
     def crosses(self, step: int, every_epochs: int) -> bool:
         """True when optimizer step `step` completes a multiple of `every_epochs` epochs."""
         return self.epoch_of(step) // every_epochs > self.epoch_of(step - 1) // every_epochs
-
-
-def plan_schedule(
-    num_rows: int, *, batch_size: int, num_processes: int, accumulation: int, max_steps: int | None, num_epochs: int
-) -> Schedule:
-    global_batch = batch_size * num_processes
-    batches_per_epoch = num_rows // global_batch
-    if batches_per_epoch == 0:
-        raise UserError(
-            f"the dataset has {num_rows} usable images, fewer than one batch of {global_batch} (--train_batch_size {batch_size} x {num_processes} processes); lower --train_batch_size"
-        )
-    max_steps = max_steps or math.ceil(num_epochs * batches_per_epoch / accumulation)
-    return Schedule(batches_per_epoch, accumulation, max_steps)
-
-
-def stream_schedule(*, checkpointing_steps: int, accumulation: int, max_steps: int) -> Schedule:
-    """A stream has no length: --max_train_steps sets the run, and an 'epoch' is --checkpointing_steps steps."""
-    return Schedule(checkpointing_steps * accumulation, accumulation, max_steps)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -243,19 +224,19 @@ class Trainer:
         ema_offload: bool,
         batches: MicroBatches,
         conditioner: CachedEmbeddings | LiveEncoder,
-        diffusion: DiffusionConfig,
+        objective: DiffusionObjective,
         max_grad_norm: float,
+        captured: CapturedStep | None = None,
     ):
         self.accelerator, self.unet, self.text_encoder = accelerator, unet, text_encoder
         self.trained = (unet, text_encoder) if trains_text_encoder else (unet,)
         self.noise_scheduler, self.optimizer, self.lr_scheduler = noise_scheduler, optimizer, lr_scheduler
         self.ema, self.ema_offload = ema, ema_offload
         self.batches, self.conditioner = batches, conditioner  # batches: drawn on the host or the device
-        self.objective = objective_for(diffusion)
-        self.max_grad_norm = max_grad_norm
+        self.objective, self.max_grad_norm = objective, max_grad_norm
         self.shard = batches.shard
         self.accumulation = accelerator.gradient_accumulation_steps
-        self.captured: CapturedStep | None = None  # --cuda_graphs: the step replayed from one capture
+        self.captured = captured  # --cuda_graphs: the step replayed from one capture
 
     def micro_indices(self, step: int) -> range:
         """The micro-batches of optimizer step `step` + 1."""
