@@ -647,20 +647,10 @@ def record_once(run):
 def graphed_ops(run, steps: int) -> tuple[int, int, float]:
     """--cuda_graphs over --data_on_device: ops in one captured step (the kernels a replay launches at once),
     and the ops and median host ms the host still spends per step around the replay."""
-    from text_to_image.captured import EAGER_STEPS_BEFORE_CAPTURE, CapturedStep, device_step_for
+    from text_to_image.captured import EAGER_STEPS_BEFORE_CAPTURE, CapturedStep, device_step_of
 
     trainer = run.trainer
-    device_step = device_step_for(
-        unet=trainer.unet,
-        noise_scheduler=trainer.noise_scheduler,
-        objective=trainer.objective,
-        optimizer=trainer.optimizer,
-        ema=trainer.ema,
-        max_grad_norm=trainer.max_grad_norm,
-        mixed_precision=run.accelerator.mixed_precision,
-        batches=trainer.batches,
-        embed=trainer.conditioner.embed,
-    )
+    device_step = device_step_of(trainer)
     with OpCounter() as in_graph:
         device_step(device_step.inputs(trainer.micro_indices(run.state.step)))
     trainer.captured = CapturedStep(device_step, capture=record_once)

@@ -13,7 +13,7 @@ import torch
 from conftest import assert_same_tensors, resume_from_the_checkpoint_before, run_ok, train_argv
 from safetensors.torch import load_file
 
-from text_to_image.captured import CapturedStep, DeviceFeed, device_step_for, why_not_captured
+from text_to_image.captured import CapturedStep, DeviceFeed, device_step_of, why_not_captured
 from text_to_image.config import DiffusionConfig, RunConfig, parse_args
 from text_to_image.data import Shard
 from text_to_image.loss import diffusion_losses, objective_for, timestep_buckets
@@ -57,21 +57,6 @@ def argv(tiny_imagefolder, tiny_text_encoder_dir, tiny_unet_config_file, tmp_pat
     return make
 
 
-def device_step_of(trainer):
-    """A --cuda_graphs step over an eager run's trainer: its UNet, optimizer, EMA and micro-batches."""
-    return device_step_for(
-        unet=trainer.unet,
-        noise_scheduler=trainer.noise_scheduler,
-        objective=trainer.objective,
-        optimizer=trainer.optimizer,
-        ema=trainer.ema,
-        max_grad_norm=trainer.max_grad_norm,
-        mixed_precision=trainer.accelerator.mixed_precision,
-        batches=trainer.batches,
-        embed=trainer.conditioner.embed,
-    )
-
-
 ON_DEVICE = ("--data_on_device", "yes", "--augment_prob", "0.5", "--gradient_accumulation_steps", "2")
 
 
@@ -89,7 +74,7 @@ def test_the_device_step_traces_whole_and_trains_the_eager_steps_weights(argv, m
     compiled = torch.compile(device_step, fullgraph=True, backend="aot_eager")
     traced_losses = []
     for step in range(3):
-        inputs = device_step.inputs(range(step, step + 1))
+        inputs = device_step.inputs(trainer.micro_indices(step))
         device_step.set_scalars()
         traced_losses.append(compiled(inputs).loss)
         trainer.lr_scheduler.step()

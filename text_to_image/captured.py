@@ -324,6 +324,22 @@ def device_step_for(
     )
 
 
+def device_step_of(trainer) -> DeviceStep:
+    """The DeviceStep over an eager training.Trainer's parts: what the benchmark and the tests trace or time beside
+    the eager step (a run with --cuda_graphs builds its own in setup)."""
+    return device_step_for(
+        unet=trainer.unet,
+        noise_scheduler=trainer.noise_scheduler,
+        objective=trainer.objective,
+        optimizer=trainer.optimizer,
+        ema=trainer.ema,
+        max_grad_norm=trainer.max_grad_norm,
+        mixed_precision=trainer.accelerator.mixed_precision,
+        batches=trainer.batches,
+        embed=trainer.conditioner.embed,
+    )
+
+
 Capture = Callable[[Callable[[], StepOutputs]], Callable[[], StepOutputs]]
 
 
