@@ -5,12 +5,17 @@ meant it, or refused in one line that names the file or flag and the fix."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
-from conftest import run_error
+from conftest import run_error, write_imagefolder
 
-from text_to_image.config import RunConfig, parse_args
+from text_to_image.common import UserError
+from text_to_image.config import DataConfig, RunConfig, parse_args
+from text_to_image.data import caption_cell_to_list, read_image_table
+from text_to_image.models import load_unet_config
+from text_to_image.outputs import choose_validation_prompts
 
 WINDOWS_BOM = b"\xef\xbb\xbf"  # what Notepad and Excel's "CSV UTF-8" put before the first character
 
@@ -153,3 +158,72 @@ def test_the_quickstart_config_reads_as_before():
     assert (args.learning_rate, args.max_train_steps, args.max_train_time) == (0.002, 1600, "15m")
     assert (args.guidance_scale, args.logger, len(args.validation_prompts)) == (3.0, "tensorboard", 8)
     assert args.validation_prompts[0] == "a large red circle"
+
+
+# ---------------------------------------------------------------------------------------------
+# Text files saved by Windows editors: a byte-order mark and CRLF line ends
+
+
+def table_of(folder: Path):
+    return read_image_table(DataConfig(train_data_dir=str(folder), resolution=16), None, show_progress=False)
+
+
+def test_txt_captions_saved_by_a_windows_editor_carry_no_byte_order_mark_or_carriage_return(tmp_path):
+    data = write_imagefolder(tmp_path / "data", count=4)
+    (data / "metadata.jsonl").unlink()
+    for index, caption in enumerate(["a red square", "a green square", "a blue square", "a yellow square"]):
+        (data / f"{index:03d}.txt").write_bytes(windows_text(f"{caption}\n"))
+    captions = [options[0] for options in table_of(data).caption_options]
+    assert captions == ["a red square", "a green square", "a blue square", "a yellow square"]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_metadata_saved_by_a_windows_editor_gives_clean_captions(tmp_path, kind):
+    data = write_imagefolder(tmp_path / "data", count=4)
+    rows = [json.loads(line) for line in (data / "metadata.jsonl").read_text().splitlines()]
+    (data / "metadata.jsonl").unlink()
+    text = (
+        "".join(json.dumps(row) + "\n" for row in rows)
+        if kind == "jsonl"
+        else "file_name,text\n" + "".join(f"{row['file_name']},{row['text']}\n" for row in rows)
+    )
+    (data / f"metadata.{kind}").write_bytes(windows_text(text))
+    captions = [options[0] for options in table_of(data).caption_options]
+    assert captions == ["a red square", "a green square", "a blue square", "a yellow square"]
+
+
+def test_a_bad_row_of_a_windows_metadata_jsonl_is_named_by_its_line(tmp_path):
+    data = write_imagefolder(tmp_path / "data", count=4)
+    lines = (data / "metadata.jsonl").read_text().splitlines()
+    lines[2] = json.dumps({"file_name": "002.png", "text": 7})
+    (data / "metadata.jsonl").write_bytes(windows_text("\n".join(lines) + "\n"))
+    with pytest.raises(UserError, match=re.escape('metadata.jsonl line 3: the caption column "text" holds 7')):
+        table_of(data)
+
+
+def test_caption_cells_lose_byte_order_marks_and_carriage_returns():
+    """Whatever table a caption comes from (a Hub dataset, a CSV cell, a shard's .txt), it is trained as written."""
+    assert caption_cell_to_list("\ufeffa red circle\r\n", 0, "text") == ["a red circle"]
+    assert caption_cell_to_list("a red circle,\r\nsmall\rcentred", 0, "text") == ["a red circle,\nsmall\ncentred"]
+    assert caption_cell_to_list(["\ufeffa cat\r", "a dog"], 0, "text") == ["a cat", "a dog"]
+
+
+def test_a_validation_prompts_file_saved_by_a_windows_editor_gives_clean_prompts(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(windows_text("a yellow circle\n\n  a green square  \n"))
+    assert choose_validation_prompts([str(prompts)], ["", "x"], 4, 0) == ["a yellow circle", "a green square"]
+
+
+def test_a_unet_config_saved_by_a_windows_editor_is_read(tmp_path, tiny_unet_config_file):
+    config = tmp_path / "config.json"
+    config.write_bytes(windows_text(json.dumps(json.loads(tiny_unet_config_file.read_text()), indent=1)))
+    assert load_unet_config(str(config), 16) == json.loads(tiny_unet_config_file.read_text())
+
+
+def test_the_text_encoder_example_reads_windows_caption_files(tmp_path):
+    from make_text_encoder import read_captions
+
+    (tmp_path / "metadata.jsonl").write_bytes(windows_text('{"text": "a cat"}\n{"text": ["a dog", "a pup"]}\n'))
+    (tmp_path / "captions.txt").write_bytes(windows_text("a cat\na dog\n"))
+    assert read_captions(tmp_path / "metadata.jsonl", "text") == ["a cat", "a dog", "a pup"]
+    assert read_captions(tmp_path / "captions.txt", "text") == ["a cat", "a dog"]

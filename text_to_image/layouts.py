@@ -44,7 +44,7 @@ def metadata_has_rows(path: Path) -> bool:
     """A metadata.jsonl with a line, a metadata.csv with a line after its header (other formats: assumed)."""
     if path.suffix not in (".jsonl", ".csv"):
         return True
-    with open(path, encoding="utf-8", errors="replace") as lines:
+    with open(path, encoding="utf-8-sig", errors="replace") as lines:
         filled = (line for line in lines if line.strip())
         return next(filled, None) is not None and (path.suffix == ".jsonl" or next(filled, None) is not None)
 
@@ -54,7 +54,7 @@ def first_bad_caption_row(metadata: list[Path], column: str) -> str | None:
     pyarrow reads a column as one type; a caption written as a number, or a list among strings, breaks it."""
     for path in (path for path in metadata if path.suffix == ".jsonl"):
         kinds = set()
-        with open(path, encoding="utf-8", errors="replace") as lines:
+        with open(path, encoding="utf-8-sig", errors="replace") as lines:
             for number, line in enumerate(lines, 1):
                 if not line.strip():
                     continue
@@ -165,7 +165,7 @@ def warn_unused_caption_template(config: DataConfig, why: str) -> None:
 def read_caption_file(path: Path) -> str | None:
     """The caption in `path`, or None when there is no such file."""
     try:
-        return path.read_text(encoding="utf-8").strip()
+        return path.read_text(encoding="utf-8-sig").strip()  # a byte-order mark is no part of the caption
     except FileNotFoundError:
         return None
     except UnicodeDecodeError as error:
