@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import glob
 import json
 import logging
 import os
@@ -71,6 +72,12 @@ class FlagGroup:
         return cls(**{item.name: getattr(args, item.name) for item in dataclasses.fields(cls)})
 
 
+def names_a_folder_or_shards(name: str) -> bool:
+    """A folder, a .tar file or a glob (of WebDataset shards: layouts.shard_files reads which)."""
+    path = Path(name).expanduser()
+    return path.is_dir() or (path.is_file() and path.suffix == ".tar") or glob.has_magic(name)
+
+
 def require_at_least(minimum: int, **flags: int) -> None:
     for name, value in flags.items():
         if value < minimum:
@@ -107,8 +114,8 @@ class DataConfig(FlagGroup):
         None,
         "A folder of images with their captions: in a metadata.jsonl or metadata.csv (an imagefolder), in a .txt"
         " of the same name beside each image (nested folders too), or, with neither, the name of the folder each"
-        " image sits in (class folders: cat/0001.png, dog/0002.png; see --caption_template). A folder of WebDataset"
-        " .tar shards works too (see --dataset_name).",
+        " image sits in (class folders: cat/0001.png, dog/0002.png; see --caption_template). WebDataset .tar shards"
+        " work too: one, a glob in quotes or a folder of them (see --dataset_name).",
     )
     caption_template: str = flag(
         DEFAULT_CAPTION_TEMPLATE,
@@ -230,8 +237,8 @@ class DataConfig(FlagGroup):
     def __post_init__(self):
         if not exists(self.dataset_name) and not exists(self.train_data_dir):
             raise UserError("no data: pass --train_data_dir FOLDER (imagefolder) or --dataset_name NAME_OR_PATH")
-        if exists(self.train_data_dir) and not Path(self.train_data_dir).is_dir():
-            raise UserError(f"--train_data_dir {self.train_data_dir} is not a folder")
+        if exists(self.train_data_dir) and not names_a_folder_or_shards(self.train_data_dir):
+            raise UserError(f"--train_data_dir {self.train_data_dir} is not a folder, a .tar shard or a glob of them")
         require_at_least(1, resolution=self.resolution, train_batch_size=self.train_batch_size)
         require_at_least(0, dataloader_num_workers=self.dataloader_num_workers)
         if self.streaming:

@@ -93,7 +93,12 @@ def open_image(source):
         if source.get("bytes"):
             return Image.open(io.BytesIO(source["bytes"]))
         if source.get("path"):
-            return Image.open(source["path"])
+            try:
+                return Image.open(source["path"])
+            except OSError:
+                if Path(source["path"]).parent.is_file():  # SHARD.tar/KEY: layouts.SampleReader's imageless sample
+                    raise ValueError("the WebDataset sample has no image (.png, .jpg, .webp, ...)") from None
+                raise
     raise ValueError(f"unreadable image cell {describe_source(source)}")
 
 
