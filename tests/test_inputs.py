@@ -51,6 +51,7 @@ def test_config_yaml_values_are_read_as_written_on_the_command_line(tmp_path):
         "center_crop: off\n"
         "random_flip: yes\n"
         "seed: ~\n"
+        "eval_steps: 9007199254740993\n"  # 2**53 + 1: no float on the way
         "keep_best:\n",
     )
     assert args.mixed_precision == "no" and args.data_on_device == "yes"
@@ -58,7 +59,7 @@ def test_config_yaml_values_are_read_as_written_on_the_command_line(tmp_path):
     assert (args.learning_rate, args.max_train_steps, args.resolution) == (1e-4, 10000, 32)
     assert args.output_dir == Path("2024")
     assert (args.train_text_encoder, args.center_crop, args.random_flip) == (True, False, True)
-    assert args.seed is None and args.keep_best is None
+    assert args.seed is None and args.keep_best is None and args.eval_steps == 2**53 + 1
     config = RunConfig.from_args(args)
     assert config.optim.max_train_seconds == 3600 and config.optim.mixed_precision == "no"
 

@@ -1005,11 +1005,19 @@ def flag_text_value(value, action: argparse.Action):
             raise ValueError(text)
         return text
     if action.type is int:
-        number = float(text)  # "1e4" and "32.0" are whole numbers too
-        if not number.is_integer():
-            raise ValueError(text)
-        return int(number)
+        return whole_number(text)
     return action.type(text) if exists(action.type) else text
+
+
+def whole_number(text: str) -> int:
+    """ "1e4" and "32.0" are whole numbers too, as YAML writers mean them (argparse's int takes neither)."""
+    try:
+        return int(text)
+    except ValueError:
+        number = float(text)
+        if not number.is_integer():
+            raise
+        return int(number)
 
 
 def as_flag_text(value, action: argparse.Action) -> str:
