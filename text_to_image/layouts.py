@@ -343,7 +343,7 @@ def webdataset_key(member: tarfile.TarInfo) -> tuple[str, str] | None:
     path up to the first dot of the file name, the field the rest (a.b.txt: key a, field b.txt); None for a
     folder, a hidden file or a name without a dot, which are no sample's."""
     folder, _, name = member.name.rpartition("/")
-    if not member.isreg() or name.startswith((".", "__")) or "." not in name.lstrip("."):
+    if not member.isreg() or name.startswith((".", "__")) or "." not in name:
         return None
     stem, _, field = name.partition(".")
     return (f"{folder}/{stem}" if folder else stem), field
@@ -398,11 +398,11 @@ class SampleReader:
     def row(self, shard: Path, key: str, files: dict[str, bytes]) -> dict:
         """The sample's image cell ({bytes, path}; no bytes when it has no image) and its captions (or None)."""
         image = self.image_field(shard, key, files)
-        cell = {"bytes": files[image], "path": f"{shard}/{key}.{image}"} if exists(image) else None
-        return {
-            self.image_column: cell or {"bytes": None, "path": f"{shard}/{key}"},  # data names it when skipped
-            self.caption_column: self.captions(shard, key, files),
-        }
+        if exists(image):
+            cell = {"bytes": files[image], "path": f"{shard}/{key}.{image}"}
+        else:  # data.open_image knows SHARD.tar/KEY for what it is, and the skipped sample is named so
+            cell = {"bytes": None, "path": f"{shard}/{key}"}
+        return {self.image_column: cell, self.caption_column: self.captions(shard, key, files)}
 
     def image_field(self, shard: Path, key: str, files: dict[str, bytes]) -> str | None:
         if self.image_column in files:
@@ -425,8 +425,7 @@ class SampleReader:
             field = self.caption_column if self.caption_column in files else ("txt" if "txt" in texts else texts[0])
             return [self.text(shard, f"{key}.{field}", files[field])]
         record = next((self.record(shard, key, field, files) for field in files if extension(field) == ".json"), {})
-        key_found = next((name for name in (self.caption_column, *JSON_CAPTION_KEYS) if name in record), None)
-        value = record.get(key_found) if exists(key_found) else None
+        value = next((record[name] for name in (self.caption_column, *JSON_CAPTION_KEYS) if name in record), None)
         if value is None:
             return None
         return [str(text) for text in value if text is not None] if isinstance(value, list) else [str(value)]
@@ -458,11 +457,10 @@ class SampleReader:
                 f"{self.where}: the shards' samples hold no image ({found}); each needs a .png, .jpg or .webp"
             )
         if rows and not any(exists(row[self.caption_column]) for row in rows):
-            json_fields = [
-                (key, field, files) for key, files in samples for field in files if extension(field) == ".json"
-            ]
-            keys = list(self.record(shard, *json_fields[0])) if json_fields else []
+            records = ((key, field, files) for key, files in samples for field in files if extension(field) == ".json")
+            first_record = next(records, None)
+            keys = f"; .json keys: {', '.join(self.record(shard, *first_record))}" if exists(first_record) else ""
             raise UserError(
-                f"{self.where}: the shards' samples hold no caption ({found}{'; .json keys: ' + ', '.join(keys) if keys else ''});"
-                f' give each a .txt, or a .json with a "caption" key, or name its key with --caption_column'
+                f"{self.where}: the shards' samples hold no caption ({found}{keys}); give each a .txt, or a .json"
+                ' with a "caption" key, or name its key with --caption_column'
             )
