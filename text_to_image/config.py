@@ -64,6 +64,16 @@ def flag(default, help: str, *, secret: bool = False, **argparse_options) -> dat
     return field(default=default, repr=not secret, metadata={"help": help, **argparse_options})
 
 
+class ExtendList(argparse.Action):
+    """A list flag given either way, `--NAME a b` or `--NAME a --NAME b`: each use adds to the list, except that
+    the first on the command line replaces the default (a --config file's list: the command line wins)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest, None)
+        given = [] if current is self.default or current is None else list(current)
+        setattr(namespace, self.dest, given + list(values))
+
+
 class FlagGroup:
     """A config whose fields are flags: built from the parsed flags, checked in `__post_init__`."""
 
@@ -659,7 +669,9 @@ class OutputConfig(FlagGroup):
     )
     validation_prompts: list[str] | None = flag(
         None,
-        "Prompts for the grids, or one text file with a prompt a line (default: captions drawn from the dataset).",
+        "Prompts for the grids (--validation_prompts 'a cat' 'a dog', or the flag once per prompt), or one text"
+        " file with a prompt a line (default: captions drawn from the dataset).",
+        action=ExtendList,
     )
     eval_batch_size: int = flag(
         16,
