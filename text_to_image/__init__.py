@@ -2,6 +2,7 @@
 
     metrics       each evaluation metric named once
     config        each flag declared once, in the frozen config of its group; --config YAML
+    run_config    OUTPUT_DIR/run_config.yaml: the flags as the run resolved them, to read back and repeat
     data          image tables, decoding, unreadable images, the batch sources and their resume contract
     batches       a micro-batch's random draws: captions, crop/flip, augmentation
     models        text encoder and caption cache, UNet, noise scheduler

@@ -892,7 +892,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a text-to-image diffusion model (diffusers UNet2DConditionModel, pixel space).",
     )
     parser.add_argument(
-        "--config", type=Path, help="YAML or JSON file of flag values (keys are flag names); command-line flags win."
+        "--config",
+        type=Path,
+        help="YAML or JSON file of flag values (keys are flag names); command-line flags win. A run's own"
+        " OUTPUT_DIR/run_config.yaml repeats it: --config OUTPUT_DIR/run_config.yaml --output_dir ANOTHER_DIR.",
+    )
+    parser.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="Set the run up (data, captions, models), print its plan and its run_config.yaml, and stop before the"
+        " first step: nothing trained, no checkpoint or pipeline written.",
     )
     for name, spelling in EXTRA_NEGATIONS.items():
         parser.add_argument(spelling, dest=name, action="store_false", help=argparse.SUPPRESS)

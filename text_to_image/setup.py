@@ -86,6 +86,14 @@ from text_to_image.resident import (
     too_big_for,
     why_not_on_device,
 )
+from text_to_image.run_config import (
+    Choice,
+    caption_length_choice,
+    learning_rate_choices,
+    on_device_choice,
+    precision_choice,
+    seed_choice,
+)
 from text_to_image.training import (
     PLAN_SKIPPED_STEPS,
     PLAN_TIMED_SECONDS,
@@ -182,6 +190,7 @@ class TrainingData:
     validation: ValidationSet | None  # held-out images, out of the batches
     resident: ResidentBatches | None = None  # --data_on_device: the batches drawn and gathered on the device
     caption_cut: CaptionCut | None = None  # what padding to text_max_length cuts; None for a stream (not known)
+    on_device_choice: Choice | None = None  # what --data_on_device auto chose and why (run_config.yaml)
 
 
 def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, text_encoder) -> TrainingData:
@@ -251,6 +260,7 @@ def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, t
                 tokenizer, text_encoder, cached, text_max_length, cache_file, accelerator.device
             )
         conditioner = CachedEmbeddings(cached, embeddings, accelerator.device)
+    resident, on_device = resident_batches(config, state, batches, conditioner, accelerator)
     return TrainingData(
         batches=batches,
         conditioner=conditioner,
@@ -258,8 +268,9 @@ def prepare_data(config: RunConfig, accelerator, state: TrainState, tokenizer, t
         text_max_length=text_max_length,
         schedule=schedule,
         validation=validation,
-        resident=resident_batches(config, state, batches, conditioner, accelerator),
+        resident=resident,
         caption_cut=cut,
+        on_device_choice=on_device,
     )
 
 
@@ -275,9 +286,9 @@ def fit_captions(tokenizer, shown: list[str], requested: int | None) -> tuple[in
 
 def resident_batches(
     config: RunConfig, state: TrainState, batches: BatchSource, conditioner, accelerator
-) -> ResidentBatches | None:
+) -> tuple[ResidentBatches | None, Choice | None]:
     """--data_on_device: the batches drawn and gathered on the device, or None (the host path); recorded in the
-    state, so that a resumed run draws where it started."""
+    state, so that a resumed run draws where it started. With what auto chose, and why."""
     table, device = batches.table if isinstance(batches, IndexedBatches) else None, accelerator.device
     why_not = why_not_on_device(table, conditioner, config.data.resolution)
     if not exists(why_not):
@@ -287,9 +298,11 @@ def resident_batches(
         why_not = why_not or (None if bool(fits.all()) else "it does not fit on another process's GPU")
     recorded = state.data_on_device if state.step > 0 else None
     state.data_on_device = choose_on_device(config.data.data_on_device, recorded, why_not, device)
+    choice = on_device_choice(config.data.data_on_device, state.data_on_device, why_not, recorded, device.type)
     if not state.data_on_device:
-        return None
-    return move_to_device(table, conditioner, batches, config.data, config.diffusion.conditioning_dropout_prob)
+        return None, choice
+    dropout = config.diffusion.conditioning_dropout_prob
+    return move_to_device(table, conditioner, batches, config.data, dropout), choice
 
 
 def read_validation_folder(data: DataConfig, folder: str, show_progress: bool) -> ValidationSet:
@@ -595,7 +608,26 @@ def setup_run(config: RunConfig) -> Run:
         ),
         length=length,
         planner=planner,
+        choices=automatic_choices(config, accelerator, resume, state, data, models.learning_rates),
     )
+
+
+def automatic_choices(
+    config: RunConfig, accelerator, resume: Path | None, state: TrainState, data: TrainingData, rates: LearningRates
+) -> dict[str, Choice]:
+    """The flags this run chose itself, by name: its choice and what made it (for run_config.yaml)."""
+    optim = config.optim
+    choices = {
+        "seed": seed_choice(optim.seed, state.seed, resume),
+        "mixed_precision": precision_choice(optim.mixed_precision, accelerator.mixed_precision),
+        "data_on_device": data.on_device_choice,
+        "caption_max_length": caption_length_choice(
+            config.data.caption_max_length, data.text_max_length, config.data.streaming
+        ),
+    }
+    encoder_rate = optim.text_encoder_learning_rate if config.model.train_text_encoder else None
+    rate_choices = learning_rate_choices(optim.learning_rate, encoder_rate, rates.unet, rates.text_encoder, rates.why)
+    return {name: choice for name, choice in choices.items() if exists(choice)} | rate_choices
 
 
 def warn_unplanned_schedule(optim: OptimConfig) -> None:
