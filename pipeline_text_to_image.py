@@ -526,7 +526,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="Torch device; default cuda if available, else cpu.")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="Weights dtype; default as saved.")
     # Prompts
-    parser.add_argument("--prompt", action="append", required=True, help="A prompt; repeat the flag for more rows.")
+    parser.add_argument(
+        "--prompt",
+        action="extend",
+        nargs="+",
+        required=True,
+        help="Prompts, a row each: --prompt 'a red circle' 'a blue square', or the flag once per prompt.",
+    )
     parser.add_argument("--negative_prompt", default=None, help="Steer away from this text (replaces the '' prompt).")
     parser.add_argument("--num_images_per_prompt", type=int, default=4, help="Images generated for each prompt.")
     # Sampling

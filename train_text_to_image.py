@@ -7,7 +7,9 @@ One GPU, a notebook cell, a laptop CPU or many GPUs:
     python train_text_to_image.py --dataset_name diffusers/pokemon-gpt4-captions --output_dir out
     accelerate launch --multi_gpu --num_processes 4 train_text_to_image.py ...
 
-Resume an interrupted run with the same command plus `--resume_from_checkpoint latest`.
+Resume an interrupted run with the same command plus `--resume_from_checkpoint latest`. Every run writes
+OUTPUT_DIR/run_config.yaml, its flags as it resolved them: `--config OUTPUT_DIR/run_config.yaml --output_dir
+ANOTHER_DIR` repeats it, and `--dry_run` prints it and the run plan without training.
 The finished `--output_dir` is a diffusers pipeline: see pipeline_text_to_image.py.
 """
 
@@ -24,6 +26,7 @@ from text_to_image.common import UserError, is_main_process
 from text_to_image.config import RunConfig, parse_args
 from text_to_image.evaluation import BEST_DIR
 from text_to_image.outputs import push_to_hub, tracker_config
+from text_to_image.run_config import RUN_CONFIG_FILE, recorded_flags, run_config_text, write_run_config
 from text_to_image.setup import setup_run
 from text_to_image.training import summary_line, train
 
@@ -35,10 +38,18 @@ def run_training(args: argparse.Namespace) -> int:
     output = config.output
     check_output_dir(output)
     output.output_dir.mkdir(parents=True, exist_ok=True)
+    flags = recorded_flags(args)
+    if is_main_process():  # before setup, so that a run that fails in it still says what it was
+        write_run_config(output.output_dir, run_config_text(flags, {}, complete=False))
     stop = StopRequest(config.optim.max_train_seconds)
     stop.install()  # from here a SIGTERM/SIGINT ends the run cleanly, during setup too
     try:
         run = setup_run(config)
+        run_config = run_config_text(flags, run.choices, complete=True)
+        if run.accelerator.is_main_process:
+            write_run_config(output.output_dir, run_config)
+        if args.dry_run:
+            return report_dry_run(run, run_config, output.output_dir)
         stop.start(run.state.step)
         if run.accelerator.is_main_process:
             for stale in output.output_dir.glob(".checkpoint-*.tmp"):
@@ -73,6 +84,18 @@ def run_training(args: argparse.Namespace) -> int:
         return 0
     if output.push_to_hub and run.accelerator.is_main_process:
         print(f"uploaded to https://huggingface.co/{push_to_hub(output, run.state.step)}")
+    return 0
+
+
+def report_dry_run(run, run_config: str, output_dir) -> int:
+    """--dry_run: the plan and run_config.yaml, printed by the main process; no step taken."""
+    if run.accelerator.is_main_process:
+        path = output_dir / RUN_CONFIG_FILE
+        print(f"run plan: {run.plan}\n\n{path}:\n{run_config}", flush=True)
+        print(
+            f"dry run: stopped before the first step (no checkpoint, no pipeline); train it with --config {path}",
+            flush=True,
+        )
     return 0
 
 

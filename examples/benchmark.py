@@ -490,17 +490,18 @@ def training_flops_per_image(unet, pixels, timesteps, text) -> float:
     return counter.get_total_flops() / len(pixels)
 
 
-def model_size_rows(resolution: int, text_width: int, batch: int, steps: int, precision: str, peak: float | None):
+def model_size_rows(
+    resolution: int, text_width: int, batch: int, steps: int, precision: str, peak: float | None, sizes: list[str]
+):
     """Parameters, training img/s (forward + backward + AdamW), FLOPs per image, achieved FLOP/s and MFU."""
     import torch
 
-    from text_to_image.config import MODEL_SIZES
     from text_to_image.models import build_unet
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     rows = []
-    for size in MODEL_SIZES:
+    for size in sizes:
         unet = build_unet(None, resolution, text_width, size).to(device)
         optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)  # as the trainer's on torch >= 2.4
         pixels = torch.randn(batch, 3, resolution, resolution, device=device)
@@ -530,8 +531,18 @@ def model_size_rows(resolution: int, text_width: int, batch: int, steps: int, pr
     return rows
 
 
-def model_sizes_table(resolution: int, text_width: int, batch: int, steps: int, precision: str | None = None) -> str:
+def model_sizes_table(
+    resolution: int,
+    text_width: int,
+    batch: int,
+    steps: int,
+    precision: str | None = None,
+    sizes: list[str] | None = None,
+) -> str:
+    """The --model_sizes table for `sizes` (default: every --model_size preset)."""
     import torch
+
+    from text_to_image.config import MODEL_SIZES
 
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
@@ -549,7 +560,9 @@ def model_sizes_table(resolution: int, text_width: int, batch: int, steps: int, 
         f"| --model_size at {resolution} px, {text_width}-wide text encoder | parameters | img/s (batch {batch}, {precision}, median of {steps} steps) | GFLOP/image (fwd+bwd) | achieved TFLOP/s | MFU |",
         "|---|---|---|---|---|---|",
     ]
-    return "\n".join(header + model_size_rows(resolution, text_width, batch, steps, precision, peak))
+    return "\n".join(
+        header + model_size_rows(resolution, text_width, batch, steps, precision, peak, sizes or list(MODEL_SIZES))
+    )
 
 
 def random_feature_models(work: Path, tokenizer_dir: Path, quick: bool) -> tuple[Path, Path]:
@@ -835,12 +848,16 @@ def evaluation_table(data_dir: Path | None, quick: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
+    from text_to_image.config import MODEL_SIZES
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_dir", type=Path, help="An imagefolder to train on (default: draw 720 shapes).")
     parser.add_argument("--steps", type=int, default=5, help="Timed optimizer steps per training row.")
     parser.add_argument("--quick", action="store_true", help="Tiny models and data: a smoke test in seconds.")
-    parser.add_argument("--output", type=Path, help="Also write the table to this Markdown file.")
-    parser.add_argument("--model_sizes", action="store_true", help="Only time the --model_size UNets (a table).")
+    parser.add_argument("--output", type=Path, help="Also write the table (of any mode) to this Markdown file.")
+    parser.add_argument(
+        "--model_sizes", action="store_true", help="Only time the --model_size UNets of --sizes (a table)."
+    )
     parser.add_argument("--resolution", type=int, default=32, help="With --model_sizes: the image side.")
     parser.add_argument("--text_width", type=int, default=768, help="With --model_sizes: encoder width (CLIP-L 768).")
     parser.add_argument("--batch", type=int, help="With --model_sizes: images per step (8); with --step_ops: 1.")
@@ -864,7 +881,11 @@ def main(argv: list[str] | None = None) -> str:
         help="Only measure the memory one more image adds to a training step, per --model_size (with --resolution).",
     )
     parser.add_argument(
-        "--sizes", nargs="+", default=["tiny", "small", "base", "large"], help="With --step_ops, --memory_per_image."
+        "--sizes",
+        nargs="+",
+        choices=list(MODEL_SIZES),
+        default=list(MODEL_SIZES),
+        help="With --model_sizes, --step_ops, --memory_per_image: the --model_size UNets measured.",
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -872,21 +893,16 @@ def main(argv: list[str] | None = None) -> str:
         worker_main(json.loads(args.worker))
         return ""
     if args.evaluation:
-        table = evaluation_table(args.data_dir, args.quick)
-        print(table)
-        return table
+        return report(evaluation_table(args.data_dir, args.quick), args.output)
     if args.step_ops:
-        table = step_ops_table(args.resolution, args.batch or 1, args.steps, args.sizes, args.quick)
-        print(table)
-        return table
+        return report(step_ops_table(args.resolution, args.batch or 1, args.steps, args.sizes, args.quick), args.output)
     if args.memory_per_image:
-        table = memory_per_image_table(args.resolution, args.sizes)
-        print(table)
-        return table
+        return report(memory_per_image_table(args.resolution, args.sizes), args.output)
     if args.model_sizes:
-        table = model_sizes_table(args.resolution, args.text_width, args.batch or 8, args.steps, args.precision)
-        print(table)
-        return table
+        table = model_sizes_table(
+            args.resolution, args.text_width, args.batch or 8, args.steps, args.precision, args.sizes
+        )
+        return report(table, args.output)
     if args.quick:
         args.steps = 1
     started, load = time.perf_counter(), os.getloadavg()[0]
@@ -905,11 +921,15 @@ def main(argv: list[str] | None = None) -> str:
     # --quick: each group's process's peak, for every row of it
     setups = setups_by_config(configs, separate) if separate else group_setups
     train, sample = training_rows(configs, setups, speeds), sampling_rows(sampled, args)
-    table = format_table(train, sample, args, time.perf_counter() - started, load)
+    return report(format_table(train, sample, args, time.perf_counter() - started, load), args.output)
+
+
+def report(table: str, output: Path | None) -> str:
+    """The table printed, and written to --output when given."""
     print(table)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(table + "\n")
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(table + "\n")
     return table
 
 

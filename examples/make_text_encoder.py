@@ -105,9 +105,9 @@ def build_text_encoder(
 def read_captions(path: Path, column: str) -> list[str]:
     """Captions from a metadata.jsonl / .txt file (one per line); list cells are flattened."""
     if path.suffix != ".jsonl":
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        return [line.strip() for line in path.read_text("utf-8-sig").splitlines() if line.strip()]
     captions: list[str] = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text("utf-8-sig").splitlines():
         if line.strip():
             cell = json.loads(line).get(column) or ""
             captions.extend(cell if isinstance(cell, list) else [cell])

@@ -23,6 +23,18 @@ for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", 
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def threads_per_worker() -> int:
+    """Under pytest-xdist each worker gets its share of the cores: N workers each running torch on every core
+    would oversubscribe them and run slower together than one after another."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return max(1, len(os.sched_getaffinity(0)) // workers)
+
+
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # set before torch is first imported, and inherited by the processes tests start (accelerate launch)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads_per_worker())
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "examples"))
@@ -185,3 +197,13 @@ def resume_from_the_checkpoint_before(argv, flags: tuple, straight: Path, last_s
     (resumed / "model_index.json").unlink()
     run_ok(argv(*flags, "--resume_from_checkpoint", "latest", output=resumed))
     assert (resumed / "model_index.json").is_file() and (resumed / "unet").is_dir()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes tens of seconds; scheduled first so parallel workers end together")
+
+
+def pytest_collection_modifyitems(config, items):
+    # longest first: pytest-xdist hands tests out in this order, so a slow test started last would leave the other
+    # workers idle at the end. A stable sort keeps the order within each group, the same in every worker.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 ROW = re.compile(
@@ -54,6 +55,25 @@ def test_model_sizes_table_gives_flops_per_image_achieved_flops_and_mfu():
     assert (
         benchmark.gpu_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12 and benchmark.gpu_peak_flops("Tesla P100") is None
     )
+
+
+def test_model_sizes_times_only_the_sizes_asked_for_and_writes_the_table_to_output(tmp_path, capsys):
+    import benchmark
+
+    output = tmp_path / "tables" / "sizes.md"
+    flags = ["--resolution", "16", "--text_width", "64", "--batch", "2", "--steps", "1"]
+    table = benchmark.main(["--model_sizes", "--sizes", "tiny", *flags, "--output", str(output)])
+    rows = [line.split(" | ")[0].strip("| ") for line in table.splitlines() if line.startswith("| ") and "M |" in line]
+    assert rows == ["tiny"]
+    assert output.read_text() == table + "\n" and capsys.readouterr().out == table + "\n"
+
+
+def test_an_unknown_size_is_refused_in_one_line(capsys):
+    import benchmark
+
+    with pytest.raises(SystemExit):
+        benchmark.main(["--model_sizes", "--sizes", "huge"])
+    assert "argument --sizes: invalid choice: 'huge'" in capsys.readouterr().err
 
 
 def test_gpu_peak_tells_the_h100_and_h200_variants_apart():

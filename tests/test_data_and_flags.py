@@ -177,6 +177,25 @@ def test_a_save_to_disk_folder_and_a_dataset_config_name_are_read(
     assert len(read_image_table(DataConfig.from_args(args), None, False).caption_options) == 4
 
 
+@pytest.mark.parametrize(
+    "given",
+    [
+        ["--validation_prompts", "a red square", "a blue circle"],
+        ["--validation_prompts", "a red square", "--validation_prompts", "a blue circle"],
+    ],
+)
+def test_validation_prompts_are_listed_after_one_flag_or_one_flag_each(argv, given):
+    assert parse_args(argv(*given)).validation_prompts == ["a red square", "a blue circle"]
+
+
+def test_validation_prompts_on_the_command_line_replace_the_config_files_list(argv, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("validation_prompts: [a cat, a dog]\n")
+    assert parse_args(argv("--config", str(config))).validation_prompts == ["a cat", "a dog"]
+    given = argv("--config", str(config), "--validation_prompts", "a red square", "--validation_prompts", "a fox")
+    assert parse_args(given).validation_prompts == ["a red square", "a fox"]
+
+
 def test_validation_prompts_from_a_file_are_the_grids_captions(argv, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a yellow circle\n\n  a green square  \n")

@@ -64,6 +64,9 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(flags, tmp_
     resumed = launch(flags(two, 2, *common, "--resume_from_checkpoint", "latest"), num_processes=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and "checkpoint-2" in resumed.stderr
+    written = (two / "run_config.yaml").read_text()  # the resumed session's, by the main process alone
+    assert "# seed, chosen: the seed of the run resumed from " in written and "checkpoint-2\nseed: 0\n" in written
+    assert "# mixed_precision, chosen: no --mixed_precision; accelerate launch's config says no\n" in written
 
     one = tmp_path / "one"
     assert trainer.main(flags(one, 4, *common)) == 0

@@ -230,3 +230,13 @@ def test_gpu_check_dry_run_takes_every_step_on_cpu_and_writes_its_table(tmp_path
     assert set(rows.values()) == {"ok", "skipped"}
     assert rows["throughput table (gpu_check-throughput.md)"] == "skipped"
     assert (tmp_path / "gpu_check-mfu-16px.md").read_text().count("M |") == 4
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    """CI and a contributor run the same suite, in parallel (pytest-xdist) where README says so."""
+    readme_command = next(
+        line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("python -m pytest")
+    )
+    ci_lines = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line.strip()]
+    assert ci_lines[-1] == readme_command == "python -m pytest -q -n auto"
+    assert "pytest-xdist" in (REPO / "requirements-dev.txt").read_text()

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from text_to_image.common import UserError
 from text_to_image.config import DataConfig
-from text_to_image.data import open_stream, read_image_table
+from text_to_image.data import IndexedBatches, Shard, open_stream, read_image_table
 
 
 def write_caption_folder(folder: Path, uncaptioned: int = 0) -> Path:
@@ -318,3 +318,192 @@ def test_broken_shards_are_named_in_one_line(tmp_path, broken, error, streaming)
             open_stream(DataConfig(dataset_name=name, resolution=16, streaming=True), 0, 1, seed=0, start_micro_index=0)
         else:
             read_image_table(DataConfig(dataset_name=name, resolution=16), None, show_progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shards as people have them: each form the README promises through either flag, damaged shards, samples
+# missing a file, dotted names, Windows captions
+
+SHAPE_CAPTIONS = [f"a {colour} {shape}" for shape in SHAPES for colour in COLOURS]
+
+
+def sample_files(index: int, key: str | None = None) -> list[tuple[str, bytes]]:
+    """Sample `index` of the 8 shapes as a WebDataset sample: KEY.png and KEY.txt."""
+    encoded = io.BytesIO()
+    colour, shape = SHAPE_CAPTIONS[index].split()[1:]
+    draw_shape(colour, shape, 16).save(encoded, format="PNG")
+    key = key or f"sample{index:04d}"
+    return [(f"{key}.png", encoded.getvalue()), (f"{key}.txt", SHAPE_CAPTIONS[index].encode())]
+
+
+def write_tar(path: Path, files: list[tuple[str, bytes]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for name, payload in files:
+            member = tarfile.TarInfo(name)
+            member.size = len(payload)
+            tar.addfile(member, io.BytesIO(payload))
+    return path
+
+
+def write_two_shards(folder: Path, edit=lambda files: files) -> Path:
+    """The 8 shapes in train-000.tar and train-001.tar, 4 samples each; `edit` changes a shard's file list."""
+    for shard in range(2):
+        files = [file for index in range(shard * 4, shard * 4 + 4) for file in sample_files(index)]
+        write_tar(folder / f"train-{shard:03d}.tar", edit(files))
+    return folder
+
+
+def read_pairs(config: DataConfig) -> list[tuple[str, str]]:
+    """(caption, the caption its pixels were drawn for) of each sample: in the order read, sorted for a stream
+    (one pass of it: the config's batch is the dataset's size)."""
+    if config.streaming:
+        examples = open_stream(config, 0, 1, seed=0, start_micro_index=0).examples(0)
+        pairs = zip(examples.caption_options, examples.images, strict=True)
+        return sorted((options[0], caption_of_pixels(image)) for options, image in pairs)
+    table = read_image_table(config, None, show_progress=False)
+    return [(table.caption_options[row][0], caption_of_pixels(table.cache[row])) for row in table.usable_rows.tolist()]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("flag", ["dataset_name", "train_data_dir"])
+@pytest.mark.parametrize("form", ["one shard", "a quoted glob", "a folder"])
+def test_each_shard_form_the_readme_promises_is_read_through_either_flag(tmp_path, form, flag, streaming):
+    shards = write_two_shards(tmp_path / "shards")
+    name, count = {
+        "one shard": (shards / "train-000.tar", 4),
+        "a quoted glob": (shards / "train-*.tar", 8),
+        "a folder": (shards, 8),
+    }[form]
+    config = DataConfig(**{flag: str(name)}, resolution=16, streaming=streaming, train_batch_size=count)
+    expected = [(caption, caption) for caption in SHAPE_CAPTIONS[:count]]
+    assert read_pairs(config) == (sorted(expected) if streaming else expected)
+
+
+def test_one_shard_given_as_train_data_dir_trains(tmp_path, tiny_text_encoder_dir, tiny_unet_config_file, caplog):
+    shards = write_two_shards(tmp_path / "shards")
+    argv = train_argv(shards / "train-000.tar", tiny_text_encoder_dir, tiny_unet_config_file, tmp_path / "out")
+    with caplog.at_level("INFO"):
+        run_ok([*argv, "--max_train_steps", "2"])
+    assert "4 images (0 skipped), 5 captions" in caplog.text
+    assert (tmp_path / "out" / "model_index.json").is_file()
+
+
+def cut_at(shard: Path, offset) -> None:
+    """`shard` cut short at `offset(members)`, members being its tar members in order."""
+    with tarfile.open(shard) as tar:
+        members = tar.getmembers()
+    shard.write_bytes(shard.read_bytes()[: offset(members)])
+
+
+@pytest.mark.parametrize(
+    "offset, words",
+    [
+        (lambda members: members[2].offset_data + 10, "is cut short inside sample0005.png"),
+        (lambda members: members[4].offset + 100, "is cut short inside the tar header after sample0005.txt"),
+        (lambda members: members[4].offset, "ends after sample0005.txt without the end-of-archive marker"),
+        (lambda members: 0, "is not a readable .tar file (empty file)"),
+    ],
+    ids=["inside a member", "inside a header", "between samples", "to nothing"],
+)
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_shard_cut_short_anywhere_is_named_in_one_line(tmp_path, offset, words, streaming):
+    shards = write_two_shards(tmp_path / "shards")
+    cut_at(shards / "train-001.tar", offset)
+    config = DataConfig(dataset_name=str(shards), resolution=16, streaming=streaming, train_batch_size=8)
+    with pytest.raises(UserError) as error:
+        read_pairs(config)
+    assert str(error.value).startswith(f"--dataset_name {shards}: {shards / 'train-001.tar'} {words}")
+    assert str(error.value).endswith("download or write it again, or remove it") or "empty" in words
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_samples_missing_their_caption_or_image_are_counted_and_named(tmp_path, streaming, caplog):
+    def drop(files):
+        return [(name, payload) for name, payload in files if name not in ("sample0001.txt", "sample0006.png")]
+
+    shards = write_two_shards(tmp_path / "shards", drop)
+    config = DataConfig(dataset_name=str(shards), resolution=16, streaming=streaming, train_batch_size=8)
+    with caplog.at_level("INFO"):
+        pairs = read_pairs(config)
+    assert ("", SHAPE_CAPTIONS[1]) in pairs  # its image trains with the empty caption
+    assert (SHAPE_CAPTIONS[6], SHAPE_CAPTIONS[6]) not in pairs  # it has no image: skipped, or stood in for
+    missing = f"skipping unreadable image {shards / 'train-001.tar'}/sample0006: the WebDataset sample has no image"
+    assert missing in caplog.text
+    if not streaming:
+        table = read_image_table(config, None, show_progress=False)
+        batches = IndexedBatches(table, seed=0, shard=Shard(size=4), batches_per_epoch=1, num_workers=0)
+        assert batches.describe() == "7 images (1 skipped, 1 without a caption), 8 captions"
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_dotted_names_keep_a_sample_together_by_the_webdataset_key_rule(tmp_path, streaming):
+    """WebDataset's key ends at a name's first dot: shape0.v2.png + shape0.v2.txt are sample shape0's v2.png and
+    v2.txt, its image and its caption (as datasets' webdataset builder and the webdataset library read them)."""
+
+    def dotted(files):
+        return [(name.replace("sample", "shape").replace(".", ".v2.", 1), payload) for name, payload in files]
+
+    shards = write_two_shards(tmp_path / "shards", dotted)
+    config = DataConfig(dataset_name=str(shards), resolution=16, streaming=streaming, train_batch_size=8)
+    expected = [(caption, caption) for caption in SHAPE_CAPTIONS]
+    assert read_pairs(config) == (sorted(expected) if streaming else expected)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_dotted_names_that_share_a_key_are_refused_with_the_fix(tmp_path, streaming):
+    def shared_key(files):  # img.0000.png, img.0000.txt, img.0001.png, ...: all of key "img"
+        return [(f"img.{name.removeprefix('sample')}", payload) for name, payload in files]
+
+    shards = write_two_shards(tmp_path / "shards", shared_key)
+    config = DataConfig(dataset_name=str(shards), resolution=16, streaming=streaming, train_batch_size=8)
+    with pytest.raises(UserError) as error:
+        read_pairs(config)
+    assert str(error.value) == (
+        f"--dataset_name {shards}: {shards / 'train-000.tar'}: sample img holds 4 images (img.0000.png,"
+        " img.0001.png, ...): a WebDataset key ends at the first dot of a file name; rename the files so that"
+        " each sample's key differs before its first dot (img_0000.png + img_0000.txt), or pass --image_column"
+        " with the one image to train on (--image_column 0000.png)"
+    )
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_shard_whose_samples_are_not_kept_together_is_refused_with_the_fix(tmp_path, streaming):
+    def images_then_captions(files):  # tar cf train.tar *.png *.txt
+        return sorted(files, key=lambda file: file[0].endswith(".txt"))
+
+    shards = write_two_shards(tmp_path / "shards", images_then_captions)
+    config = DataConfig(dataset_name=str(shards), resolution=16, streaming=streaming, train_batch_size=8)
+    with pytest.raises(UserError) as error:
+        read_pairs(config)
+    assert str(error.value) == (
+        f"--dataset_name {shards}: {shards / 'train-000.tar'}: the files of sample sample0000 are not next to each"
+        " other (sample0000.txt comes after other samples' files); a WebDataset shard keeps each sample's files"
+        " together: write it again with its files sorted by name (tar --sort=name)"
+    )
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_shard_captions_saved_by_a_windows_editor_are_read_clean(tmp_path, streaming):
+    def windows(files):
+        return [
+            (name, b"\xef\xbb\xbf" + payload + b"\r\n" if name.endswith(".txt") else payload) for name, payload in files
+        ]
+
+    shards = write_two_shards(tmp_path / "shards", windows)
+    config = DataConfig(dataset_name=str(shards), resolution=16, streaming=streaming, train_batch_size=8)
+    expected = [(caption, caption) for caption in SHAPE_CAPTIONS]
+    assert read_pairs(config) == (sorted(expected) if streaming else expected)
+
+
+def test_a_shard_caption_that_is_not_utf8_is_named(tmp_path):
+    def latin1(files):
+        return [(name, "a café".encode("latin-1") if name == "sample0002.txt" else payload) for name, payload in files]
+
+    shards = write_two_shards(tmp_path / "shards", latin1)
+    with pytest.raises(UserError) as error:
+        read_pairs(DataConfig(dataset_name=str(shards), resolution=16))
+    assert str(error.value) == (
+        f"--dataset_name {shards}: {shards / 'train-000.tar'}: sample0002.txt is not UTF-8 text (unexpected"
+        " end of data at byte 5); save it as UTF-8"
+    )

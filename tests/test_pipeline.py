@@ -25,6 +25,7 @@ from pipeline_text_to_image import (
     main,
     make_captioned_grid,
     make_sampling_scheduler,
+    parse_args,
     progression_steps,
 )
 
@@ -368,6 +369,19 @@ def test_cli_writes_a_captioned_grid_and_a_progression_strip(saved_pipeline, tmp
     assert Image.open(grid).size[0] == 2 * 128
     assert Image.open(strip).size[0] == 3 * 128
     assert f"wrote 4 images to {grid}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        ["--prompt", "a red square", "a blue circle", "a red circle"],
+        ["--prompt", "a red square", "--prompt", "a blue circle", "--prompt", "a red circle"],
+        ["--prompt", "a red square", "a blue circle", "--prompt", "a red circle"],
+    ],
+)
+def test_cli_takes_prompts_after_one_flag_or_one_flag_each(saved_pipeline, given):
+    args = parse_args(["--model", str(saved_pipeline), *given])
+    assert args.prompt == ["a red square", "a blue circle", "a red circle"]
 
 
 def test_cli_names_a_model_folder_without_model_index_json(tmp_path, capsys):

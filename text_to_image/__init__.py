@@ -4,6 +4,7 @@ imports only from those above it):
     common        UserError (a user's mistake: one line, no traceback) and one-line helpers
     metrics       each evaluation metric named once
     config        each flag declared once, in the frozen config of its group; --config YAML
+    run_config    OUTPUT_DIR/run_config.yaml: the flags as the run resolved them, to read back and repeat
     layouts       the dataset layouts read into one table of images and captions
     data          image tables, decoding, unreadable images, the batch sources and their resume contract
     batches       a micro-batch's random draws: captions, crop/flip, augmentation; drawn on the host (HostBatches)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import glob
 import json
 import logging
 import os
@@ -35,6 +36,8 @@ VALIDATION_MAX_HELD_OUT = 256  # a --validation_split share holds out at most th
 VALIDATION_BUCKETS = 10  # the validation loss is read at this many fixed timestep ranges
 COPY_PERCENTILE = 5.0  # copy threshold: this percentile of the training images' leave-one-out NN distances
 WARMUP_STABLE_DECAY = "warmup_stable_decay"
+YAML_NULLS = ("", "~", "null", "Null", "NULL")  # a --config YAML value that means "not set"
+YAML_ON_OFF = {"on": "yes", "off": "no"}  # YAML 1.1 yes/no spellings argparse's true/false does not know
 # schedules whose rate before any decay does not depend on the run's length: --max_train_time can plan it after
 # measuring the first steps. diffusers' linear, cosine and polynomial read the total from the first step on.
 SCHEDULES_PLANNED_BY_TIME = ("constant", "constant_with_warmup", WARMUP_STABLE_DECAY)
@@ -61,12 +64,28 @@ def flag(default, help: str, *, secret: bool = False, **argparse_options) -> dat
     return field(default=default, repr=not secret, metadata={"help": help, **argparse_options})
 
 
+class ExtendList(argparse.Action):
+    """A list flag given either way, `--NAME a b` or `--NAME a --NAME b`: each use adds to the list, except that
+    the first on the command line replaces the default (a --config file's list: the command line wins)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        current = getattr(namespace, self.dest, None)
+        given = [] if current is self.default or current is None else list(current)
+        setattr(namespace, self.dest, given + list(values))
+
+
 class FlagGroup:
     """A config whose fields are flags: built from the parsed flags, checked in `__post_init__`."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace):
         return cls(**{item.name: getattr(args, item.name) for item in dataclasses.fields(cls)})
+
+
+def names_a_folder_or_shards(name: str) -> bool:
+    """A folder, a .tar file or a glob (of WebDataset shards: layouts.shard_files reads which)."""
+    path = Path(name).expanduser()
+    return path.is_dir() or (path.is_file() and path.suffix == ".tar") or glob.has_magic(name)
 
 
 def require_at_least(minimum: int, **flags: int) -> None:
@@ -105,8 +124,8 @@ class DataConfig(FlagGroup):
         None,
         "A folder of images with their captions: in a metadata.jsonl or metadata.csv (an imagefolder), in a .txt"
         " of the same name beside each image (nested folders too), or, with neither, the name of the folder each"
-        " image sits in (class folders: cat/0001.png, dog/0002.png; see --caption_template). A folder of WebDataset"
-        " .tar shards works too (see --dataset_name).",
+        " image sits in (class folders: cat/0001.png, dog/0002.png; see --caption_template). WebDataset .tar shards"
+        " work too: one, a glob in quotes or a folder of them (see --dataset_name).",
     )
     caption_template: str = flag(
         DEFAULT_CAPTION_TEMPLATE,
@@ -228,8 +247,8 @@ class DataConfig(FlagGroup):
     def __post_init__(self):
         if not exists(self.dataset_name) and not exists(self.train_data_dir):
             raise UserError("no data: pass --train_data_dir FOLDER (imagefolder) or --dataset_name NAME_OR_PATH")
-        if exists(self.train_data_dir) and not Path(self.train_data_dir).is_dir():
-            raise UserError(f"--train_data_dir {self.train_data_dir} is not a folder")
+        if exists(self.train_data_dir) and not names_a_folder_or_shards(self.train_data_dir):
+            raise UserError(f"--train_data_dir {self.train_data_dir} is not a folder, a .tar shard or a glob of them")
         require_at_least(1, resolution=self.resolution, train_batch_size=self.train_batch_size)
         require_at_least(0, dataloader_num_workers=self.dataloader_num_workers)
         if self.streaming:
@@ -650,7 +669,9 @@ class OutputConfig(FlagGroup):
     )
     validation_prompts: list[str] | None = flag(
         None,
-        "Prompts for the grids, or one text file with a prompt a line (default: captions drawn from the dataset).",
+        "Prompts for the grids (--validation_prompts 'a cat' 'a dog', or the flag once per prompt), or one text"
+        " file with a prompt a line (default: captions drawn from the dataset).",
+        action=ExtendList,
     )
     eval_batch_size: int = flag(
         16,
@@ -871,7 +892,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a text-to-image diffusion model (diffusers UNet2DConditionModel, pixel space).",
     )
     parser.add_argument(
-        "--config", type=Path, help="YAML or JSON file of flag values (keys are flag names); command-line flags win."
+        "--config",
+        type=Path,
+        help="YAML or JSON file of flag values (keys are flag names); command-line flags win. A run's own"
+        " OUTPUT_DIR/run_config.yaml repeats it: --config OUTPUT_DIR/run_config.yaml --output_dir ANOTHER_DIR.",
+    )
+    parser.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="Set the run up (data, captions, models), print its plan and its run_config.yaml, and stop before the"
+        " first step: nothing trained, no checkpoint or pipeline written.",
     )
     for name, spelling in EXTRA_NEGATIONS.items():
         parser.add_argument(spelling, dest=name, action="store_false", help=argparse.SUPPRESS)
@@ -922,23 +952,125 @@ def flag_row(actions: list[argparse.Action]) -> str:
 
 
 def read_config_file(path: Path, parser: argparse.ArgumentParser) -> dict:
-    """Flag values from a YAML/JSON file, checked against the parser's flags."""
-    if not path.is_file():
-        raise UserError(f"--config {path} does not exist")
-    text = path.read_text()
-    if path.suffix == ".json":
-        values = json.loads(text)
-    else:
-        import yaml
-
-        values = yaml.safe_load(text) or {}
+    """Flag values from a YAML/JSON file, checked against the parser's flags and converted as each flag converts
+    its command-line text."""
+    values = load_config_file(path)
     if not isinstance(values, dict):
         raise UserError(f"--config {path} must hold a mapping of flag names to values")
     known = {action.dest for action in parser._actions}
     values = {key.lstrip("-").replace("-", "_"): value for key, value in values.items()}
     if unknown := sorted(set(values) - known):
         raise UserError(f"--config {path}: unknown flags {unknown}; see --help for the flag names")
-    return values
+    flags = {action.dest: action for action in parser._actions if f"--{action.dest}" in action.option_strings}
+    return {key: config_value(path, key, value, flags[key]) if key in flags else value for key, value in values.items()}
+
+
+def load_config_file(path: Path):
+    """The file's values: JSON's as typed; YAML's scalars as the text written (no YAML 1.1 guessing: `no` stays
+    "no" for --mixed_precision, `8:30` stays "8:30" rather than 510), its nulls as None."""
+    if not path.is_file():
+        raise UserError(f"--config {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a Windows editor's byte-order mark is not part of the text
+    except UnicodeDecodeError as error:
+        raise UserError(
+            f"--config {path} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8"
+        ) from None
+    if path.suffix == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise UserError(
+                f"--config {path} is not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); correct"
+                " it there"
+            ) from None
+    import yaml
+
+    try:
+        values = yaml.load(text, Loader=yaml.BaseLoader) or {}
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        raise UserError(
+            f"--config {path} is not valid YAML (line {mark.line + 1}, column {mark.column + 1}: {error.problem});"
+            " correct it there"
+        ) from None
+    if not isinstance(values, dict):
+        return values
+    return {key: None if value in YAML_NULLS else value for key, value in values.items()}
+
+
+def config_value(path: Path, key: str, value, action: argparse.Action):
+    """A --config value as its flag takes it: the text it is (YAML) or stands for (JSON), converted as the
+    command line converts it; a single text for a list flag (--validation_prompts) is a list of one."""
+    try:
+        if action.nargs in ("+", "*"):
+            items = value if isinstance(value, list) else [value]
+            return None if value is None else [flag_text_value(item, action) for item in items]
+        return flag_text_value(value, action)
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        shown = "empty" if value is None else json.dumps(value)
+        raise UserError(f"--config {path}: {key} is {shown}, but --{key} takes {what_flag_takes(action)}") from None
+
+
+def flag_text_value(value, action: argparse.Action):
+    """One value converted as argparse converts the text of `action`'s flag (raises ValueError/TypeError)."""
+    if value is None:
+        if action.default is None:
+            return None
+        raise ValueError("empty")
+    text = as_flag_text(value, action)
+    if is_yes_no_flag(action):
+        return action.type(YAML_ON_OFF.get(text.lower(), text))
+    if action.choices:
+        if text not in action.choices:
+            raise ValueError(text)
+        return text
+    if action.type is int:
+        return whole_number(text)
+    return action.type(text) if exists(action.type) else text
+
+
+def whole_number(text: str) -> int:
+    """ "1e4" and "32.0" are whole numbers too, as YAML writers mean them (argparse's int takes neither)."""
+    try:
+        return int(text)
+    except ValueError:
+        number = float(text)
+        if not number.is_integer():
+            raise
+        return int(number)
+
+
+def as_flag_text(value, action: argparse.Action) -> str:
+    """A JSON value as the text it stands for: a number as written; true/false for a yes/no flag, and yes/no
+    where that is a choice (false: --mixed_precision no). Refused: true/false for other flags, lists, mappings."""
+    if isinstance(value, bool):
+        if is_yes_no_flag(action):
+            return str(value).lower()
+        if action.choices and ("yes" if value else "no") in action.choices:
+            return "yes" if value else "no"
+        raise ValueError(value)
+    if isinstance(value, (int, float)):
+        return str(value)
+    if not isinstance(value, str):
+        raise TypeError(value)
+    return value
+
+
+def is_yes_no_flag(action: argparse.Action) -> bool:
+    from transformers.hf_argparser import string_to_bool
+
+    return action.type is string_to_bool
+
+
+def what_flag_takes(action: argparse.Action) -> str:
+    if action.nargs in ("+", "*"):
+        return "a text or a list of texts"
+    if is_yes_no_flag(action):
+        return "true or false"
+    if action.choices:
+        return "one of " + ", ".join(map(str, action.choices))
+    return {int: "a whole number", float: "a number"}.get(action.type, "a text")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

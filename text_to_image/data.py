@@ -38,13 +38,18 @@ def caption_cell_to_list(cell, row: int, column: str) -> list[str]:
     if cell is None:
         return [""]
     if isinstance(cell, str):
-        return [cell.strip()]
+        return [clean_caption(cell)]
     if isinstance(cell, (list, tuple)):
-        texts = [str(text).strip() for text in cell if text is not None]
+        texts = [clean_caption(str(text)) for text in cell if text is not None]
         return texts or [""]
     raise UserError(
         f"--caption_column {column!r} row {row} holds {type(cell).__name__}; captions must be strings or lists of strings"
     )
+
+
+def clean_caption(text: str) -> str:
+    """A caption without a Windows editor's byte-order mark, its line ends as \\n, no spaces around it."""
+    return text.replace("\ufeff", "").replace("\r\n", "\n").replace("\r", "\n").strip()
 
 
 def undecoded_images(dataset, config: DataConfig):
@@ -88,7 +93,12 @@ def open_image(source):
         if source.get("bytes"):
             return Image.open(io.BytesIO(source["bytes"]))
         if source.get("path"):
-            return Image.open(source["path"])
+            try:
+                return Image.open(source["path"])
+            except OSError:
+                if Path(source["path"]).parent.is_file():  # SHARD.tar/KEY: layouts.SampleReader's imageless sample
+                    raise ValueError("the WebDataset sample has no image (.png, .jpg, .webp, ...)") from None
+                raise
     raise ValueError(f"unreadable image cell {describe_source(source)}")
 
 

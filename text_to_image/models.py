@@ -268,7 +268,7 @@ def load_unet_config(path: str | None, resolution: int, model_size: str = DEFAUL
     if not file.is_file():
         raise UserError(f"--model_config_name_or_path {path} has no config.json")
     try:
-        return json.loads(file.read_text())
+        return json.loads(file.read_text("utf-8-sig"))
     except json.JSONDecodeError as error:
         raise UserError(f"--model_config_name_or_path {file} is not valid JSON: {error}") from error
 

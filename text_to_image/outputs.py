@@ -57,7 +57,7 @@ def build_pipeline(unet, text_encoder, tokenizer, noise_scheduler, text_max_leng
 def choose_validation_prompts(requested: list[str] | None, captions: list[str], count: int, seed: int) -> list[str]:
     """The prompts for every grid of the run: the user's, or captions drawn once from the dataset."""
     if requested and len(requested) == 1 and Path(requested[0]).is_file():
-        requested = [line.strip() for line in Path(requested[0]).read_text().splitlines() if line.strip()]
+        requested = [line.strip() for line in Path(requested[0]).read_text("utf-8-sig").splitlines() if line.strip()]
     if requested:
         return requested
     pool = [caption for caption in captions if caption] or [""]

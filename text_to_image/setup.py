@@ -75,6 +75,14 @@ from text_to_image.optimization import (
 )
 from text_to_image.outputs import GridConfig, Outputs, choose_validation_prompts
 from text_to_image.resident import ResidentBatches, choose_on_device, resident_batches, why_not_on_device
+from text_to_image.run_config import (
+    Choice,
+    caption_length_choice,
+    learning_rate_choices,
+    on_device_choice,
+    precision_choice,
+    seed_choice,
+)
 from text_to_image.training import (
     PLAN_SKIPPED_STEPS,
     PLAN_TIMED_SECONDS,
@@ -174,6 +182,7 @@ class TrainingData:
     validation: ValidationSet | None  # held-out images, out of the batches
     caption_cut: CaptionCut | None = None  # what padding to text_max_length cuts; None for a stream (not known)
     unreadable_rows: list[int] | None = None  # the rows that do not decode; None for a stream (met per batch)
+    on_device_choice: Choice | None = None  # what --data_on_device auto chose and why (run_config.yaml)
 
 
 def prepare_indexed_data(config: RunConfig, accelerator, saved: TrainState, tokenizer, text_encoder) -> TrainingData:
@@ -210,7 +219,7 @@ def prepare_indexed_data(config: RunConfig, accelerator, saved: TrainState, toke
     if data.caption_cache and not config.model.train_text_encoder:
         embeddings = encode_captions(config, accelerator, tokenizer, text_encoder, texts, text_max_length)
     why_not = why_not_on_device(table, embeddings, data.resolution, device)
-    on_device = agreed_on_device(config.data.data_on_device, saved, why_not, accelerator)
+    on_device, on_device_choice = agreed_on_device(config.data.data_on_device, saved, why_not, accelerator)
     cached = None
     if exists(embeddings):  # --data_on_device: batches choose captions as rows of the table, on the device
         cached = CachedEmbeddings(texts, embeddings.to(device) if on_device else embeddings, device)
@@ -229,6 +238,7 @@ def prepare_indexed_data(config: RunConfig, accelerator, saved: TrainState, toke
         validation=validation,
         caption_cut=cut,
         unreadable_rows=unreadable,
+        on_device_choice=on_device_choice,
     )
 
 
@@ -249,7 +259,7 @@ def prepare_streamed_data(config: RunConfig, accelerator, saved: TrainState, tok
     validation = validation_set(config, accelerator, None)
     # no table to keep on the device: this refuses --data_on_device yes, and says why auto draws on the host
     why_not = why_not_on_device(None, None, data.resolution, accelerator.device)
-    agreed_on_device(config.data.data_on_device, saved, why_not, accelerator)
+    _, on_device_choice = agreed_on_device(config.data.data_on_device, saved, why_not, accelerator)
     return TrainingData(
         source=source,
         batches=host_batches(config, source, process_shard(accelerator, data), accelerator.device),
@@ -258,6 +268,7 @@ def prepare_streamed_data(config: RunConfig, accelerator, saved: TrainState, tok
         text_max_length=text_max_length,
         schedule=schedule,
         validation=validation,
+        on_device_choice=on_device_choice,
     )
 
 
@@ -333,15 +344,17 @@ def encode_captions(config: RunConfig, accelerator, tokenizer, text_encoder, tex
         return encode_captions_once(tokenizer, text_encoder, texts, max_length, cache_file, accelerator.device)
 
 
-def agreed_on_device(choice: str, saved: TrainState, why_not: str | None, accelerator) -> bool:
+def agreed_on_device(choice: str, saved: TrainState, why_not: str | None, accelerator) -> tuple[bool, Choice]:
     """--data_on_device's answer (resident.choose_on_device), the same on every process: every process must
-    draw on the same generator, so all fit, or none goes; a resumed run draws where it started."""
+    draw on the same generator, so all fit, or none goes; a resumed run draws where it started. With what
+    chose it, for run_config.yaml."""
     device = accelerator.device
     if accelerator.num_processes > 1:
         fits = accelerator.gather(torch.tensor([int(not exists(why_not))], device=device))
         why_not = why_not or (None if bool(fits.all()) else "it does not fit on another process's GPU")
     recorded = saved.data_on_device if saved.step > 0 else None
-    return choose_on_device(choice, recorded, why_not, device)
+    on_device = choose_on_device(choice, recorded, why_not, device)
+    return on_device, on_device_choice(choice, on_device, why_not, recorded, device.type)
 
 
 def host_batches(config: RunConfig, source: BatchSource, shard: Shard, device: torch.device) -> HostBatches:
@@ -644,6 +657,7 @@ def setup_run(config: RunConfig) -> Run:
         ),
         length=length,
         planner=planner,
+        choices=automatic_choices(config, accelerator, resume, state, data, models.learning_rates),
     )
 
 
@@ -716,6 +730,24 @@ def intervals_for(config: RunConfig, data: TrainingData, length: LengthPlan, pla
         validates=exists(data.validation),
         measures_quality=config.evaluation.measures_quality,
     )
+
+
+def automatic_choices(
+    config: RunConfig, accelerator, resume: Path | None, state: TrainState, data: TrainingData, rates: LearningRates
+) -> dict[str, Choice]:
+    """The flags this run chose itself, by name: its choice and what made it (for run_config.yaml)."""
+    optim = config.optim
+    choices = {
+        "seed": seed_choice(optim.seed, state.seed, resume),
+        "mixed_precision": precision_choice(optim.mixed_precision, accelerator.mixed_precision),
+        "data_on_device": data.on_device_choice,
+        "caption_max_length": caption_length_choice(
+            config.data.caption_max_length, data.text_max_length, config.data.streaming
+        ),
+    }
+    encoder_rate = optim.text_encoder_learning_rate if config.model.train_text_encoder else None
+    rate_choices = learning_rate_choices(optim.learning_rate, encoder_rate, rates.unet, rates.text_encoder, rates.why)
+    return {name: choice for name, choice in choices.items() if exists(choice)} | rate_choices
 
 
 def warn_unplanned_schedule(optim: OptimConfig) -> None:

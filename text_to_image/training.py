@@ -299,6 +299,7 @@ class Run:
     plan: str  # the run plan, logged once
     length: LengthPlan  # the steps the run trains and where its rate decays: intervals.schedule.max_steps once fixed
     planner: TimePlanner | None = None  # --max_train_time without --max_train_steps: times the first steps, plans
+    choices: dict = field(default_factory=dict)  # the flags the run chose itself (run_config.Choice by name)
 
 
 @dataclass
