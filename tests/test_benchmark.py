@@ -14,6 +14,7 @@ ROW = re.compile(
 )
 
 
+@pytest.mark.slow
 def test_quick_benchmark_prints_every_row_with_numbers(tmp_path):
     output = tmp_path / "table.md"
     result = subprocess.run(
@@ -40,6 +41,7 @@ def test_quick_benchmark_prints_every_row_with_numbers(tmp_path):
     assert output.read_text().strip() == result.stdout.strip()
 
 
+@pytest.mark.slow
 def test_model_sizes_table_gives_flops_per_image_achieved_flops_and_mfu():
     import benchmark
 
@@ -116,6 +118,7 @@ def test_step_ops_table_shows_a_graphed_step_leaves_the_host_almost_nothing():
     assert graphed_host < 20 and graphed_ms < eager_ms / 10  # and the host only copies rows and scalars in
 
 
+@pytest.mark.slow
 def test_memory_per_image_table_measures_a_positive_figure_per_size():
     import benchmark
 

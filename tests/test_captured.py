@@ -60,6 +60,7 @@ def argv(tiny_imagefolder, tiny_text_encoder_dir, tiny_unet_config_file, tmp_pat
 ON_DEVICE = ("--data_on_device", "yes", "--augment_prob", "0.5", "--gradient_accumulation_steps", "2")
 
 
+@pytest.mark.slow
 def test_the_device_step_traces_whole_and_trains_the_eager_steps_weights(argv, monkeypatch):
     flags = ()
     eager = set_up(argv(*flags, output="eager"))
@@ -136,6 +137,7 @@ def test_captured_steps_train_the_eager_steps_weights(argv, capture_on_the_cpu, 
     assert_close_states(trained_state(captured), trained_state(eager))
 
 
+@pytest.mark.slow
 def test_a_compiled_unet_trains_the_same_weights_in_captured_steps(argv, capture_on_the_cpu, monkeypatch):
     """--torch_compile with --cuda_graphs: the step runs the compiled UNet (traced here with aot_eager, as
     inductor would take minutes on the CPU) and updates its weights, AdamW moments and EMA by their _orig_mod names."""
@@ -155,6 +157,7 @@ def test_a_compiled_unet_trains_the_same_weights_in_captured_steps(argv, capture
     assert_close_states(state, trained_state(eager))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "accumulation, on_device", [("1", "no"), ("2", "no"), ("2", "yes")], ids=["1", "2", "2-drawn-on-the-device"]
 )

@@ -151,6 +151,7 @@ def test_metadata_csv_and_list_captions_train(tmp_path, tiny_text_encoder_dir, t
     run_ok(train_argv(data, tiny_text_encoder_dir, tiny_unet_config_file, tmp_path / "out", "--max_train_steps", "2"))
 
 
+@pytest.mark.slow
 def test_a_save_to_disk_folder_and_a_dataset_config_name_are_read(
     tmp_path, tiny_imagefolder, tiny_text_encoder_dir, tiny_unet_config_file
 ):
@@ -317,6 +318,7 @@ def test_leftover_checkpoint_staging_is_removed_and_resume_reuses_the_caption_ca
     assert [path.name for path in list_checkpoints(output)] == ["checkpoint-2", "checkpoint-4"]
 
 
+@pytest.mark.slow
 def test_sigterm_during_setup_exits_cleanly_with_one_line(argv, tmp_path):
     data = write_imagefolder(tmp_path / "many", count=400, size=64)  # decoding takes a few seconds
     flags = argv("--max_train_steps", "2")

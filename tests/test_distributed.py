@@ -46,6 +46,7 @@ def flags(tiny_imagefolder, tiny_text_encoder_dir, tiny_unet_config_file):
     return make
 
 
+@pytest.mark.slow
 def test_two_processes_train_checkpoint_resume_and_match_one_process(flags, tmp_path):
     common = ("--use_ema", "--random_flip", "--max_train_steps", "4", "--checkpointing_steps", "2")
     common += ("--validation_split", "4", "--validation_steps", "2", "--keep_best", "val_loss")
@@ -81,6 +82,7 @@ def test_two_processes_train_checkpoint_resume_and_match_one_process(flags, tmp_
     assert (two / BEST_DIR / "model_index.json").is_file()
 
 
+@pytest.mark.slow
 def test_two_processes_drawing_on_the_device_train_the_one_process_weights(flags, tmp_path):
     common = ("--data_on_device", "yes", "--random_flip", "--augment_prob", "0.5", "--max_train_steps", "3")
     two = tmp_path / "two"
@@ -95,6 +97,7 @@ def test_two_processes_drawing_on_the_device_train_the_one_process_weights(flags
         torch.testing.assert_close(two_weights[name], weight, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.slow
 def test_resume_with_another_process_count_is_refused(flags, tmp_path, capsys):
     output = tmp_path / "out"
     first = launch(flags(output, 2, "--max_train_steps", "2"), num_processes=2)
@@ -103,6 +106,7 @@ def test_resume_with_another_process_count_is_refused(flags, tmp_path, capsys):
     assert "written by 2 processes; resume it with the same --num_processes 2" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_multi_gpu_launch_without_gpus_or_cpu_flag_is_refused(flags, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("GPUs present: the launch would be real")

@@ -69,6 +69,7 @@ def test_make_text_encoder_fits_the_longest_caption_unless_max_length_says_other
     ) in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_quickstart_script_trains_saves_and_scores(tmp_path):
     environment = dict(
         os.environ,
@@ -177,6 +178,7 @@ def test_adherence_report_reads_scores_of_finished_and_cut_runs(tmp_path):
     assert not (tmp_path / "shapes").exists()  # a report makes no data
 
 
+@pytest.mark.slow
 def test_adherence_curve_trains_scores_each_checkpoint_and_plots(tmp_path):
     import adherence_curve
 
@@ -200,6 +202,7 @@ def test_adherence_curve_trains_scores_each_checkpoint_and_plots(tmp_path):
     assert "| after | 0 |" in (tmp_path / "table.md").read_text()
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_run_takes_every_step_on_cpu_and_writes_its_table(tmp_path):
     import subprocess
 

@@ -102,6 +102,7 @@ def test_a_checkpoint_is_resumed_only_with_the_torch_compile_it_was_written_with
     assert f"{checkpoint} was written with --torch_compile" in error and "add --torch_compile to resume it" in error
 
 
+@pytest.mark.slow
 def test_ema_is_placed_on_the_device_after_the_checkpoint_is_loaded(argv, monkeypatch):
     from diffusers.training_utils import EMAModel
 
@@ -151,6 +152,7 @@ def write_tiny_bert(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_ddp_trains_a_bert_encoder_whose_pooler_gets_no_gradient(tiny_imagefolder, tiny_unet_config_file, tmp_path):
     bert = write_tiny_bert(tmp_path / "bert")
     flags = train_argv(tiny_imagefolder, bert, tiny_unet_config_file, tmp_path / "out", "--train_text_encoder")

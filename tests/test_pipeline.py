@@ -340,6 +340,7 @@ def test_progression_strip_has_a_row_per_image_and_a_column_per_chosen_step(pipe
 # ---- loading and the CLI
 
 
+@pytest.mark.slow
 def test_custom_pipeline_loads_in_a_fresh_process_outside_the_repo(saved_pipeline, tmp_path):
     script = (
         "import sys, torch\n"

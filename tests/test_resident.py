@@ -67,6 +67,7 @@ def batches_and_weights(run, micro_batches: int, steps: int) -> tuple[list, dict
     ],
     ids=["defaults", "flips-augmentation-background-variants-accumulation", "no_flip", "flow_matching"],
 )  # fmt: skip
+@pytest.mark.slow
 def test_on_the_cpu_the_device_path_trains_the_host_paths_batches_bit_for_bit(argv, flags):
     host = set_up(argv(*flags, "--data_on_device", "no", output="host"))
     assert isinstance(host.trainer.batches, HostBatches)

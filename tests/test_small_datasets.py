@@ -119,6 +119,7 @@ def test_augmentation_draws_come_last_and_are_sliced_from_the_global_batch():
     assert torch.equal(plain.crop_at, whole.crop_at) and plain.augment is None  # earlier draws unchanged
 
 
+@pytest.mark.slow
 def test_augmented_run_resumes_bit_identically_and_its_pipeline_samples_with_zero_labels(argv, tmp_path):
     flags = (
         "--augment_prob", "0.8",
@@ -164,6 +165,7 @@ def test_augmentation_with_a_unet_config_that_has_a_class_embedding_is_refused(a
     assert "--augment_prob" in error and "class_embed_type 'timestep'" in error
 
 
+@pytest.mark.slow
 def test_resuming_with_augmentation_turned_on_or_off_is_refused(argv, tmp_path, capsys):
     run_ok(argv("--max_train_steps", "2"))
     error = run_error(
@@ -234,6 +236,7 @@ def test_k_caption_variants_keep_the_first_tags_and_are_the_same_every_time():
     assert all(caption_variants_of("red, hat", lone))  # one tag always stays
 
 
+@pytest.mark.slow
 def test_caption_variants_are_all_in_the_cache_and_training_uses_several(
     tmp_path, tiny_text_encoder_dir, tiny_unet_config_file, monkeypatch
 ):
@@ -398,6 +401,7 @@ def corners_per_batch(argv: list[str], monkeypatch) -> list[torch.Tensor]:
     return corners
 
 
+@pytest.mark.slow
 def test_random_backgrounds_differ_across_epochs_and_are_deterministic_given_the_seed(
     tmp_path, tiny_text_encoder_dir, tiny_unet_config_file, monkeypatch
 ):

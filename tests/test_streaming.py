@@ -62,6 +62,7 @@ def open_stream(args, rank: int = 0, processes: int = 1):
 # Whole runs
 
 
+@pytest.mark.slow
 def test_streamed_parquet_shards_train_with_decoding_workers_and_save_a_pipeline(
     stream_argv, tiny_imagefolder, tmp_path, capsys
 ):
@@ -73,6 +74,7 @@ def test_streamed_parquet_shards_train_with_decoding_workers_and_save_a_pipeline
     assert "finished at step 2/2" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_streamed_resume_continues_where_the_stream_was(stream_argv, tmp_path):
     """8 images, batch 4: a pass is 2 steps, so resuming at step 3 must skip 1.5 passes, not restart the stream."""
     data = write_imagefolder(tmp_path / "eight", count=8)
@@ -176,6 +178,7 @@ def test_streamed_captions_are_encoded_per_batch_without_autograd(tiny_text_enco
     assert trained.embed(texts).requires_grad
 
 
+@pytest.mark.slow
 def test_two_process_streamed_launch_trains_and_checkpoints_each_process(stream_argv, tmp_path):
     from test_distributed import launch
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 import gpu_check
+import pytest
 import throughput
 
 
@@ -25,6 +26,7 @@ def figure(cell: str) -> float:
     return float(cell.replace(",", ""))
 
 
+@pytest.mark.slow
 def test_cpu_dry_run_times_the_trainers_rows_names_the_skipped_and_compares_the_trainers_own_figure(tmp_path):
     output = tmp_path / "gpu_check-throughput.md"
     # through gpu_check's row: the command line the GPU run gets, with --cpu

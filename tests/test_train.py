@@ -578,6 +578,7 @@ def test_resume_inside_a_cosine_warm_up_with_a_trained_encoder_logs_and_trains_a
     )
 
 
+@pytest.mark.slow
 def test_images_decoded_per_batch_by_workers_train_and_resume_as_the_cached_run(argv, tmp_path, monkeypatch):
     loaders_opened_at = []
     examples = IndexedBatches.examples
@@ -600,6 +601,7 @@ def test_images_decoded_per_batch_by_workers_train_and_resume_as_the_cached_run(
     assert loaders_opened_at == [0, 3]  # 16 images / batch 4: step 3 resumes mid-epoch, at micro-batch 3
 
 
+@pytest.mark.slow
 def test_latest_skips_an_incomplete_checkpoint_with_a_warning(argv, tmp_path, caplog):
     output = tmp_path / "out"
     run_ok(argv("--max_train_steps", "2"))
@@ -688,6 +690,7 @@ def test_resolution_the_unet_halves_unevenly_trains_like_diffusers_allows(argv, 
     assert (tmp_path / "out" / "model_index.json").is_file()
 
 
+@pytest.mark.slow
 def test_original_scripts_unet_at_32px_warns_trains_resumes_and_samples(argv, tmp_path, caplog):
     from pipeline_text_to_image import TextToImagePipeline
 
@@ -747,12 +750,14 @@ def test_unknown_key_in_config_file_is_refused(tmp_path, capsys):
     assert "unknown flags ['learning_rat']" in error
 
 
+@pytest.mark.slow
 def test_fresh_run_into_an_earlier_runs_output_dir_is_refused(argv, capsys):
     run_ok(argv("--max_train_steps", "1"))
     error = run_error(argv("--max_train_steps", "1"), capsys)
     assert "already holds checkpoints" in error and "--resume_from_checkpoint latest" in error
 
 
+@pytest.mark.slow
 def test_corrupt_images_are_skipped_named_and_counted(
     tmp_path, tiny_text_encoder_dir, tiny_unet_config_file, capsys, caplog
 ):
@@ -776,6 +781,7 @@ def test_mostly_corrupt_dataset_stops_with_an_error(tmp_path, tiny_text_encoder_
 # Signals (a real process)
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_checkpoints_and_resume_continues(argv, tmp_path):
     import signal
     import subprocess
