@@ -102,6 +102,17 @@ def build_text_encoder(
     return output_dir
 
 
+def captions_file_of(path: Path) -> Path | str:
+    """The captions file --captions names (a dataset folder stands for its metadata.jsonl), or why there is none."""
+    if path.is_dir():
+        if (path / "metadata.jsonl").is_file():
+            return path / "metadata.jsonl"
+        return f"--captions {path}: a folder without a metadata.jsonl; pass a metadata.jsonl or a .txt of captions"
+    if not path.is_file():
+        return f"--captions {path}: no such file; pass a metadata.jsonl or a .txt file with one caption a line"
+    return path
+
+
 def read_captions(path: Path, column: str) -> list[str]:
     """Captions from a metadata.jsonl / .txt file (one per line); list cells are flattened."""
     if path.suffix != ".jsonl":
@@ -136,7 +147,10 @@ def describe_limit(folder: Path, captions: list[str], requested: int | None) -> 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--captions", type=Path, required=True, help="metadata.jsonl or a .txt file with one caption a line."
+        "--captions",
+        type=Path,
+        required=True,
+        help="metadata.jsonl (or the dataset folder holding it) or a .txt file with one caption a line.",
     )
     parser.add_argument("--caption_column", default="text", help="Caption key in metadata.jsonl.")
     parser.add_argument("--output_dir", type=Path, required=True)
@@ -150,7 +164,10 @@ def main(argv: list[str] | None = None) -> None:
         help="Longest prompt in tokens, with start and end (default: the longest caption's; longer ones are cut).",
     )
     args = parser.parse_args(argv)
-    captions = read_captions(args.captions, args.caption_column)
+    captions_file = captions_file_of(args.captions)
+    if isinstance(captions_file, str):
+        parser.error(captions_file)
+    captions = read_captions(captions_file, args.caption_column)
     folder = build_text_encoder(
         captions, args.output_dir, args.hidden_size, args.num_layers, args.num_heads, args.max_length
     )

@@ -69,6 +69,19 @@ def test_make_text_encoder_fits_the_longest_caption_unless_max_length_says_other
     ) in capsys.readouterr().out
 
 
+def test_make_text_encoder_reads_a_dataset_folders_metadata_and_names_a_wrong_captions_path(tmp_path, capsys):
+    folder = make_shapes_dataset.make_shapes_dataset(tmp_path / "shapes", count=36, resolution=16)
+    make_text_encoder.main(["--captions", str(folder), "--output_dir", str(tmp_path / "encoder")])
+    assert "token limit 6: the longest caption's tokens" in capsys.readouterr().out  # "a small red circle"
+    for path, why in [
+        (tmp_path, "a folder without a metadata.jsonl; pass a metadata.jsonl or a .txt of captions"),
+        (tmp_path / "missing.txt", "no such file; pass a metadata.jsonl or a .txt file with one caption a line"),
+    ]:
+        with pytest.raises(SystemExit):
+            make_text_encoder.main(["--captions", str(path), "--output_dir", str(tmp_path / "other")])
+        assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: --captions {path}: {why}")
+
+
 @pytest.mark.slow
 def test_quickstart_script_trains_saves_and_scores(tmp_path):
     environment = dict(
