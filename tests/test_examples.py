@@ -192,11 +192,15 @@ def test_adherence_report_reads_scores_of_finished_and_cut_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_adherence_curve_trains_scores_each_checkpoint_and_plots(tmp_path):
+def test_adherence_curve_trains_scores_each_checkpoint_and_plots(tmp_path, monkeypatch):
     import adherence_curve
 
+    # the trainer's closing grid (16 images, 25 steps) is not what this checks: 2 images, 2 steps
+    quick_grid = ["--eval_batch_size", "2", "--ddpm_num_inference_steps", "2"]
+    monkeypatch.setattr(adherence_curve, "COMMON_FLAGS", [*adherence_curve.COMMON_FLAGS, *quick_grid])
     argv = ["--recipes", "after", "--seeds", "0", "--max_train_steps", "2", "--eval_every", "1"]
     argv += ["--dataset_size", "72"]  # two images per caption: the count does not matter to a 2-step run
+    argv += ["--num_inference_steps", "2"]  # a 2-step run scores whatever its sampler's steps: 2, not 25
     argv += [
         "--images_per_prompt",
         "1",
