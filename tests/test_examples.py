@@ -258,5 +258,5 @@ def test_ci_runs_exactly_the_readme_test_command():
         line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("python -m pytest")
     )
     ci_lines = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line.strip()]
-    assert ci_lines[-1] == readme_command == "python -m pytest -q -n auto"
+    assert ci_lines[-1] == readme_command == "python -m pytest -q -n auto --dist worksteal"
     assert "pytest-xdist" in (REPO / "requirements-dev.txt").read_text()
