@@ -170,6 +170,8 @@ RECIPES = {
     # issue 36: the levers that made the UNet use its caption on real sets with one name per image
     # (docs/results/real-images.md), checked on the shapes task
     "tiny defaults, no min-SNR, pooled": defaults("tiny", "--snr_gamma", "0", "--pooled_text"),
+    "tiny defaults, min-SNR+1": defaults("tiny", "--min_snr_variant", "snr_plus_one"),
+    "tiny defaults, min-SNR+1, pooled": defaults("tiny", "--min_snr_variant", "snr_plus_one", "--pooled_text"),
     "tiny defaults, flow matching, logit-normal": defaults(
         "tiny", "--prediction_type", "flow_matching", "--timestep_sampling", "logit_normal"
     ),

@@ -71,6 +71,9 @@ RECIPES = {
     "joint encoder": recipe("--train_text_encoder"),
     # min-SNR-5 weights the x0 error of the noisiest steps, where the named thing is decided, by SNR ~ 0
     "no min-SNR": recipe("--snr_gamma", "0"),
+    # min-SNR on SNR + 1: the noisy steps weigh 1 as without min-SNR, the clean steps stay capped
+    "min-SNR+1": recipe("--min_snr_variant", "snr_plus_one"),
+    "min-SNR+1, pooled": recipe("--min_snr_variant", "snr_plus_one", "--pooled_text"),
     "flow matching": recipe("--prediction_type", "flow_matching"),
     "flow matching, logit-normal": recipe("--prediction_type", "flow_matching", "--timestep_sampling", "logit_normal"),
     # the caption pooled by attention and added to the timestep embedding (Imagen, SDXL)

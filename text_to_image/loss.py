@@ -45,6 +45,24 @@ class MinSnrWeighting:
 
 
 @dataclass(frozen=True)
+class MinSnrPlusOneWeighting:
+    """--min_snr_variant snr_plus_one: the x0 error weighed min(SNR + 1, gamma) instead of min(SNR, gamma). In
+    v-prediction's terms min(1, gamma / (SNR + 1)): the noisy steps, where the caption decides what is drawn, keep
+    plain v-MSE's weight 1 and only the cleaner steps are capped. 1 for flow matching and for gamma 0."""
+
+    gamma: float
+
+    def __call__(self, snr: torch.Tensor, prediction_type: str) -> torch.Tensor:
+        if self.gamma <= 0 or prediction_type == FLOW_MATCHING:
+            return torch.ones_like(snr)
+        if prediction_type == "v_prediction":
+            return torch.clamp(self.gamma / (snr + 1), max=1.0)
+        if prediction_type == "sample":
+            return torch.clamp(snr + 1, max=self.gamma)
+        raise ValueError("--min_snr_variant snr_plus_one has no bounded epsilon weighting")
+
+
+@dataclass(frozen=True)
 class UniformTimesteps:
     """Every timestep equally likely. The held-out loss averages fixed timestep buckets equally, i.e. uniformly,
     whatever the training sampling, so that runs sampling timesteps differently still compare."""
@@ -96,11 +114,17 @@ class DiffusionObjective:
 
 def objective_for(diffusion: DiffusionConfig) -> DiffusionObjective:
     return DiffusionObjective(
-        weighting=MinSnrWeighting(diffusion.snr_gamma),
+        weighting=weighting_for(diffusion),
         timesteps=timestep_sampling_for(diffusion),
         noise_offset=diffusion.noise_offset,
         input_perturbation=diffusion.input_perturbation,
     )
+
+
+def weighting_for(diffusion: DiffusionConfig) -> LossWeighting:
+    if diffusion.min_snr_variant == "snr_plus_one":
+        return MinSnrPlusOneWeighting(diffusion.snr_gamma)
+    return MinSnrWeighting(diffusion.snr_gamma)
 
 
 def timestep_sampling_for(diffusion: DiffusionConfig) -> TimestepSampling:
