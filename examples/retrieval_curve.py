@@ -351,7 +351,9 @@ def main(argv: list[str] | None = None) -> str:
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
         # spawned processes: pipeline loading and torch's thread count are process-wide
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(run_recipe, *run, args, encoder, threads) for run in runs]
+            # seed by seed: a sweep cut short still compares every recipe on the seeds it finished
+            by_seed = sorted(runs, key=lambda run: args.seeds.index(run[1]))
+            futures = [pool.submit(run_recipe, *run, args, encoder, threads) for run in by_seed]
             for future in futures:
                 future.result()
     size = len(Reference(args.data, args.resolution, encoder))
