@@ -33,7 +33,6 @@ from text_to_image.checkpoints import (
     list_checkpoints,
     read_train_state,
 )
-from text_to_image.common import UserError
 from text_to_image.config import DataConfig, DiffusionConfig, OptimConfig, RunConfig, parse_args
 from text_to_image.data import IndexedBatches, Shard, decode_image, epoch_order, read_image_table, to_rgb
 from text_to_image.loss import (
@@ -178,13 +177,12 @@ def test_min_snr_plus_one_keeps_the_noisy_v_steps_at_one_and_caps_the_clean_ones
     snr = torch.tensor([0.0, 1.0, 4.0, 9.0, 1e6])
     weighting = MinSnrPlusOneWeighting(5.0)
     assert torch.allclose(weighting(snr, "v_prediction"), torch.tensor([1.0, 1.0, 1.0, 0.5, 5 / (1e6 + 1)]))
-    assert torch.equal(weighting(snr, "sample"), torch.tensor([1.0, 2.0, 5.0, 5.0, 5.0]))
     assert torch.equal(MinSnrPlusOneWeighting(0.0)(snr, "v_prediction"), torch.ones(5))
-    assert torch.equal(weighting(snr, "flow_matching"), torch.ones(5))
+    for other in ("epsilon", "sample", "flow_matching"):  # weighed as plain min-SNR
+        assert torch.equal(weighting(snr, other), min_snr_weights(snr, 5.0, other))
     chosen = objective_for(DiffusionConfig.from_args(parse_args(["--min_snr_variant", "snr_plus_one"])))
     assert chosen.weighting == MinSnrPlusOneWeighting(5.0)
-    with pytest.raises(UserError, match="--min_snr_variant snr_plus_one .* --prediction_type v_prediction"):
-        DiffusionConfig.from_args(parse_args(["--min_snr_variant", "snr_plus_one", "--prediction_type", "epsilon"]))
+    assert objective_for(DiffusionConfig.from_args(parse_args([]))).weighting == MinSnrWeighting(5.0)
 
 
 @pytest.mark.parametrize("prediction_type", ["sample", "v_prediction"])

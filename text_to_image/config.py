@@ -439,7 +439,7 @@ class DiffusionConfig(FlagGroup):
         "What --snr_gamma caps: snr, the paper's min(SNR, gamma) weight on the x0 error (with v_prediction the noisiest"
         " steps, where the caption decides what is drawn, weigh ~0), or snr_plus_one, min(SNR + 1, gamma): with"
         " v_prediction the noisy steps keep plain v-MSE's weight 1 and only the cleaner steps (SNR > gamma - 1) are"
-        " capped. snr_plus_one is for v_prediction and sample (with epsilon its weight is unbounded at SNR 0).",
+        " capped. v_prediction only: epsilon's min-SNR already keeps its noisy steps at 1, and sample weighs as snr.",
         choices=["snr", "snr_plus_one"],
     )
     timestep_sampling: str = flag(
@@ -483,10 +483,6 @@ class DiffusionConfig(FlagGroup):
         if self.input_perturbation < 0:
             raise UserError(f"--input_perturbation must be at least 0, got {self.input_perturbation}")
         require_share("conditioning_dropout_prob", self.conditioning_dropout_prob)
-        if self.min_snr_variant == "snr_plus_one" and self.prediction_type == "epsilon" and self.snr_gamma > 0:
-            raise UserError(
-                "--min_snr_variant snr_plus_one weighs epsilon's loss without bound at SNR 0: use it with --prediction_type v_prediction or sample, or drop it"
-            )
         for name in ("logit_std", "timestep_shift"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be above 0, got {getattr(self, name)}")

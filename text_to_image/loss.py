@@ -46,20 +46,17 @@ class MinSnrWeighting:
 
 @dataclass(frozen=True)
 class MinSnrPlusOneWeighting:
-    """--min_snr_variant snr_plus_one: the x0 error weighed min(SNR + 1, gamma) instead of min(SNR, gamma). In
-    v-prediction's terms min(1, gamma / (SNR + 1)): the noisy steps, where the caption decides what is drawn, keep
-    plain v-MSE's weight 1 and only the cleaner steps are capped. 1 for flow matching and for gamma 0."""
+    """--min_snr_variant snr_plus_one: v-prediction's x0 error weighed min(SNR + 1, gamma) instead of min(SNR, gamma),
+    i.e. the v loss weighed min(1, gamma / (SNR + 1)): the noisy steps, where the caption decides what is drawn, keep
+    plain v-MSE's weight 1 and only the cleaner steps are capped. Epsilon's min-SNR already keeps its noisy steps at
+    1 and sample has no such form, so the other prediction types weigh as MinSnrWeighting does."""
 
     gamma: float
 
     def __call__(self, snr: torch.Tensor, prediction_type: str) -> torch.Tensor:
-        if self.gamma <= 0 or prediction_type == FLOW_MATCHING:
-            return torch.ones_like(snr)
-        if prediction_type == "v_prediction":
+        if self.gamma > 0 and prediction_type == "v_prediction":
             return torch.clamp(self.gamma / (snr + 1), max=1.0)
-        if prediction_type == "sample":
-            return torch.clamp(snr + 1, max=self.gamma)
-        raise ValueError("--min_snr_variant snr_plus_one has no bounded epsilon weighting")
+        return min_snr_weights(snr, self.gamma, prediction_type)
 
 
 @dataclass(frozen=True)
