@@ -106,6 +106,17 @@ def test_pooled_text_adds_the_pooled_caption_to_the_unet_and_the_pipeline_sample
     assert list((tmp_path / "out" / "samples").glob("*.png"))  # its grid sampled through the pipeline
 
 
+def test_no_pooled_text_parses_and_a_config_keeps_its_own_addition_embedding(tmp_path):
+    from text_to_image.config import parse_args
+    from text_to_image.models import build_unet, default_unet_config
+
+    assert parse_args(["--pooled_text", "--no-pooled_text"]).pooled_text is False  # the spelling errors name
+    assert build_unet(None, 16, 64, "tiny", pooled_text=True).config.addition_embed_type == "text"
+    config = tmp_path / "unet.json"
+    config.write_text(json.dumps(default_unet_config(16, "tiny") | {"addition_embed_type": "text_image"}))
+    assert build_unet(str(config), 16, 64, pooled_text=True).config.addition_embed_type == "text_image"
+
+
 def test_resuming_with_pooled_text_turned_on_or_off_is_refused_in_one_line(argv, capsys):
     run_ok(argv("--max_train_steps", "2"))
     error = run_error(argv("--max_train_steps", "4", "--pooled_text", "--resume_from_checkpoint", "latest"), capsys)

@@ -358,7 +358,8 @@ class ModelConfig(FlagGroup):
         False,
         "Also add the caption, pooled by attention, to the UNet's timestep embedding (diffusers' addition_embed_type"
         " 'text', as Imagen and SDXL do): every ResNet block then sees which caption it draws, not only the"
-        " cross-attention layers. For the --model_size UNet and a --model_config_name_or_path config alike.",
+        " cross-attention layers. For the --model_size UNet and a --model_config_name_or_path config alike, except one"
+        " that has an addition_embed_type of its own (kept).",
     )
     gradient_checkpointing: bool = flag(
         False,
@@ -830,7 +831,11 @@ class LaunchConfig(FlagGroup):
 
 FLAG_GROUPS = (DataConfig, ModelConfig, DiffusionConfig, OptimConfig, OutputConfig, EvalConfig, LaunchConfig)
 # argparse.BooleanOptionalAction's spelling, accepted since these flags had it; HfArgumentParser adds --no_NAME
-EXTRA_NEGATIONS = {"use_ema": "--no-use_ema", "memorization_check": "--no-memorization_check"}
+EXTRA_NEGATIONS = {
+    "use_ema": "--no-use_ema",
+    "memorization_check": "--no-memorization_check",
+    "pooled_text": "--no-pooled_text",  # what a refused resume of a run trained without it says to pass
+}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -335,7 +335,7 @@ def build_unet(
     config = load_unet_config(config_path, resolution, model_size)
     if augmentation:
         condition_on_augmentation(config)
-    if pooled_text:
+    if pooled_text and config.get("addition_embed_type") is None:
         config["addition_embed_type"] = "text"
     warn_collapsed_levels(config, resolution)
     if config.get("cross_attention_dim") not in (None, cross_attention_dim):
