@@ -18,8 +18,11 @@ quickstart does. The table goes to stdout and to --output; the MFU and throughpu
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import os
 import re
+import runpy
 import subprocess
 import sys
 import tempfile
@@ -34,6 +37,9 @@ TRAINER = REPO / "train_text_to_image.py"
 # last, gets what the other rows left of this (at least THROUGHPUT_MIN_S)
 WHOLE_CHECK_S = 440
 THROUGHPUT_MIN_S = 60
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+# what the rows' processes import, imported once by the fork server they start from (run_preloaded)
+PRELOADED = ["train_text_to_image", "pipeline_text_to_image", "make_text_encoder", "benchmark"]
 
 
 @dataclass
@@ -47,16 +53,69 @@ class Row:
 def run(command: list[str], environment: dict | None = None, timeout: int = 600) -> tuple[bool, str, float]:
     """(succeeded, the output's last lines, seconds) of one subprocess."""
     started = time.perf_counter()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", **(environment or {}))
+    env = dict(os.environ, **OFFLINE, **(environment or {}))
+    command = [str(part) for part in command]
     try:
-        result = subprocess.run(
-            [str(part) for part in command], capture_output=True, text=True, env=env, timeout=timeout
-        )
+        if command[0] == sys.executable and not cuda_present():
+            returncode, stdout, stderr = run_preloaded(command[1:], env, timeout)
+        else:
+            result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+            returncode, stdout, stderr = result.returncode, result.stdout, result.stderr
     except subprocess.TimeoutExpired:
         return False, f"timed out after {timeout} s", time.perf_counter() - started
     # stdout last: the trainer's closing 'img/s' line must not be pushed out by stderr's progress bars
-    output = (result.stderr + "\n" + result.stdout).strip().splitlines()
-    return result.returncode == 0, "\n".join(output[-30:]), time.perf_counter() - started
+    output = (stderr + "\n" + stdout).strip().splitlines()
+    return returncode == 0, "\n".join(output[-30:]), time.perf_counter() - started
+
+
+def cuda_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run_preloaded(arguments: list[str], env: dict, timeout: int) -> tuple[int, str, str]:
+    """`python *arguments` as a process forked from one that has imported torch and the trainer already: on a
+    machine without CUDA (the dry run in CI) each of a dozen rows would otherwise spend 5-10 s importing them.
+    A fork server, not a fork of this process: a process that has run OpenMP work hangs in its forked child."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    # read once, at the server's start: the modules it preloads read these variables when imported
+    os.environ.update(OFFLINE)
+    sys.path[:0] = [path for path in (str(REPO), str(EXAMPLES)) if path not in sys.path]
+    context.set_forkserver_preload([*PRELOADED, "gpu_check"])
+    # by its module's name: run as a script, this module is __main__, and __main__.run_script is no name in the child
+    target = importlib.import_module("gpu_check").run_script
+    with tempfile.TemporaryDirectory(prefix="gpu-check-row-") as folder:
+        stdout, stderr = Path(folder) / "stdout", Path(folder) / "stderr"
+        process = context.Process(target=target, args=(arguments, env, os.getcwd(), stdout, stderr))
+        process.start()
+        process.join(timeout)
+        if process.is_alive():
+            process.kill()
+            process.join()
+            raise subprocess.TimeoutExpired(arguments, timeout)
+        return process.exitcode, stdout.read_text(errors="replace"), stderr.read_text(errors="replace")
+
+
+def run_script(arguments: list[str], env: dict, cwd: str, stdout: Path, stderr: Path) -> None:
+    """What `python *arguments` does (a script's path or -c code, then its arguments), in this process: its
+    SystemExit, or an exception's traceback and exit status 1, are multiprocessing's as they are python's."""
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    for stream, path in ((sys.stdout, stdout), (sys.stderr, stderr)):
+        stream.flush()
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), stream.fileno())
+    sys.path[:0] = [path for path in env.get("PYTHONPATH", "").split(os.pathsep) if path]
+    if arguments[0] == "-c":
+        sys.argv = ["-c", *arguments[2:]]
+        exec(compile(arguments[1], "<string>", "exec"), {"__name__": "__main__"})
+    else:
+        sys.argv = arguments
+        sys.path.insert(0, str(Path(arguments[0]).resolve().parent))
+        runpy.run_path(arguments[0], run_name="__main__")
 
 
 def summary(output: str) -> str:
@@ -256,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             *resume_rows(lambda count: flags_for(count, "resume"), on_gpu),
             ddp_row(flags_for(steps, "ddp"), gpus),
         ]  # fmt: skip
-        xformers = __import__("importlib").util.find_spec("xformers") is not None
+        xformers = importlib.util.find_spec("xformers") is not None
         rows.append(
             row(
                 "train with xformers attention",
