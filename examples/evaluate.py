@@ -34,7 +34,7 @@ from text_to_image.evaluation import (  # noqa: E402
     ValidationSet,
     to_uint8_batch,
 )
-from text_to_image.loss import MinSnrWeighting  # noqa: E402
+from text_to_image.loss import weighting_for  # noqa: E402
 from text_to_image.metrics import COPY_RATE, EVAL_COPY_RATE  # noqa: E402
 from text_to_image.outputs import sample_images  # noqa: E402
 from text_to_image.setup import (  # noqa: E402
@@ -142,7 +142,7 @@ def evaluate(args: argparse.Namespace) -> dict:
                 embed=lambda texts: encode_text(
                     pipeline.tokenizer, pipeline.text_encoder, texts, pipeline.text_max_length, device
                 ),
-                weighting=MinSnrWeighting(snr_gamma),
+                weighting=weighting_for(snr_gamma, flags.get("min_snr_variant", "snr")),
                 keep_best=None,
             )
             # a flow-matching model's sampler is its training scheduler; a DDPM one's keeps the training betas

@@ -357,8 +357,12 @@ def test_evaluation_mistakes_get_one_line_naming_the_flag(argv, capsys, flags, m
 
 @pytest.mark.parametrize(
     "objective",
-    [(), ("--prediction_type", "flow_matching", "--timestep_shift", "2", "--max_train_steps", "2")],
-    ids=["v_prediction", "flow_matching"],
+    [
+        (),
+        ("--prediction_type", "flow_matching", "--timestep_shift", "2", "--max_train_steps", "2"),
+        ("--min_snr_variant", "snr_plus_one"),
+    ],
+    ids=["v_prediction", "flow_matching", "min_snr_plus_one"],
 )
 def test_evaluate_script_reproduces_the_trainers_validation_loss_for_a_finished_run(argv, tmp_path, capsys, objective):
     import evaluate

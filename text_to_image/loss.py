@@ -111,17 +111,18 @@ class DiffusionObjective:
 
 def objective_for(diffusion: DiffusionConfig) -> DiffusionObjective:
     return DiffusionObjective(
-        weighting=weighting_for(diffusion),
+        weighting=weighting_for(diffusion.snr_gamma, diffusion.min_snr_variant),
         timesteps=timestep_sampling_for(diffusion),
         noise_offset=diffusion.noise_offset,
         input_perturbation=diffusion.input_perturbation,
     )
 
 
-def weighting_for(diffusion: DiffusionConfig) -> LossWeighting:
-    if diffusion.min_snr_variant == "snr_plus_one":
-        return MinSnrPlusOneWeighting(diffusion.snr_gamma)
-    return MinSnrWeighting(diffusion.snr_gamma)
+def weighting_for(snr_gamma: float, min_snr_variant: str) -> LossWeighting:
+    """--snr_gamma and --min_snr_variant; also how examples/evaluate.py weighs a saved model's held-out loss."""
+    if min_snr_variant == "snr_plus_one":
+        return MinSnrPlusOneWeighting(snr_gamma)
+    return MinSnrWeighting(snr_gamma)
 
 
 def timestep_sampling_for(diffusion: DiffusionConfig) -> TimestepSampling:
