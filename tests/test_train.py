@@ -714,15 +714,17 @@ def test_original_scripts_unet_at_32px_warns_trains_resumes_and_samples(argv, tm
     from pipeline_text_to_image import TextToImagePipeline
 
     seed_unet = Path(trainer.__file__).parent / "examples" / "seed_unet.json"
+    # one step a run and a one-image grid: this UNet takes seconds a step at 32 px on a CPU
     flags = ["--model_config_name_or_path", str(seed_unet), "--resolution", "32", "--train_batch_size", "2"]
+    flags += ["--eval_batch_size", "1"]
     with caplog.at_level("WARNING", logger="text_to_image"):
-        run_ok(argv(*flags, "--max_train_steps", "2", "--checkpointing_steps", "1", "--checkpoints_total_limit", "1"))
+        run_ok(argv(*flags, "--max_train_steps", "1", "--checkpointing_steps", "1", "--checkpoints_total_limit", "1"))
     warnings = [
         record.getMessage() for record in caplog.records if "levels take --resolution 32" in record.getMessage()
     ]
     assert len(warnings) == 1 and "32/16/8/4/2/1/1/1 px: levels 5-8" in warnings[0]
-    run_ok(argv(*flags, "--max_train_steps", "3", "--resume_from_checkpoint", "latest"))
-    assert [path.name for path in list_checkpoints(tmp_path / "out")] == ["checkpoint-2", "checkpoint-3"]
+    run_ok(argv(*flags, "--max_train_steps", "2", "--resume_from_checkpoint", "latest"))
+    assert [path.name for path in list_checkpoints(tmp_path / "out")] == ["checkpoint-1", "checkpoint-2"]
     pipeline = TextToImagePipeline.from_pretrained(tmp_path / "out")
     assert len(pipeline.unet.config.down_block_types) == 8
     images = pipeline(["a red square"], num_inference_steps=2, output_type="np").images
