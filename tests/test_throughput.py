@@ -57,8 +57,10 @@ def test_cpu_dry_run_times_the_trainers_rows_names_the_skipped_and_compares_the_
             assert figure(values[column]) > 0, (column, cells)
         assert values["MFU"].endswith("%") and float(values["MFU"][:-1]) > 0
         assert values[header[10]] == "–"
-        # on the CPU nothing waits for a device: the step's host time is its wall time
-        assert abs(figure(values["host ms per step"]) - figure(values["wall ms per step"])) < 1
+        # on the CPU nothing waits for a device: the step's host time is its wall time, but for the loop between
+        # steps and, on a busy machine, the moments the process waited for a core (2.3 ms of ~60 seen, 3 workers)
+        host, wall = figure(values["host ms per step"]), figure(values["wall ms per step"])
+        assert host <= wall and wall - host <= max(1, 0.1 * wall)
         graphed_note = "--cuda_graphs needs CUDA: the trainer stepped eagerly"
         assert values["note"] == (graphed_note if values["mode"] == "graphed" else "")
     # a bigger UNet costs more per image
