@@ -211,6 +211,18 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    # longest first: pytest-xdist hands tests out in this order, so a slow test started last would leave the other
-    # workers idle at the end. A stable sort keeps the order within each group, the same in every worker.
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """Slow tests first in every worker's share, so that none starts late and leaves the others idle at the end.
+
+    `--dist worksteal` gives worker k the k-th of N equal runs of this list, and an idle worker steals the tail of
+    another's: with the slow tests all at the front (one worker's share) the others stole them back late, and the
+    suite ended on one 50-second test. Every worker computes the same order, as xdist requires."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    fast = iter([item for item in items if not item.get_closest_marker("slow")])
+    ordered, left = [], len(items)
+    for share in range(workers):
+        size = left // (workers - share)  # the split xdist's worksteal makes of what is left
+        mine = slow[share::workers]
+        ordered += mine + [next(fast) for _ in range(max(0, size - len(mine)))]
+        left -= size
+    items[:] = ordered + list(fast)
