@@ -18,8 +18,8 @@ UNet call) with the seed's way (1000 DDPM steps, one prompt at a time, extrapola
 The full run sets up each group of configurations ((a) fp32, (a) bf16, (b)) in one process and
 times their optimizer steps in turn with all the threads, so that the ratios compare steps taken
 seconds apart; setup time and peak memory come from one process per configuration. --quick runs two
-worker processes at a time, one torch thread each, one timed step, 2-step grids and no "padded to
-the longest" rows, so the smoke test is short. bf16 rows are left out of a full run on a CPU
+worker processes at a time, forked from one that imported torch and the trainer once, one torch thread
+each, one timed step, 2-step grids and no "padded to the longest" rows, so the smoke test is short. bf16 rows are left out of a full run on a CPU
 without native bf16 (AVX512-BF16 or AMX), which emulates it.
 """
 
@@ -259,25 +259,37 @@ def measure_sampling(task: dict) -> dict:
     }
 
 
-def run_worker(task: dict, threads: int | None = None) -> dict:
-    """Run one measurement in a fresh Python process; its result comes back as JSON on the last line."""
+def run_worker(task: dict, threads: int | None = None, quick: bool = False) -> dict:
+    """Run one measurement in a fresh Python process; its result comes back as JSON on the last line.
+
+    --quick forks it from gpu_check's fork server (torch and the trainer imported once), as gpu_check's CPU dry
+    run does: its numbers mean nothing, and each worker would otherwise spend 5-10 s importing them."""
     environment = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     if threads:
         environment["OMP_NUM_THREADS"] = str(threads)
     started = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(task)], capture_output=True, text=True, env=environment
-    )
-    if result.returncode != 0:
-        sys.exit(f"error: benchmark worker '{task['name']}' failed:\n{result.stderr[-3000:]}")
+    arguments = [__file__, "--worker", json.dumps(task)]
+    if quick:
+        import gpu_check
+
+        returncode, stdout, stderr = gpu_check.run_preloaded(arguments, environment, timeout=600)
+    else:
+        result = subprocess.run([sys.executable, *arguments], capture_output=True, text=True, env=environment)
+        returncode, stdout, stderr = result.returncode, result.stdout, result.stderr
+    if returncode != 0:
+        sys.exit(f"error: benchmark worker '{task['name']}' failed:\n{stderr[-3000:]}")
     print(f"{task['name']}: measured in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def worker_main(task: dict) -> None:
     import logging
 
+    import torch
+
     logging.basicConfig(level=logging.WARNING)
+    if "OMP_NUM_THREADS" in os.environ:  # a forked worker's torch was imported before the variable was set
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     if task["kind"] == "setup":
         result = measure_setup_and_memory(task["argv"])
     elif task["kind"] == "speed":
@@ -292,7 +304,7 @@ def run_workers(tasks: list[dict], quick: bool) -> list[dict]:
     if not quick:
         return [run_worker(task) for task in tasks]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return list(pool.map(lambda task: run_worker(task, threads=1), tasks))
+        return list(pool.map(lambda task: run_worker(task, threads=1, quick=True), tasks))
 
 
 # ---- the table ----
