@@ -98,6 +98,23 @@ def write_imagefolder(folder: Path, count: int = 16, size: int = 16, captions=No
     return folder
 
 
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """A folder `make(folder)` fills once per test session, shared by the pytest-xdist workers: the first worker to
+    ask makes it, the others wait for it (a session fixture would be made again in every worker)."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    # the workers' temporary folders sit side by side in one of this session's own
+    root = base.parent if "PYTEST_XDIST_WORKER" in os.environ else base
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            make(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_text_encoder_dir(tmp_path_factory) -> Path:
     """A 2-layer, 64-wide CLIPTextModel + CLIPTokenizer with a vocabulary from the test captions."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import made_once
 from diffusers import DDPMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -77,10 +78,26 @@ def fit_unet(config: dict, prediction_type: str, steps: int = FIT_STEPS) -> UNet
     return unet.eval()
 
 
+def fitted_once(tmp_path_factory, config: dict, name: str, fit) -> UNet2DConditionModel:
+    """`fit()`'s UNet, fitted by one worker and loaded by the others (the fit is seeded: the same weights)."""
+
+    def save(folder: Path) -> None:
+        torch.save(fit().state_dict(), folder / "unet.pt")
+
+    unet = UNet2DConditionModel.from_config(config)
+    unet.load_state_dict(torch.load(made_once(tmp_path_factory, name, save) / "unet.pt"))
+    return unet.eval()
+
+
 @pytest.fixture(scope="session")
-def fitted_unets(tiny_unet_config_file) -> dict[str, UNet2DConditionModel]:
+def fitted_unets(tiny_unet_config_file, tmp_path_factory) -> dict[str, UNet2DConditionModel]:
     config = json.loads(tiny_unet_config_file.read_text())
-    return {prediction_type: fit_unet(config, prediction_type) for prediction_type in PREDICTION_TYPES}
+    return {
+        prediction_type: fitted_once(
+            tmp_path_factory, config, f"fitted-{prediction_type}", lambda kind=prediction_type: fit_unet(config, kind)
+        )
+        for prediction_type in PREDICTION_TYPES
+    }
 
 
 def build_pipeline(unet, text_parts, scheduler_name="dpm", beta_schedule="linear", prediction_type="epsilon"):
@@ -437,8 +454,9 @@ def fit_flow_unet(config: dict, steps: int = FIT_STEPS) -> UNet2DConditionModel:
 
 
 @pytest.fixture(scope="session")
-def flow_unet(tiny_unet_config_file) -> UNet2DConditionModel:
-    return fit_flow_unet(json.loads(tiny_unet_config_file.read_text()))
+def flow_unet(tiny_unet_config_file, tmp_path_factory) -> UNet2DConditionModel:
+    config = json.loads(tiny_unet_config_file.read_text())
+    return fitted_once(tmp_path_factory, config, "fitted-flow", lambda: fit_flow_unet(config))
 
 
 def build_flow_pipeline(unet, text_parts, shift: float = 1.0) -> TextToImagePipeline:
