@@ -51,6 +51,9 @@ COMMON_FLAGS = [
     "--logger", "none",
     "--save_images_epochs", "100000", "--save_model_epochs", "100000",
     "--validation_split", "0",  # every shape trains, as in the runs before held-out images existed
+    # the loss weighting and UNet these recipes were measured with (the defaults until 2026-12-07); a recipe's UNet
+    # config still brings its own pooled caption (recipe(pooled=True))
+    "--min_snr_variant", "snr", "--no-pooled_text",
 ]  # fmt: skip
 
 
@@ -172,6 +175,11 @@ RECIPES = {
     "tiny defaults, no min-SNR, pooled": defaults("tiny", "--snr_gamma", "0", "--pooled_text"),
     "tiny defaults, min-SNR+1": defaults("tiny", "--min_snr_variant", "snr_plus_one"),
     "tiny defaults, min-SNR+1, pooled": defaults("tiny", "--min_snr_variant", "snr_plus_one", "--pooled_text"),
+    # the true defaults before min-SNR+1 and the pooled caption became them (learning-rates.md's "tiny defaults")
+    **{
+        f"{size} defaults until 2026-12-07": defaults(size, "--min_snr_variant", "snr", "--no-pooled_text")
+        for size in ("tiny", "small", "base")
+    },
     "tiny defaults, flow matching, logit-normal": defaults(
         "tiny", "--prediction_type", "flow_matching", "--timestep_sampling", "logit_normal"
     ),

@@ -45,6 +45,7 @@ sys.path.insert(0, str(EXAMPLES))
 
 UNCACHED = ["--no_caption_cache", "--image_cache_max_gb", "0"]
 SEED_PADDING = ["--caption_max_length", "77"]  # the seed padded every caption to CLIP's 77 tokens
+SEED_UNET = ["--no-pooled_text"]  # the seed's UNet as it was: no pooled-caption embedding
 GRID_IMAGES = 16
 SEED_SAMPLING_STEPS = 1000
 
@@ -68,11 +69,16 @@ def training_configs(quick: bool, bf16: bool) -> list[dict]:
     seed_short = [] if quick else [{**seed, **short, "name": UNCACHED_SHORT.format("(a) seed")}]
     small_short = [] if quick else [{**small, **short, "name": UNCACHED_SHORT.format("(b) small")}]
     return [
-        {**seed, "name": SEEDS_WAY.format("(a) seed"), "flags": UNCACHED + SEED_PADDING, "baseline": True},
+        {**seed, "name": SEEDS_WAY.format("(a) seed"), "flags": UNCACHED + SEED_PADDING + SEED_UNET, "baseline": True},
         *seed_short,
         {**seed, "name": "(a) seed config, cached", "flags": []},
         *(with_bf16 if bf16 else []),
-        {**small, "name": SEEDS_WAY.format("(b) small"), "flags": UNCACHED + SEED_PADDING, "baseline": True},
+        {
+            **small,
+            "name": SEEDS_WAY.format("(b) small"),
+            "flags": UNCACHED + SEED_PADDING + SEED_UNET,
+            "baseline": True,
+        },
         *small_short,
         {**small, "name": "(b) small config, cached", "flags": []},
     ]

@@ -67,6 +67,8 @@ def recipe(*flags: str, batch: int = DEFAULT_BATCH, unet: dict | None = None) ->
 RECIPES = {
     # what a user gets who passes only data, encoder, size, batch and steps
     "defaults": recipe(),
+    # the defaults this file's tables measured before min-SNR+1 and the pooled caption became them (2026-12-07)
+    "defaults until 2026-12-07": recipe("--min_snr_variant", "snr", "--no-pooled_text"),
     # the quickstart's way: the caption-vocabulary encoder trained with the UNet
     "joint encoder": recipe("--train_text_encoder"),
     # min-SNR-5 weights the x0 error of the noisiest steps, where the named thing is decided, by SNR ~ 0

@@ -99,7 +99,7 @@ def test_the_benchmark_tables_each_point_and_each_recipes_mean_crossings():
 def test_pooled_text_adds_the_pooled_caption_to_the_unet_and_the_pipeline_samples_with_it(argv, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    run_ok(argv("--pooled_text", "--max_train_steps", "2"))
+    run_ok(argv("--max_train_steps", "2"))  # on by default since 2026-12-07
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "out", subfolder="unet")
     assert unet.config.addition_embed_type == "text" and unet.add_embedding is not None
     assert unet.config.addition_embed_type_num_heads == 64  # a divisor of the 64-wide test encoder
@@ -118,7 +118,11 @@ def test_no_pooled_text_parses_and_a_config_keeps_its_own_addition_embedding(tmp
 
 
 def test_resuming_with_pooled_text_turned_on_or_off_is_refused_in_one_line(argv, capsys):
-    run_ok(argv("--max_train_steps", "2"))
-    error = run_error(argv("--max_train_steps", "4", "--pooled_text", "--resume_from_checkpoint", "latest"), capsys)
+    run_ok(argv("--max_train_steps", "2", "--no-pooled_text"))  # as a run from before the default changed
+    error = run_error(argv("--max_train_steps", "4", "--resume_from_checkpoint", "latest"), capsys)
     assert "that run trained without --pooled_text" in error and "pass --no-pooled_text to resume it" in error
+    assert "a run started before then also needs --min_snr_variant snr" in error
     assert "Traceback" not in error and len([line for line in error.splitlines() if "pooled_text" in line]) == 1
+    run_ok(argv("--max_train_steps", "4", "--overwrite_output_dir"))
+    error = run_error(argv("--max_train_steps", "6", "--no-pooled_text", "--resume_from_checkpoint", "latest"), capsys)
+    assert "that run trained with --pooled_text" in error and "pass --pooled_text to resume it, or" in error

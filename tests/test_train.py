@@ -180,9 +180,9 @@ def test_min_snr_plus_one_keeps_the_noisy_v_steps_at_one_and_caps_the_clean_ones
     assert torch.equal(MinSnrPlusOneWeighting(0.0)(snr, "v_prediction"), torch.ones(5))
     for other in ("epsilon", "sample", "flow_matching"):  # weighed as plain min-SNR
         assert torch.equal(weighting(snr, other), min_snr_weights(snr, 5.0, other))
-    chosen = objective_for(DiffusionConfig.from_args(parse_args(["--min_snr_variant", "snr_plus_one"])))
-    assert chosen.weighting == MinSnrPlusOneWeighting(5.0)
-    assert objective_for(DiffusionConfig.from_args(parse_args([]))).weighting == MinSnrWeighting(5.0)
+    chosen = objective_for(DiffusionConfig.from_args(parse_args(["--min_snr_variant", "snr"])))
+    assert chosen.weighting == MinSnrWeighting(5.0)
+    assert objective_for(DiffusionConfig.from_args(parse_args([]))).weighting == MinSnrPlusOneWeighting(5.0)
 
 
 @pytest.mark.parametrize("prediction_type", ["sample", "v_prediction"])

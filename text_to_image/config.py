@@ -355,11 +355,13 @@ class ModelConfig(FlagGroup):
         choices=list(MODEL_SIZES),
     )
     pooled_text: bool = flag(
-        False,
+        True,
         "Also add the caption, pooled by attention, to the UNet's timestep embedding (diffusers' addition_embed_type"
         " 'text', as Imagen and SDXL do): every ResNet block then sees which caption it draws, not only the"
         " cross-attention layers. For the --model_size UNet and a --model_config_name_or_path config alike, except one"
-        " that has an addition_embed_type of its own (kept).",
+        " that has an addition_embed_type of its own (kept). On by default since 2026-12-07 (with --min_snr_variant"
+        " snr_plus_one a frozen encoder's UNet draws the thing named, docs/results/real-images.md); --no-pooled_text"
+        " for the UNet without it.",
     )
     gradient_checkpointing: bool = flag(
         False,
@@ -436,11 +438,12 @@ class DiffusionConfig(FlagGroup):
         "Min-SNR-gamma loss weighting (arXiv:2303.09556); 0 turns it off. Ignored with --prediction_type flow_matching (plain MSE on the velocity).",
     )
     min_snr_variant: str = flag(
-        "snr",
+        "snr_plus_one",
         "What --snr_gamma caps: snr, the paper's min(SNR, gamma) weight on the x0 error (with v_prediction the noisiest"
         " steps, where the caption decides what is drawn, weigh ~0), or snr_plus_one, min(SNR + 1, gamma): with"
         " v_prediction the noisy steps keep plain v-MSE's weight 1 and only the cleaner steps (SNR > gamma - 1) are"
-        " capped. v_prediction only: epsilon's min-SNR already keeps its noisy steps at 1, and sample weighs as snr.",
+        " capped (the default since 2026-12-07; snr before). v_prediction only: epsilon's min-SNR already keeps its noisy"
+        " steps at 1, and sample weighs as snr.",
         choices=["snr", "snr_plus_one"],
     )
     timestep_sampling: str = flag(

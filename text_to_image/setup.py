@@ -494,6 +494,10 @@ def check_checkpoint_augmentation(checkpoint: Path, augmentation: bool) -> None:
         )
 
 
+# a run from before both defaults changed resumes as it trained only with both old values
+SINCE_POOLED_DEFAULT = " (on by default since 2026-12-07; a run started before then also needs --min_snr_variant snr)"
+
+
 def check_checkpoint_pooled_text(checkpoint: Path, pooled_text: bool) -> None:
     """--pooled_text adds the UNet's pooled-caption embedding: resume with the setting the run was trained with."""
     trained_with = checkpoint_has_weights(checkpoint, "add_embedding.")
@@ -502,7 +506,7 @@ def check_checkpoint_pooled_text(checkpoint: Path, pooled_text: bool) -> None:
         raise UserError(
             f"--resume_from_checkpoint {checkpoint}: that run trained {'with' if trained_with else 'without'}"
             f" --pooled_text (its UNet's pooled-caption embedding {'is' if trained_with else 'is not'} there);"
-            f" pass {flag} to resume it, or start a new --output_dir"
+            f" pass {flag} to resume it{SINCE_POOLED_DEFAULT if not trained_with else ''}, or start a new --output_dir"
         )
 
 
