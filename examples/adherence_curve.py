@@ -503,7 +503,7 @@ def plot(
     x_of = lambda x: margin + (width - 2 * margin) * x / most  # noqa: E731
     y_of = lambda share: height - margin - (height - 2 * margin) * min(share, top) / top  # noqa: E731
     draw.line([(margin, margin), (margin, height - margin), (width - margin, height - margin)], fill="black")
-    for share in levels:
+    for share in (level for level in levels if level <= top):  # a level above the top would be drawn on it
         draw.line([(margin, y_of(share)), (width - margin, y_of(share))], fill=(200, 200, 200))
         draw.text((4, y_of(share) - 6), f"{share:.0%}", fill="black")
     right_end = f"{most / 1000:g}k" if most >= 1000 else f"{most:g}"
