@@ -42,6 +42,10 @@ from make_shapes_dataset import all_prompts, caption  # noqa: E402
 SHAPES_UNET = HERE / "shapes_unet.json"
 THRESHOLDS = (0.5, 0.9)
 
+# the loss weighting and UNet of the trainer's defaults until 2026-12-07 (min-SNR as the paper has it, no pooled
+# caption): what the recipes measured before then pin, so that their tables repeat
+DEFAULTS_UNTIL_2026_12_07 = ("--min_snr_variant", "snr", "--no-pooled_text")
+
 # Flags shared by every recipe: the quickstart's run with its encoder frozen.
 COMMON_FLAGS = [
     "--resolution", "16",
@@ -51,9 +55,7 @@ COMMON_FLAGS = [
     "--logger", "none",
     "--save_images_epochs", "100000", "--save_model_epochs", "100000",
     "--validation_split", "0",  # every shape trains, as in the runs before held-out images existed
-    # the loss weighting and UNet these recipes were measured with (the defaults until 2026-12-07); a recipe's UNet
-    # config still brings its own pooled caption (recipe(pooled=True))
-    "--min_snr_variant", "snr", "--no-pooled_text",
+    *DEFAULTS_UNTIL_2026_12_07,  # a recipe's UNet config still brings its own pooled caption (recipe(pooled=True))
 ]  # fmt: skip
 
 
@@ -177,7 +179,7 @@ RECIPES = {
     "tiny defaults, min-SNR+1, pooled": defaults("tiny", "--min_snr_variant", "snr_plus_one", "--pooled_text"),
     # the true defaults before min-SNR+1 and the pooled caption became them (learning-rates.md's "tiny defaults")
     **{
-        f"{size} defaults until 2026-12-07": defaults(size, "--min_snr_variant", "snr", "--no-pooled_text")
+        f"{size} defaults until 2026-12-07": defaults(size, *DEFAULTS_UNTIL_2026_12_07)
         for size in ("tiny", "small", "base")
     },
     "tiny defaults, flow matching, logit-normal": defaults(

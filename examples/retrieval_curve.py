@@ -43,6 +43,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 from adherence_curve import (  # noqa: E402
+    DEFAULTS_UNTIL_2026_12_07,
     checkpoint_step,
     complete_checkpoints,
     interpolated_crossing,
@@ -68,7 +69,7 @@ RECIPES = {
     # what a user gets who passes only data, encoder, size, batch and steps
     "defaults": recipe(),
     # the defaults this file's tables measured before min-SNR+1 and the pooled caption became them (2026-12-07)
-    "defaults until 2026-12-07": recipe("--min_snr_variant", "snr", "--no-pooled_text"),
+    "defaults until 2026-12-07": recipe(*DEFAULTS_UNTIL_2026_12_07),
     # the quickstart's way: the caption-vocabulary encoder trained with the UNet
     "joint encoder": recipe("--train_text_encoder"),
     # min-SNR-5 weights the x0 error of the noisiest steps, where the named thing is decided, by SNR ~ 0

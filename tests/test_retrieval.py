@@ -117,6 +117,24 @@ def test_no_pooled_text_parses_and_a_config_keeps_its_own_addition_embedding(tmp
     assert build_unet(str(config), 16, 64, pooled_text=True).config.addition_embed_type == "text_image"
 
 
+def test_the_recipes_of_the_old_defaults_train_as_the_trainer_did_before_2026_12_07():
+    import adherence_curve
+
+    from text_to_image.config import parse_args
+
+    old = {"min_snr_variant": "snr", "pooled_text": False}
+    new = {"min_snr_variant": "snr_plus_one", "pooled_text": True}
+    flags_of = {
+        "retrieval defaults until 2026-12-07": retrieval_curve.RECIPES["defaults until 2026-12-07"]["flags"],
+        "adherence tiny defaults until 2026-12-07": adherence_curve.RECIPES["tiny defaults until 2026-12-07"]["flags"],
+        "adherence quickstart-UNet recipes": adherence_curve.COMMON_FLAGS,
+        "retrieval defaults": retrieval_curve.RECIPES["defaults"]["flags"],
+    }
+    for name, flags in flags_of.items():
+        parsed = vars(parse_args(list(flags)))
+        assert {key: parsed[key] for key in old} == (new if name == "retrieval defaults" else old), name
+
+
 def test_resuming_with_pooled_text_turned_on_or_off_is_refused_in_one_line(argv, capsys):
     run_ok(argv("--max_train_steps", "2", "--no-pooled_text"))  # as a run from before the default changed
     error = run_error(argv("--max_train_steps", "4", "--resume_from_checkpoint", "latest"), capsys)
