@@ -54,6 +54,7 @@ def score_run(run: Path, reference: Reference, settings: list[tuple[float, int]]
         scorer.guidance, scorer.steps = guidance, steps
         scores = scorer(checkpoint, run / f"guidance-{guidance:g}-steps-{steps}.png")
         rows.append({"run": run.name, "guidance": guidance, "steps": steps, **scores})
+        print(f"{run.name}, guidance {guidance:g}, {steps} steps: top-10 {scores['top10']:.1%}", flush=True)
     return rows
 
 
