@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--images", type=int, default=25600, help="Images each run trains on.")
     parser.add_argument("--eval_every", type=int, default=6400, help="Score a checkpoint every this many images.")
-    parser.add_argument("--guidance_scale", type=float, default=3.0, help="The grids' and the pipeline's default.")
+    parser.add_argument("--guidance_scale", type=float, default=3.0, help="3: as real-images.md's tables scored.")
     parser.add_argument(
         "--num_inference_steps",
         type=int,

@@ -115,3 +115,13 @@ def test_a_run_trained_without_ema_resumes_only_with_no_use_ema(argv, capsys):
     error = run_error(argv("--max_train_steps", "4", "--resume_from_checkpoint", "latest"), capsys)
     assert "that run trained without an EMA and --use_ema is on" in error and "pass --no-use_ema" in error
     run_ok(argv("--no-use_ema", "--max_train_steps", "4", "--resume_from_checkpoint", "latest"))
+
+
+def test_grids_and_the_pipeline_sample_at_guidance_5_by_default_and_the_old_3_is_a_flag():
+    import inspect
+
+    from pipeline_text_to_image import TextToImagePipeline
+
+    pipeline_default = inspect.signature(TextToImagePipeline.__call__).parameters["guidance_scale"].default
+    assert pipeline_default == parse_args(["--train_data_dir", "data"]).guidance_scale == 5.0
+    assert parse_args(["--train_data_dir", "data", "--guidance_scale", "3"]).guidance_scale == 3.0

@@ -694,8 +694,8 @@ class OutputConfig(FlagGroup):
         "Sampling steps for the sample grids (DPM-Solver++).",
     )
     guidance_scale: float = flag(
-        3.0,
-        "Classifier-free guidance scale for the grids (1 turns it off).",
+        5.0,
+        "Classifier-free guidance scale for the grids and the caption effect (1 turns it off; 3.0 until 2026-12-07).",
     )
     logger: str = flag(
         "tensorboard",
