@@ -144,3 +144,17 @@ def test_resuming_with_pooled_text_turned_on_or_off_is_refused_in_one_line(argv,
     run_ok(argv("--max_train_steps", "4", "--overwrite_output_dir"))
     error = run_error(argv("--max_train_steps", "6", "--no-pooled_text", "--resume_from_checkpoint", "latest"), capsys)
     assert "that run trained with --pooled_text" in error and "pass --pooled_text to resume it, or" in error
+
+
+def test_the_pooled_captions_key_bias_gets_no_gradient_so_no_machine_walks_it_on_rounding_noise():
+    from text_to_image.models import build_unet
+
+    torch.manual_seed(0)
+    unet = build_unet(None, 16, 64, "tiny", pooled_text=True)
+    text = torch.randn(2, 5, 64)
+    unet(
+        torch.randn(2, 3, 16, 16), torch.tensor([10, 900]), encoder_hidden_states=text
+    ).sample.square().mean().backward()
+    key = unet.add_embedding.pool.k_proj
+    assert torch.equal(key.bias.grad, torch.zeros_like(key.bias))  # the softmax ignores a shift shared by all keys
+    assert key.weight.grad.abs().sum() > 0

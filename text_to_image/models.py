@@ -347,9 +347,21 @@ def build_unet(
     config.update(sample_size=resolution, cross_attention_dim=cross_attention_dim)
     fit_text_pooling_heads(config, cross_attention_dim)
     try:
-        return UNet2DConditionModel.from_config(config)
+        unet = UNet2DConditionModel.from_config(config)
     except (TypeError, ValueError) as error:
         raise UserError(f"--model_config_name_or_path: the UNet config is not valid: {error}") from error
+    zero_the_pooled_key_bias_gradient(unet)
+    return unet
+
+
+def zero_the_pooled_key_bias_gradient(unet) -> None:
+    """The pooled caption's attention pooling (diffusers' AttentionPooling) adds its key bias to every key alike,
+    which the softmax ignores: its gradient is 0 in exact arithmetic and rounding noise in practice, which AdamW
+    scales up to a full learning-rate step, different with each process count and memory layout. Made exactly 0,
+    the bias moves by weight decay alone, the same everywhere (the model's output never depended on it)."""
+    pooling = getattr(getattr(unet, "add_embedding", None), "pool", None)
+    if pooling is not None and pooling.k_proj.bias is not None:
+        pooling.k_proj.bias.register_hook(torch.zeros_like)
 
 
 def build_noise_scheduler(diffusion: DiffusionConfig):
