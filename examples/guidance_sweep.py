@@ -46,6 +46,15 @@ def chosen_checkpoint(run: Path, images: int | None, batch: int) -> Path:
     return by_images[images]
 
 
+def trained_resolution(runs: list[Path]) -> int:
+    """The runs' resolution, from their saved pipelines; a run without one (still training?) is named."""
+    configs = [run / "model" / "unet" / "config.json" for run in runs]
+    missing = [str(run) for run, config in zip(runs, configs, strict=True) if not config.is_file()]
+    if missing:
+        raise SystemExit(f"no saved pipeline in {', '.join(missing)} (still training?): nothing to sample with")
+    return json.loads(configs[0].read_text())["sample_size"]
+
+
 def score_run(run: Path, reference: Reference, settings: list[tuple[float, int]], checkpoint: Path) -> list[dict]:
     """One row per (guidance, steps): the retrieval scores of `checkpoint`'s EMA weights, and its grid."""
     scorer = Scorer(run / "model", reference, guidance=settings[0][0], steps=settings[0][1])
@@ -92,7 +101,7 @@ def main(argv: list[str] | None = None) -> str:
     settings = list(itertools.product(args.guidance_scales, args.num_inference_steps))
     # the runs of one sweep share the caption-vocabulary encoder retrieval_curve.py made beside them
     encoder = args.runs[0].parent / "text-encoder"
-    resolution = json.loads((args.runs[0] / "model" / "unet" / "config.json").read_text())["sample_size"]
+    resolution = trained_resolution(args.runs)
     reference = Reference(args.data.resolve(), resolution, encoder)
     rows = []
     for run in args.runs:

@@ -45,3 +45,11 @@ def test_a_checkpoint_the_run_did_not_keep_is_named_with_the_ones_it_did(two_run
     data, runs = two_runs
     with pytest.raises(SystemExit, match=r"no checkpoint at --images 12 \(kept: 8, 16\)"):
         guidance_sweep.main(["--data", str(data), "--runs", str(runs[0]), "--images", "12", "--batch", "4"])
+
+
+def test_a_run_without_a_saved_pipeline_is_named(two_runs, tmp_path):
+    data, runs = two_runs
+    unfinished = tmp_path / "defaults-seed9"
+    (unfinished / "model" / "checkpoint-2").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"no saved pipeline in .*defaults-seed9 \(still training\?\)"):
+        guidance_sweep.main(["--data", str(data), "--runs", str(runs[0]), str(unfinished)])
