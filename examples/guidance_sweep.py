@@ -27,9 +27,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from adherence_curve import checkpoint_step, complete_checkpoints, markdown_table  # noqa: E402
-from retrieval_curve import DEFAULT_BATCH, Reference, Scorer  # noqa: E402
+from retrieval_curve import DEFAULT_BATCH, SCORE_HEADER, Reference, Scorer, score_cells  # noqa: E402
 
-SCORES = ("top1", "top10", "median_rank", "caption_effect")
+MEANED = ("top1", "top10", "caption_effect")  # and the median rank's median
 
 
 def chosen_checkpoint(run: Path, images: int | None, batch: int) -> Path:
@@ -68,11 +68,7 @@ def score_run(run: Path, reference: Reference, settings: list[tuple[float, int]]
 
 
 def format_rows(rows: list[dict], chance: float) -> list[list[str]]:
-    return [
-        [row["run"], f"{row['guidance']:g}", str(row["steps"]), f"{row['top1']:.1%}", f"{row['top10']:.1%}"]
-        + [f"{row['top10'] / chance:.1f}x", f"{row['median_rank']:g}", f"{row['caption_effect']:.2f}"]
-        for row in rows
-    ]
+    return [[row["run"], f"{row['guidance']:g}", str(row["steps"]), *score_cells(row, chance)] for row in rows]
 
 
 def mean_rows(rows: list[dict], settings: list[tuple[float, int]]) -> list[dict]:
@@ -80,7 +76,7 @@ def mean_rows(rows: list[dict], settings: list[tuple[float, int]]) -> list[dict]
     means = []
     for guidance, steps in settings:
         same = [row for row in rows if (row["guidance"], row["steps"]) == (guidance, steps)]
-        mean = {name: statistics.fmean(row[name] for row in same) for name in SCORES}
+        mean = {name: statistics.fmean(row[name] for row in same) for name in MEANED}
         mean["median_rank"] = statistics.median(row["median_rank"] for row in same)
         means.append({"run": f"mean of {len(same)}", "guidance": guidance, "steps": steps, **mean})
     return means
@@ -110,7 +106,7 @@ def main(argv: list[str] | None = None) -> str:
     chance = 10 / len(reference)
     if len(args.runs) > 1:
         rows += mean_rows(rows, settings)
-    header = ["run", "guidance", "steps", "top-1", "top-10", "top-10 / chance", "median rank", "effect"]
+    header = ["run", "guidance", "steps", *SCORE_HEADER]
     text = f"{len(reference)} training images: top-10 chance {chance:.2%}\n\n"
     text += markdown_table(header, format_rows(rows, chance))
     print(text)

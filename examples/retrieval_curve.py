@@ -253,12 +253,21 @@ def curve(points: list[dict], x: str, y: str) -> dict[float, float]:
     return {point[x]: point[y] for point in points}
 
 
+SCORE_HEADER = ["top-1", "top-10", "top-10 / chance", "median rank", "effect"]
+
+
+def score_cells(scores: dict, chance: float) -> list[str]:
+    """A Scorer's scores as table cells, in SCORE_HEADER's order."""
+    top1, top10 = scores["top1"], scores["top10"]
+    rank, effect = scores["median_rank"], scores["caption_effect"]
+    return [f"{top1:.1%}", f"{top10:.1%}", f"{top10 / chance:.1f}x", f"{rank:g}", f"{effect:.2f}"]
+
+
 def format_table(runs: dict[tuple[str, int], list[dict]], chance: float) -> str:
     """A row per run and point: images, minutes, top-1, top-10 (x chance), median rank, caption effect."""
-    header = ["recipe", "seed", "images", "minutes", "top-1", "top-10", "top-10 / chance", "median rank", "effect"]
+    header = ["recipe", "seed", "images", "minutes", *SCORE_HEADER]
     rows = [
-        [name, str(seed), f"{p['images'] / 1000:g}k", f"{p['minutes']:.1f}", f"{p['top1']:.1%}", f"{p['top10']:.1%}"]
-        + [f"{p['top10'] / chance:.1f}x", f"{p['median_rank']:g}", f"{p['caption_effect']:.2f}"]
+        [name, str(seed), f"{p['images'] / 1000:g}k", f"{p['minutes']:.1f}", *score_cells(p, chance)]
         for (name, seed), points in runs.items()
         for p in points
     ]
