@@ -22,6 +22,9 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(
+    1, str(Path(__file__).resolve().parents[1])
+)  # pipeline_text_to_image, imported with torch when generating
 from make_shapes_dataset import BACKGROUND, COLOURS, SHAPES, SIZES, all_prompts, caption  # noqa: E402
 
 MIN_INK = 80  # an image whose most inked pixels are this close to white holds no shape
@@ -89,15 +92,13 @@ def format_scores(shares: dict[str, float], what: str) -> str:
     return f"{what}: " + ", ".join(parts)
 
 
-def generate(model: Path, images_per_prompt: int, steps: int, guidance: float, seed: int, scheduler: str):
+def generate(model: Path, images_per_prompt: int, steps: int, guidance: float, seed: int, scheduler: str | None):
     """Images for every prompt, one batched pipeline call per prompt group; returns (uint8 array, prompt)."""
     import torch
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from pipeline_text_to_image import TextToImagePipeline, make_sampling_scheduler
+    from pipeline_text_to_image import load_pipeline
 
-    pipeline = TextToImagePipeline.from_pretrained(model)
-    pipeline.scheduler = make_sampling_scheduler(scheduler, pipeline.scheduler.config)
+    pipeline = load_pipeline(model, scheduler, "cpu", None)
     pipeline.set_progress_bar_config(disable=True)
     prompts = all_prompts()
     generator = torch.Generator().manual_seed(seed)
@@ -139,7 +140,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--images_per_prompt", type=int, default=4)
     parser.add_argument("--num_inference_steps", type=int, default=25)
     parser.add_argument("--guidance_scale", type=float, default=3.0)
-    parser.add_argument("--scheduler", default="dpm", help="Sampler: ddpm, ddim, dpm, euler or unipc.")
+    parser.add_argument(
+        "--scheduler",
+        help="Sampler: ddpm, ddim, dpm, euler or unipc; default: the model's saved one (euler for flow matching).",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", type=Path, help="Also save every generated image as one grid PNG here.")
     args = parser.parse_args(argv)
@@ -150,9 +154,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     else:
         if not (args.model / "model_index.json").is_file():
             parser.error(f"--model {args.model}: no model_index.json there; train first (examples/quickstart.sh)")
-        samples = generate(
-            args.model, args.images_per_prompt, args.num_inference_steps, args.guidance_scale, args.seed, args.scheduler
-        )
+        from pipeline_text_to_image import IncompatibleSampler
+
+        try:
+            samples = generate(
+                args.model,
+                args.images_per_prompt,
+                args.num_inference_steps,
+                args.guidance_scale,
+                args.seed,
+                args.scheduler,
+            )
+        except IncompatibleSampler as error:
+            parser.error(f"--scheduler: {error}")
         what = f"{len(samples)} generated images ({args.model})"
     if args.grid:
         save_grid(samples, args.images_per_prompt * len(SIZES), args.grid)

@@ -536,6 +536,27 @@ def test_a_saved_flow_matching_folder_loads_as_a_custom_pipeline_and_samples_wit
     assert images.shape == (4, 16, 16, 3) and np.isfinite(images).all()
 
 
+def test_evaluate_shapes_samples_a_flow_matching_model_with_its_euler_and_refuses_dpm_in_one_line(
+    saved_flow_pipeline, capsys
+):
+    import evaluate_shapes
+
+    flags = ["--model", str(saved_flow_pipeline), "--images_per_prompt", "1", "--num_inference_steps", "2"]
+    shares = evaluate_shapes.main(flags)
+    assert set(shares) == {"colour", "shape", "size", "all"}
+    assert "36 generated images" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        evaluate_shapes.main([*flags, "--scheduler", "dpm"])
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .endswith(
+            "error: --scheduler: scheduler 'dpm' samples DDPM-trained models, but this model was trained with flow"
+            " matching; use 'euler' (FlowMatchEulerDiscreteScheduler)"
+        )
+    )
+
+
 def test_the_cli_refuses_a_ddpm_sampler_for_a_flow_matching_model_in_one_line(saved_flow_pipeline):
     with pytest.raises(SystemExit) as exit_info:
         main(["--model", str(saved_flow_pipeline), "--prompt", "a red square", "--scheduler", "dpm", "--device", "cpu"])
