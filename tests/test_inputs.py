@@ -156,7 +156,12 @@ def test_a_config_file_saved_by_a_windows_editor_is_read(tmp_path, name):
 def test_the_quickstart_config_reads_as_before():
     args = parse_args(["--config", str(Path(__file__).parents[1] / "examples" / "quickstart.yaml")])
     assert (args.train_text_encoder, args.overwrite_output_dir, args.use_ema) == (True, True, True)
-    assert (args.learning_rate, args.max_train_steps, args.max_train_time) == (0.002, 1600, "15m")
+    assert (args.learning_rate, args.max_train_steps, args.max_train_time) == (0.002, 1200, "15m")
+    assert (args.prediction_type, args.timestep_sampling, args.lr_scheduler) == (
+        "flow_matching",
+        "logit_normal",
+        "warmup_stable_decay",
+    )
     assert (args.guidance_scale, args.logger, len(args.validation_prompts)) == (3.0, "tensorboard", 8)
     assert args.validation_prompts[0] == "a large red circle"
 
