@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The quickstart: draw a captioned shapes dataset, make a small text encoder from its captions,
-# train a text-to-image model on them (4-12 minutes on a 2-core CPU, by machine) and score whether it draws
+# train a text-to-image model on them (4-10 minutes on a 2-core CPU, by machine) and score whether it draws
 # what the prompts ask for. Needs no download and no GPU.
 #
 #   bash examples/quickstart.sh                          # everything, with examples/quickstart.yaml
