@@ -22,9 +22,8 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(
-    1, str(Path(__file__).resolve().parents[1])
-)  # pipeline_text_to_image, imported with torch when generating
+# the repository root: pipeline_text_to_image, imported (with torch) only when generating
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from make_shapes_dataset import BACKGROUND, COLOURS, SHAPES, SIZES, all_prompts, caption  # noqa: E402
 
 MIN_INK = 80  # an image whose most inked pixels are this close to white holds no shape

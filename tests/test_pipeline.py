@@ -547,13 +547,10 @@ def test_evaluate_shapes_samples_a_flow_matching_model_with_its_euler_and_refuse
     assert "36 generated images" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         evaluate_shapes.main([*flags, "--scheduler", "dpm"])
-    assert (
-        capsys.readouterr()
-        .err.splitlines()[-1]
-        .endswith(
-            "error: --scheduler: scheduler 'dpm' samples DDPM-trained models, but this model was trained with flow"
-            " matching; use 'euler' (FlowMatchEulerDiscreteScheduler)"
-        )
+    last_line = capsys.readouterr().err.splitlines()[-1]
+    assert last_line.endswith(
+        "error: --scheduler: scheduler 'dpm' samples DDPM-trained models, but this model was trained with flow"
+        " matching; use 'euler' (FlowMatchEulerDiscreteScheduler)"
     )
 
 
