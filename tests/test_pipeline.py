@@ -536,6 +536,13 @@ def test_a_saved_flow_matching_folder_loads_as_a_custom_pipeline_and_samples_wit
     assert images.shape == (4, 16, 16, 3) and np.isfinite(images).all()
 
 
+# what both CLIs (pipeline_text_to_image.py, evaluate_shapes.py) print for --scheduler dpm on a flow-matching model
+REFUSED_DPM = (
+    "error: --scheduler: scheduler 'dpm' samples DDPM-trained models, but this model was trained with flow"
+    " matching; use 'euler' (FlowMatchEulerDiscreteScheduler)"
+)
+
+
 def test_evaluate_shapes_samples_a_flow_matching_model_with_its_euler_and_refuses_dpm_in_one_line(
     saved_flow_pipeline, capsys
 ):
@@ -548,16 +555,10 @@ def test_evaluate_shapes_samples_a_flow_matching_model_with_its_euler_and_refuse
     with pytest.raises(SystemExit):
         evaluate_shapes.main([*flags, "--scheduler", "dpm"])
     last_line = capsys.readouterr().err.splitlines()[-1]
-    assert last_line.endswith(
-        "error: --scheduler: scheduler 'dpm' samples DDPM-trained models, but this model was trained with flow"
-        " matching; use 'euler' (FlowMatchEulerDiscreteScheduler)"
-    )
+    assert last_line.endswith(REFUSED_DPM)
 
 
 def test_the_cli_refuses_a_ddpm_sampler_for_a_flow_matching_model_in_one_line(saved_flow_pipeline):
     with pytest.raises(SystemExit) as exit_info:
         main(["--model", str(saved_flow_pipeline), "--prompt", "a red square", "--scheduler", "dpm", "--device", "cpu"])
-    assert str(exit_info.value.code) == (
-        "error: --scheduler: scheduler 'dpm' samples DDPM-trained models, but this model was trained with flow"
-        " matching; use 'euler' (FlowMatchEulerDiscreteScheduler)"
-    )
+    assert str(exit_info.value.code) == REFUSED_DPM
